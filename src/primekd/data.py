@@ -1,0 +1,86 @@
+"""Question/answer sets: the bundled GSM8K splits or any JSONL with `question` and `answer`."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from primekd.errors import PrimekdError
+from primekd.grading import reference_number
+from primekd.io import iter_jsonl
+
+BUNDLED_SPLITS = ("train", "test", "test_socratic")
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    question: str
+    answer: str  # reference solution (GSM8K style, ending `#### N`) or a bare number
+    gold: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def bundled_path(split: str) -> Path:
+    return Path(str(files("primekd") / "datasets" / "gsm8k" / f"{split}.jsonl"))
+
+
+def resolve_data_path(spec: str) -> tuple[Path, str]:
+    """Map `train`, `test`, `test_socratic` or a path to (file, id prefix)."""
+    if spec in BUNDLED_SPLITS:
+        return bundled_path(spec), spec
+    path = Path(spec)
+    if not path.exists():
+        raise PrimekdError(
+            f"data {spec!r} is neither a bundled split ({', '.join(BUNDLED_SPLITS)}) "
+            "nor an existing JSONL file"
+        )
+    return path, path.stem
+
+
+def load_examples(
+    spec: str = "test",
+    limit: int | None = None,
+    offset: int = 0,
+    sample: int | None = None,
+    seed: int = 0,
+) -> list[Example]:
+    """Load a question set; `sample` draws a seeded random subset, `offset`/`limit` slice it.
+
+    Ids are stable: a row's own `id` field, else `<split>-<line index>`, so the same
+    question has the same id in every run and results can be paired across runs.
+    """
+    path, prefix = resolve_data_path(spec)
+    examples = [_to_example(row, index, prefix, path) for index, row in
+                enumerate(iter_jsonl(path, tolerate_torn_tail=False))]
+    if sample is not None:
+        if sample < 1:
+            raise PrimekdError("--sample must be at least 1")
+        rng = random.Random(seed)
+        examples = rng.sample(examples, min(sample, len(examples)))
+    if offset < 0:
+        raise PrimekdError("--offset must not be negative")
+    if limit is not None and limit < 1:
+        raise PrimekdError("--limit must be at least 1")
+    end = None if limit is None else offset + limit
+    selected = examples[offset:end]
+    if not selected:
+        raise PrimekdError(f"no questions selected from {spec!r} (offset {offset}, limit {limit})")
+    return selected
+
+
+def _to_example(row: dict[str, Any], index: int, prefix: str, path: Path) -> Example:
+    if "question" not in row or "answer" not in row:
+        raise PrimekdError(f"{path}: row {index + 1} needs `question` and `answer` fields")
+    answer = str(row["answer"])
+    return Example(
+        id=str(row.get("id", f"{prefix}-{index:05d}")),
+        question=str(row["question"]),
+        answer=answer,
+        gold=reference_number(answer),
+    )

@@ -1,0 +1,87 @@
+"""Small, crash-safe file helpers shared by every stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from primekd.errors import PrimekdError
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a file so that readers see the old content or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PrimekdError(f"{path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise PrimekdError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSONL file; a torn last line (from a killed writer) is ignored."""
+    return list(iter_jsonl(path))
+
+
+def iter_jsonl(path: str | Path, tolerate_torn_tail: bool = True) -> Iterator[dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        raise PrimekdError(f"{path} does not exist")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if tolerate_torn_tail and number == len(lines):
+                return
+            raise PrimekdError(f"{path}:{number} is not valid JSON") from None
+        if not isinstance(row, dict):
+            raise PrimekdError(f"{path}:{number} is not a JSON object")
+        yield row
+
+
+def append_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
+    """Append rows and fsync, so a finished batch survives a kill."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def truncate_torn_tail(path: str | Path) -> None:
+    """Drop a partial last line left by a killed writer, so appends stay valid JSONL."""
+    path = Path(path)
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])

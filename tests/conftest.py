@@ -1,0 +1,27 @@
+"""Shared fixtures: a tiny random model for unit tests, the bundled model for integration."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# One model cache for the whole test session, and no accidental hub traffic.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from primekd.testing import tiny_model
+
+    return tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def bundled() -> tuple:
+    """The bundled SmolLM2-135M-Instruct (model, tokenizer), loaded once per session."""
+    from primekd.models import BUNDLED_ALIAS, load
+
+    return load(BUNDLED_ALIAS)
