@@ -1,12 +1,98 @@
-"""Statistics for accuracy: intervals and paired comparisons (placeholder API)."""
+"""Statistics for accuracy: Wilson intervals, and paired comparisons of two graders' runs.
+
+Paired comparisons take two equally long sequences of per-question correctness flags
+(question i of `a` is question i of `b`). Differences are `b - a`, as fractions.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
 
 def wilson_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of the accuracy `correct / n`; (0, 1) when n is 0."""
     from statsmodels.stats.proportion import proportion_confint
 
     if n == 0:
         return (0.0, 1.0)
     lo, hi = proportion_confint(correct, n, alpha=1 - confidence, method="wilson")
     return (float(lo), float(hi))
+
+
+def summarize(correct_flags: Sequence[bool], no_answer: int = 0) -> dict[str, Any]:
+    """The accuracy summary every command reports: n, correct, accuracy, ci95, no_answer."""
+    n = len(correct_flags)
+    correct = int(sum(bool(flag) for flag in correct_flags))
+    lo, hi = wilson_interval(correct, n)
+    return {
+        "n": n,
+        "correct": correct,
+        "accuracy": correct / n if n else 0.0,
+        "ci95": [lo, hi],
+        "no_answer": int(no_answer),
+    }
+
+
+def discordant_counts(a: Sequence[bool], b: Sequence[bool]) -> tuple[int, int]:
+    """(questions only `a` got right, questions only `b` got right)."""
+    _check_paired(a, b)
+    only_a = sum(1 for x, y in zip(a, b, strict=True) if x and not y)
+    only_b = sum(1 for x, y in zip(a, b, strict=True) if y and not x)
+    return only_a, only_b
+
+
+def mcnemar_exact_p(a: Sequence[bool], b: Sequence[bool]) -> float:
+    """Two-sided exact McNemar p-value: a binomial test on the discordant pairs."""
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    only_a, only_b = discordant_counts(a, b)
+    if only_a + only_b == 0:
+        return 1.0
+    return float(mcnemar([[0, only_a], [only_b, 0]], exact=True).pvalue)
+
+
+def paired_bootstrap_ci(
+    a: Sequence[bool],
+    b: Sequence[bool],
+    n_resamples: int = 10_000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of accuracy(b) - accuracy(a), resampling questions."""
+    from scipy.stats import bootstrap
+
+    _check_paired(a, b)
+    if not a:
+        raise ValueError("a paired bootstrap needs at least one paired question")
+    differences = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
+    if np.all(differences == differences[0]):
+        # Every resample has the same mean; scipy would warn about a degenerate sample.
+        return (float(differences[0]), float(differences[0]))
+    result = bootstrap(
+        (differences,),
+        np.mean,
+        n_resamples=n_resamples,
+        confidence_level=confidence,
+        method="percentile",
+        batch=1000,
+        rng=np.random.default_rng(seed),
+    )
+    interval = result.confidence_interval
+    return (float(interval.low), float(interval.high))
+
+
+def holm_adjust(p_values: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in the input order."""
+    from statsmodels.stats.multitest import multipletests
+
+    if len(p_values) == 0:
+        return []
+    return [float(p) for p in multipletests(list(p_values), method="holm")[1]]
+
+
+def _check_paired(a: Sequence[bool], b: Sequence[bool]) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"paired samples differ in length ({len(a)} vs {len(b)})")
