@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean browser
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,13 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/primekd run --preset quick --out runs/quick
 
-test: $(STAMP)
+# The report test renders report.html in headless Chromium (Debian's package).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) 2>/dev/null || \
+		(sudo apt-get update -qq && sudo apt-get install -y -qq chromium >/dev/null); }
+
+test: $(STAMP) browser
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q
 
