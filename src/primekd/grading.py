@@ -17,7 +17,8 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from typing import NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple
 
 from primekd.errors import PrimekdError
 
@@ -71,17 +72,22 @@ class Grade(NamedTuple):
 
 def extract_answer(response: str, extractor: str = "default") -> float | None:
     """The final numeric answer in a response, or None when it has none."""
-    rules = _RULES.get(extractor)
-    if rules is None:
-        raise PrimekdError(
-            f"unknown extractor {extractor!r}; choose one of {', '.join(EXTRACTORS)}"
-        )
-    text = _normalize(response if isinstance(response, str) else str(response or ""))
-    for rule in rules:
+    check_extractor(extractor)
+    if not isinstance(response, str):
+        response = "" if response is None else str(response)
+    text = _normalize(response)
+    for rule in _RULES[extractor]:
         value = rule(text)
         if value is not None:
             return value
     return None
+
+
+def check_extractor(extractor: str) -> None:
+    if extractor not in EXTRACTORS:
+        raise PrimekdError(
+            f"unknown extractor {extractor!r}; choose one of {', '.join(EXTRACTORS)}"
+        )
 
 
 def is_correct(extracted: float | None, gold: float | None) -> bool:
@@ -203,3 +209,42 @@ _RULES: dict[str, list[Callable[[str], float | None]]] = {
     ],
     "paper": [_boxed, _first_line_agreeing, _after_last(_ANSWER_IS), _last_number],
 }
+
+
+# --- whole rows -----------------------------------------------------------------------------
+
+REFERENCE_FIELDS = ("answer", "reference", "gold")
+
+
+def grade_row(row: dict[str, Any], extractor: str = "default") -> dict[str, Any]:
+    """A copy of `row` with `gold`, `extracted` and `correct` set from its `response` and its
+    reference (`answer`, else `reference`, else `gold`); every other field is kept."""
+    if "response" not in row:
+        raise PrimekdError("row has no `response` field")
+    field = next((name for name in REFERENCE_FIELDS if row.get(name) is not None), None)
+    if field is None:
+        raise PrimekdError("row has no reference: give it an `answer` (`#### N` or a number)")
+    gold = reference_number(row[field])
+    if gold is None:
+        raise PrimekdError(f"row's `{field}` holds no number: {str(row[field])[-60:]!r}")
+    extracted = extract_answer(row["response"], extractor)
+    return {**row, "gold": gold, "extracted": extracted, "correct": is_correct(extracted, gold)}
+
+
+def grade_file(path: str | Path, extractor: str = "default") -> list[dict[str, Any]]:
+    """Grade every row of a JSONL file (see `grade_row`); errors name the file and line."""
+    from primekd.io import iter_jsonl
+
+    check_extractor(extractor)
+    path = Path(path)
+    if path.is_dir():
+        raise PrimekdError(f"{path} is a directory; pass a JSONL file")
+    graded = []
+    for number, row in enumerate(iter_jsonl(path, tolerate_torn_tail=False), start=1):
+        try:
+            graded.append(grade_row(row, extractor))
+        except PrimekdError as e:
+            raise PrimekdError(f"{path}:{number}: {e}") from None
+    if not graded:
+        raise PrimekdError(f"{path} has no rows to grade")
+    return graded

@@ -1,12 +1,56 @@
-"""`primekd compare` (not built yet)."""
+"""`primekd compare`: accuracy per results file and paired tests against a reference."""
 
 from __future__ import annotations
 
-from primekd.cli.app import app
-from primekd.errors import PrimekdError
+import json
+from pathlib import Path
+
+import typer
+
+from primekd.cli.app import app, console
+from primekd.compare import compare_files, render_comparison
 
 
 @app.command("compare")
-def compare_command() -> None:
-    """Not built yet."""
-    raise PrimekdError("`primekd compare` is not built yet")
+def compare_command(
+    files: list[Path] = typer.Argument(
+        ...,
+        help="Results files (JSONL, one row per question): `results.jsonl` from "
+        "`primekd eval`, or any rows with `response` and `answer`, graded on the fly.",
+        show_default=False,
+    ),
+    reference: Path | None = typer.Option(
+        None,
+        "--reference",
+        help="The file the others are compared with (default: the first file); added to "
+        "the list if it is not in it.",
+    ),
+    match: str = typer.Option(
+        "auto",
+        "--match",
+        help="How rows are paired across files: `id`, `question` (whitespace-normalised "
+        "text), or `auto` (ids where both files have them, else question text).",
+    ),
+    extractor: str = typer.Option(
+        "default",
+        "--extractor",
+        help="Extractor for rows that have no `correct` field: `default` or `paper`.",
+    ),
+    bootstrap: int = typer.Option(
+        10_000, "--bootstrap", help="Resamples for the paired bootstrap interval (>= 100)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Random seed of the bootstrap."),
+    json_output: bool = typer.Option(
+        False,
+        "--json",
+        help="Print one JSON object (files, pairwise comparisons, unmatched questions) "
+        "instead of a table.",
+    ),
+) -> None:
+    """Accuracy with Wilson 95% intervals per file; against the reference, the difference
+    in points, exact McNemar p, a paired bootstrap 95% interval and Holm-adjusted p."""
+    comparison = compare_files(files, reference, extractor, match, bootstrap, seed)
+    if json_output:
+        print(json.dumps(comparison.to_dict()))
+    else:
+        console.print(render_comparison(comparison))
