@@ -1,0 +1,285 @@
+"""Evaluate a model (plus adapter) on GSM8K or any question/answer JSONL.
+
+`evaluate(EvalConfig(...))` generates answers batch by batch, grades them, and keeps the
+output directory resumable:
+
+- `eval_config.json`: the parameters that decide the answers (model, adapter, data,
+  prompt, generation), written before the first batch. A rerun with different ones is
+  refused, so one directory never mixes two setups.
+- `results.jsonl`: one row per question, appended and fsync'd after every batch; a rerun
+  skips ids already there (a torn last line from a kill is dropped). At the end it is
+  rewritten in data order and regraded with the chosen extractor.
+- `summary.json`: accuracy over every row in `results.jsonl`, rewritten at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from primekd import __version__
+from primekd.data import BUNDLED_SPLITS, Example, load_examples, resolve_data_path
+from primekd.errors import PrimekdError
+from primekd.generation import Generation, SamplingParams, iter_generate
+from primekd.grading import check_extractor, grade
+from primekd.io import (
+    append_jsonl,
+    atomic_write_text,
+    read_json,
+    read_jsonl,
+    truncate_torn_tail,
+    write_json,
+)
+from primekd.prompts import PromptTemplate, load_template
+from primekd.stats import summarize
+
+RESULTS, SUMMARY, CONFIG = "results.jsonl", "summary.json", "eval_config.json"
+CPU_BATCH_SIZE, GPU_BATCH_SIZE = 16, 64
+
+
+@dataclass
+class EvalConfig:
+    model: str
+    out: str | Path
+    adapter: str | None = None
+    data: str = "test"  # a bundled split (test, train, test_socratic) or a JSONL path
+    limit: int | None = None
+    offset: int = 0
+    sample: int | None = None  # a seeded random subset of this size (before offset/limit)
+    seed: int = 0  # seeds --sample and, with temperature > 0, sampling
+    batch_size: int | None = None  # None: 16 on CPU, 64 on GPU
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    prompt: str | None = None  # template text or a file with it; None = zero-shot default
+    few_shot: int = 0
+    extractor: str = "default"
+    device: str | None = None  # None: cuda if available, else cpu
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.seed)
+
+
+def evaluate(config: EvalConfig, progress: bool = True, loaded: tuple[Any, Any] | None = None,
+             ) -> dict[str, Any]:
+    """Run (or resume) an evaluation and return the summary that is written to summary.json.
+
+    `loaded` is an already loaded (model, tokenizer) for `config.model`, to skip loading.
+    """
+    check_extractor(config.extractor)
+    config.sampling().validate()
+    template = load_template(config.prompt, config.few_shot)
+    examples = load_examples(config.data, config.limit, config.offset, config.sample, config.seed)
+    out = Path(config.out)
+    claim_directory(out, run_identity(config, template))
+
+    started = time.perf_counter()
+    done = _done_ids(out / RESULTS)
+    todo = [e for e in examples if e.id not in done]
+    n_tokens, gen_time = 0, 0.0
+    if todo:
+        model, tokenizer = loaded or _load(config)
+        batch_size = config.batch_size or _default_batch_size(model)
+        gen_started = time.perf_counter()
+        n_tokens = _generate_into(out / RESULTS, model, tokenizer, template, todo, config,
+                                  batch_size, progress)
+        gen_time = time.perf_counter() - gen_started
+    else:
+        tokenizer = loaded[1] if loaded else _load_tokenizer(config)
+        batch_size = config.batch_size
+    rows = finalize_results(out / RESULTS, config.data, config.extractor)
+    timing = _timing(out, len(todo), n_tokens, gen_time, time.perf_counter() - started)
+    summary = build_summary(config, template, rows, batch_size, timing, tokenizer)
+    write_json(out / SUMMARY, summary)
+    return summary
+
+
+def run_identity(config: EvalConfig, template: PromptTemplate) -> dict[str, Any]:
+    """The parameters that decide the answers; a directory holds results of one identity."""
+    return {
+        "model": _normalize_ref(config.model),
+        "adapter": _normalize_ref(config.adapter) if config.adapter else None,
+        "data": config.data if config.data in BUNDLED_SPLITS
+        else _normalize_ref(str(resolve_data_path(config.data)[0])),
+        "prompt_template": template.text,
+        "few_shot": template.few_shot,
+        "max_new_tokens": config.max_new_tokens,
+        "temperature": config.temperature,
+        "top_p": config.top_p,
+        "seed": config.seed if config.temperature > 0 else None,
+    }
+
+
+def _normalize_ref(ref: str) -> str:
+    path = Path(ref).expanduser()
+    return str(path.resolve()) if path.exists() else ref
+
+
+def claim_directory(out: Path, identity: dict[str, Any]) -> None:
+    """Record the run's identity in a new directory, or check it matches an existing one."""
+    path = out / CONFIG
+    if not path.exists():
+        if (out / RESULTS).exists():
+            raise PrimekdError(f"{out} holds {RESULTS} but no {CONFIG}: it was not written by "
+                               "`primekd eval`; choose another --out directory")
+        write_json(path, {"primekd_version": __version__, **identity})
+        return
+    stored = read_json(path)
+    changed = [k for k in identity if stored.get(k) != identity[k]]
+    if changed:
+        diffs = "; ".join(f"{k}: {_short(stored.get(k))} -> {_short(identity[k])}"
+                          for k in changed)
+        raise PrimekdError(f"{out} holds results of a run with other parameters ({diffs}); "
+                           "use a new --out directory, or delete the old one to start over")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "...'"
+
+
+def _done_ids(path: Path) -> set[str]:
+    if not path.exists():
+        return set()
+    truncate_torn_tail(path)  # so the next append starts on a fresh line
+    return {str(row["id"]) for row in read_jsonl(path)}
+
+
+def _load(config: EvalConfig) -> tuple[Any, Any]:
+    from primekd.models import load
+
+    return load(config.model, adapter=config.adapter, device=config.device)
+
+
+def _load_tokenizer(config: EvalConfig) -> Any:
+    from primekd.models import load_tokenizer
+
+    return load_tokenizer(config.model)
+
+
+def _default_batch_size(model: Any) -> int:
+    return GPU_BATCH_SIZE if str(model.device).startswith("cuda") else CPU_BATCH_SIZE
+
+
+def _generate_into(path: Path, model: Any, tokenizer: Any, template: PromptTemplate,
+                   todo: list[Example], config: EvalConfig, batch_size: int,
+                   progress: bool) -> int:
+    """Generate answers for `todo`, appending each finished batch; return tokens generated."""
+    prompts = [template.build(e.question) for e in todo]
+    batches = iter_generate(model, tokenizer, prompts, config.sampling(), batch_size)
+    n_tokens = 0
+    with _progress_bar(progress, len(todo)) as advance:
+        for pairs in batches:
+            rows = [result_row(todo[i], g, config.extractor) for i, g in pairs]
+            append_jsonl(path, rows)
+            n_tokens += sum(g.n_tokens for _, g in pairs)
+            advance(len(rows), n_tokens)
+    return n_tokens
+
+
+def result_row(example: Example, generation: Generation, extractor: str) -> dict[str, Any]:
+    graded = grade(generation.text, example.answer, extractor)
+    return {
+        "id": example.id,
+        "question": example.question,
+        "reference": example.answer,
+        "gold": example.gold,
+        "response": generation.text,
+        "extracted": graded.extracted,
+        "correct": graded.correct,
+        "n_tokens": generation.n_tokens,
+        "finish_reason": generation.finish_reason,
+    }
+
+
+def finalize_results(path: Path, data: str, extractor: str) -> list[dict[str, Any]]:
+    """Rewrite results in data order, one row per id, graded with `extractor`."""
+    rows: dict[str, dict[str, Any]] = {}
+    for row in read_jsonl(path) if path.exists() else []:
+        rows.setdefault(str(row["id"]), row)
+    position = {e.id: i for i, e in enumerate(load_examples(data))}
+    ordered = sorted(rows.values(), key=lambda r: position.get(str(r["id"]), len(position)))
+    for row in ordered:
+        graded = grade(row["response"], row["reference"], extractor)
+        row["extracted"], row["correct"] = graded.extracted, graded.correct
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
+    return ordered
+
+
+def _timing(out: Path, n_new: int, n_tokens: int, gen_time: float, wall: float
+            ) -> dict[str, Any]:
+    """This invocation's timing; a rerun with nothing left keeps the previous figures."""
+    if n_new == 0 and (out / SUMMARY).exists():
+        previous = read_json(out / SUMMARY)
+        keys = ("wall_time_s", "generation_time_s", "generated_tokens", "tokens_per_s")
+        return {k: previous.get(k) for k in keys} | {"generated_this_run": 0}
+    return {
+        "wall_time_s": round(wall, 3),
+        "generation_time_s": round(gen_time, 3),
+        "generated_tokens": n_tokens,
+        "tokens_per_s": round(n_tokens / gen_time, 2) if gen_time > 0 else None,
+        "generated_this_run": n_new,
+    }
+
+
+def accuracy_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    flags = [bool(r["correct"]) for r in rows]
+    return summarize(flags, no_answer=sum(r["extracted"] is None for r in rows))
+
+
+def build_summary(config: EvalConfig, template: PromptTemplate, rows: list[dict[str, Any]],
+                  batch_size: int | None, timing: dict[str, Any], tokenizer: Any
+                  ) -> dict[str, Any]:
+    from primekd.models import tokenizer_fingerprint
+
+    n_length = sum(r.get("finish_reason") == "length" for r in rows)
+    return {
+        **accuracy_summary(rows),
+        "truncated": n_length,
+        "mean_tokens": sum(r["n_tokens"] for r in rows) / len(rows) if rows else 0.0,
+        "model": config.model,
+        "adapter": config.adapter,
+        "data": config.data,
+        "prompt_template": template.text,
+        "few_shot": template.few_shot,
+        "extractor": config.extractor,
+        "generation": {**asdict(config.sampling()), "greedy": config.temperature == 0,
+                       "batch_size": batch_size},
+        **timing,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "primekd_version": __version__,
+    }
+
+
+@contextmanager
+def _progress_bar(enabled: bool, total: int) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar on stderr (stdout stays clean for --json), or nothing."""
+    if not enabled:
+        yield lambda n, tokens: None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (TextColumn("generating"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    started = time.perf_counter()
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task("eval", total=total, rate="")
+
+        def advance(n: int, tokens: int) -> None:
+            rate = tokens / max(time.perf_counter() - started, 1e-9)
+            bar.update(task, advance=n, rate=f"{rate:.1f} tok/s")
+
+        yield advance
