@@ -1,0 +1,296 @@
+"""The teacher store: a directory of `manifest.json` and `part-NNNNN.parquet` shards.
+
+One row per (question, sample): the bare question, the teacher's answer tokens and, for
+every answer token, the top-k token ids with their full-vocabulary log-probabilities at
+temperature 1 (not renormalised; the mass outside the top k is 1 - sum(exp(topk_logprobs))).
+
+Crash safety: each finished batch becomes one part, written to a temp file and renamed, so a
+part is either whole or absent. Every part also records, in its Parquet metadata, all the
+(id, sample) keys its batch finished, including rows dropped by `--keep correct`, and the
+batch's counts. The parts are therefore the only source of truth: a rerun reads the done
+keys from them, and the manifest's counts are recomputed from them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from primekd.errors import PrimekdError
+from primekd.io import read_json, write_json
+
+FORMAT = "primekd-teacher-store"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PART_GLOB = "part-*.parquet"
+_META_KEY = b"primekd.batch"
+
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("sample", pa.int32()),
+        ("question", pa.string()),  # bare, as the student will see it
+        ("reference", pa.string()),
+        ("gold", pa.float64()),
+        ("teacher_prompt", pa.string()),  # the exact text the teacher read, prefill included
+        ("response", pa.string()),  # text of token_ids (what came after the prefill)
+        ("token_ids", pa.list_(pa.int32())),
+        ("topk_ids", pa.list_(pa.list_(pa.int32()))),
+        ("topk_logprobs", pa.list_(pa.list_(pa.float32()))),
+        ("finish_reason", pa.string()),  # stop | length | reference
+        ("extracted", pa.float64()),
+        ("correct", pa.bool_()),
+    ]
+)
+COLUMNS = tuple(SCHEMA.names)
+
+
+# ---------------------------------------------------------------- writing
+
+
+@contextmanager
+def locked(directory: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on a store directory (released by the OS if we are killed)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PrimekdError(
+                f"{directory} is being written by another `primekd teach` process; "
+                "wait for it, or use another --out"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def part_files(directory: str | Path) -> list[Path]:
+    return sorted(Path(directory).glob(PART_GLOB))
+
+
+def clean_temp_files(directory: str | Path) -> None:
+    """Remove half-written parts left by a killed writer."""
+    for tmp in Path(directory).glob(".part-*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def next_part_path(directory: str | Path) -> Path:
+    parts = part_files(directory)
+    index = int(parts[-1].stem.split("-")[-1]) + 1 if parts else 0
+    return Path(directory) / f"part-{index:05d}.parquet"
+
+
+def write_part(
+    directory: str | Path,
+    rows: Sequence[dict[str, Any]],
+    done_keys: Sequence[tuple[str, int]],
+    stats: dict[str, Any],
+) -> Path:
+    """Write one batch atomically: `rows` (the kept ones), all `done_keys`, and its stats."""
+    path = next_part_path(directory)
+    table = pa.Table.from_pylist(list(rows), schema=SCHEMA)
+    meta = {"done": [list(key) for key in done_keys], "stats": stats}
+    table = table.replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_manifest(directory: str | Path, manifest: dict[str, Any]) -> None:
+    write_json(Path(directory) / MANIFEST, manifest)
+
+
+# ---------------------------------------------------------------- bookkeeping
+
+
+def part_metadata(path: str | Path) -> dict[str, Any]:
+    metadata = pq.read_schema(path).metadata or {}
+    if _META_KEY not in metadata:
+        raise PrimekdError(f"{path} is not a primekd teacher-store part (no batch metadata)")
+    return json.loads(metadata[_META_KEY])
+
+
+def done_keys(directory: str | Path) -> set[tuple[str, int]]:
+    """Every (id, sample) some part has finished, kept or dropped."""
+    keys: set[tuple[str, int]] = set()
+    for path in part_files(directory):
+        keys.update((str(i), int(s)) for i, s in part_metadata(path)["done"])
+    return keys
+
+
+def summed_stats(directory: str | Path) -> dict[str, float]:
+    """The per-batch stats of all parts, added up."""
+    total: dict[str, float] = {}
+    for path in part_files(directory):
+        for key, value in part_metadata(path)["stats"].items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+def identity_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two `params` dicts (empty when they match)."""
+    old_flat, new_flat = _flatten(old), _flatten(new)
+    return [
+        f"{key}: {_short(old_flat.get(key))} -> {_short(new_flat.get(key))}"
+        for key in sorted(set(old_flat) | set(new_flat))
+        if old_flat.get(key) != new_flat.get(key)
+    ]
+
+
+def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """The store's manifest, checked for format and version."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise PrimekdError(f"teacher store {directory} does not exist")
+    if not (directory / MANIFEST).exists():
+        raise PrimekdError(f"{directory} is not a teacher store (no {MANIFEST})")
+    manifest = read_json(directory / MANIFEST)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise PrimekdError(f"{directory / MANIFEST} is not a primekd teacher-store manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise PrimekdError(
+            f"{directory} has store format version {manifest.get('format_version')}; "
+            f"this primekd reads version {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def load_store(
+    directories: str | Path | Sequence[str | Path],
+    columns: Sequence[str] | None = None,
+    require_complete: bool = False,
+) -> pa.Table:
+    """All rows of one store, or of several shard stores of the same run, as one table."""
+    dirs = _as_list(directories)
+    manifests = [read_manifest(d) for d in dirs]
+    check_compatible(dirs, manifests)
+    if require_complete:
+        for d, m in zip(dirs, manifests, strict=True):
+            if not m.get("complete"):
+                raise PrimekdError(f"teacher store {d} is incomplete: rerun its teach command")
+    _check_columns(columns)
+    tables = [pq.read_table(p, columns=columns) for d in dirs
+              for p in part_files(d)]
+    if not tables:
+        return SCHEMA.empty_table().select(list(columns or COLUMNS))
+    table = pa.concat_tables(tables).replace_schema_metadata(None)
+    if len(dirs) > 1 and (columns is None or {"id", "sample"} <= set(columns)):
+        _check_unique(table, dirs)
+    return table
+
+
+def iter_store_rows(
+    directories: str | Path | Sequence[str | Path],
+    columns: Sequence[str] | None = None,
+    batch_size: int = 256,
+) -> Iterator[dict[str, Any]]:
+    """Rows one at a time as dicts, reading one record batch of one part at a time."""
+    dirs = _as_list(directories)
+    check_compatible(dirs, [read_manifest(d) for d in dirs])
+    _check_columns(columns)
+    for d in dirs:
+        for path in part_files(d):
+            parquet = pq.ParquetFile(path)
+            for batch in parquet.iter_batches(batch_size=batch_size, columns=columns):
+                yield from batch.to_pylist()
+
+
+def check_compatible(dirs: Sequence[Path], manifests: Sequence[dict[str, Any]]) -> None:
+    """Several stores load together only as shards of one run (same params but the shard)."""
+    if len(manifests) < 2:
+        return
+    first = _unsharded_params(manifests[0])
+    for d, manifest in zip(dirs[1:], manifests[1:], strict=True):
+        changes = identity_changes(first, _unsharded_params(manifest))
+        if changes:
+            raise PrimekdError(
+                f"{d} and {dirs[0]} are not shards of the same teach run "
+                f"({'; '.join(changes)})"
+            )
+    shards = [json.dumps(m["params"].get("shard")) for m in manifests]
+    if len(set(shards)) != len(shards):
+        raise PrimekdError("the same shard was given twice: " + ", ".join(map(str, dirs)))
+
+
+def validate_store(directory: str | Path) -> dict[str, Any]:
+    """Check a store end to end (manifest, schema, shapes, counts); return its manifest."""
+    manifest = read_manifest(directory)
+    table = load_store(directory)
+    top_k = manifest["params"]["top_k"]
+    for row in table.select(["id", "token_ids", "topk_ids", "topk_logprobs"]).to_pylist():
+        n = len(row["token_ids"])
+        if len(row["topk_ids"]) != n or len(row["topk_logprobs"]) != n:
+            raise PrimekdError(f"{directory}: row {row['id']} has top-k for "
+                               f"{len(row['topk_ids'])} of {n} answer tokens")
+        if any(len(ids) != top_k for ids in row["topk_ids"]):
+            raise PrimekdError(f"{directory}: row {row['id']} has a position without {top_k} ids")
+    keys = list(zip(table["id"].to_pylist(), table["sample"].to_pylist(), strict=True))
+    if len(set(keys)) != len(keys):
+        raise PrimekdError(f"{directory}: duplicate (id, sample) rows")
+    if manifest.get("complete") and manifest["counts"]["kept"] != len(keys):
+        raise PrimekdError(f"{directory}: manifest counts {manifest['counts']['kept']} kept "
+                           f"rows but the parts hold {len(keys)}")
+    return manifest
+
+
+def _unsharded_params(manifest: dict[str, Any]) -> dict[str, Any]:
+    params = dict(manifest["params"])
+    params.pop("shard", None)
+    return params
+
+
+def _check_unique(table: pa.Table, dirs: Sequence[Path]) -> None:
+    keys = list(zip(table["id"].to_pylist(), table["sample"].to_pylist(), strict=True))
+    if len(set(keys)) != len(keys):
+        raise PrimekdError("duplicate (id, sample) rows across " + ", ".join(map(str, dirs)))
+
+
+def _check_columns(columns: Sequence[str] | None) -> None:
+    unknown = sorted(set(columns or ()) - set(COLUMNS))
+    if unknown:
+        raise PrimekdError(f"unknown store column(s) {', '.join(unknown)}; "
+                           f"columns: {', '.join(COLUMNS)}")
+
+
+def _as_list(directories: str | Path | Sequence[str | Path]) -> list[Path]:
+    if isinstance(directories, str | Path):
+        return [Path(directories)]
+    if not directories:
+        raise PrimekdError("no teacher store directories given")
+    return [Path(d) for d in directories]

@@ -1,0 +1,397 @@
+"""`teach`: a teacher answers the transfer set under a priming strategy, into a teacher store.
+
+Per batch of (question, sample) units: render the primed prompt, get the answer tokens
+(generated, or the reference solution for `target="reference"`), score them with one
+teacher-forced pass (top-k of the T=1 log-softmax), grade, and write the batch as one part.
+The store keeps the bare question; the priming lives only in `teacher_prompt` and the
+manifest. With a prefill, the prefill is part of the prompt and `response`/`token_ids` hold
+what the teacher wrote after it (the student, seeing the bare question, learns that).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from primekd import __version__, store
+from primekd.chat import encode_prompts, render
+from primekd.data import Example, load_examples, resolve_data_path
+from primekd.errors import PrimekdError
+from primekd.grading import EXTRACTORS, grade
+from primekd.models import load_tokenizer, resolve, tokenizer_fingerprint
+from primekd.priming import Strategy, get_strategy
+
+TARGETS = ("generated", "reference")
+KEEP = ("all", "correct")
+BACKENDS = ("hf", "vllm")
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+
+
+@dataclass
+class TeachConfig:
+    teacher: str
+    out: str | Path
+    strategy: str = "none"
+    strategies_file: str | Path | None = None
+    data: str = "train"
+    limit: int | None = None
+    offset: int = 0
+    sample: int | None = None
+    seed: int = 0
+    samples_per_question: int = 1
+    temperature: float = 0.0
+    max_new_tokens: int = 256
+    top_k: int = 20
+    target: str = "generated"  # "generated" | "reference"
+    keep: str = "all"  # "all" | "correct" (rejection sampling)
+    backend: str = "hf"  # "hf" | "vllm"
+    tensor_parallel_size: int = 1
+    shard: str | None = None  # "i/n": every n-th question from the i-th (0-based)
+    batch_size: int = 8
+    device: str | None = None
+    extractor: str = "default"
+
+
+@dataclass(frozen=True)
+class Unit:
+    example: Example
+    sample: int
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.example.id, self.sample)
+
+
+def teach(config: TeachConfig, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) a teacher into `config.out`; return the final manifest."""
+    started = time.perf_counter()
+    check_config(config)
+    strategy = get_strategy(config.strategy, config.strategies_file)
+    examples = select_examples(config)
+    source = resolve(config.teacher)
+    tokenizer = load_tokenizer(source)
+    params = identity(config, strategy, tokenizer)
+    out = Path(config.out)
+    with store.locked(out):
+        existing = _existing_manifest(out, params)
+        store.clean_temp_files(out)
+        done = store.done_keys(out)
+        units = [Unit(e, s) for e in examples for s in range(config.samples_per_question)]
+        todo = [u for u in units if u.key not in done]
+        manifest = _manifest(config, params, existing, out, len(examples), len(units), started)
+        store.write_manifest(out, manifest)
+        if todo:
+            backend = make_backend(config, source)
+            with _progress_bar(progress, len(units), len(units) - len(todo)) as advance:
+                for batch in _chunks(todo, config.batch_size):
+                    rows, stats = run_batch(backend, config, strategy, batch)
+                    kept = [r for r in rows if config.keep == "all" or r["correct"]]
+                    store.write_part(out, kept, [u.key for u in batch], stats)
+                    manifest = _manifest(config, params, existing, out, len(examples),
+                                         len(units), started)
+                    store.write_manifest(out, manifest)
+                    advance(len(batch))
+        manifest = _manifest(config, params, existing, out, len(examples), len(units), started)
+        store.write_manifest(out, manifest)
+    return manifest
+
+
+# ---------------------------------------------------------------- one batch
+
+
+def run_batch(
+    backend: Any, config: TeachConfig, strategy: Strategy, batch: Sequence[Unit]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Answer, score and grade one batch; return its rows (all of them) and counts."""
+    tokenizer = backend.tokenizer
+    chats = [strategy.render(u.example.question, u.example.answer, answer_text(u.example))
+             for u in batch]
+    texts = [render(tokenizer, chat) for chat in chats]
+    prompts = encode_prompts(tokenizer, texts)
+    started = time.perf_counter()
+    if config.target == "generated":
+        seed = zlib.crc32(f"{config.seed}:{batch[0].example.id}:{batch[0].sample}".encode())
+        generations = backend.generate(prompts, config.max_new_tokens, config.temperature, seed)
+        answers = [g.token_ids for g in generations]
+        finish = [g.finish_reason for g in generations]
+    else:
+        answers = [reference_tokens(tokenizer, u.example) for u in batch]
+        finish = ["reference"] * len(batch)
+    generation_seconds = time.perf_counter() - started
+    scores = backend.score(prompts, answers, config.top_k)
+    rows = []
+    for unit, chat, text, answer, reason, topk in zip(
+        batch, chats, texts, answers, finish, scores, strict=True
+    ):
+        response = tokenizer.decode(answer, skip_special_tokens=True)
+        graded = grade(chat.prefill + response, unit.example.answer, config.extractor)
+        rows.append({
+            "id": unit.example.id,
+            "sample": unit.sample,
+            "question": unit.example.question,
+            "reference": unit.example.answer,
+            "gold": unit.example.gold,
+            "teacher_prompt": text,
+            "response": response,
+            "token_ids": answer,
+            "topk_ids": topk.ids.tolist(),
+            "topk_logprobs": topk.logprobs.tolist(),
+            "finish_reason": reason,
+            "extracted": graded.extracted,
+            "correct": graded.correct,
+        })
+    stats = _batch_stats(rows, config, generation_seconds, time.perf_counter() - started)
+    return rows, stats
+
+
+def _batch_stats(rows: list[dict[str, Any]], config: TeachConfig, generation_s: float,
+                 batch_s: float) -> dict[str, Any]:
+    tokens = sum(len(r["token_ids"]) for r in rows)
+    kept = [r for r in rows if config.keep == "all" or r["correct"]]
+    return {
+        "rows": len(rows),
+        "kept": len(kept),
+        "correct": sum(r["correct"] for r in rows),
+        "answer_tokens": tokens,
+        "kept_answer_tokens": sum(len(r["token_ids"]) for r in kept),
+        "generated_tokens": tokens if config.target == "generated" else 0,
+        "generation_seconds": generation_s if config.target == "generated" else 0.0,
+        "seconds": batch_s,
+    }
+
+
+def answer_text(example: Example) -> str:
+    """The gold answer as the reference writes it (after `####`), for the `answer` variable."""
+    if "####" in example.answer:
+        return example.answer.rsplit("####", 1)[-1].strip()
+    if example.gold is not None and float(example.gold).is_integer():
+        return str(int(example.gold))
+    return example.answer.strip()
+
+
+def reference_tokens(tokenizer: Any, example: Example) -> list[int]:
+    """The reference solution as the teacher reads it: calculator annotations removed
+    (GSM8K's `<<48/2=24>>` is dataset markup, not language), ending with the EOS token so the
+    student learns where an answer stops."""
+    text = _CALCULATOR.sub("", example.answer).strip()
+    if not text:
+        raise PrimekdError(f"question {example.id} has an empty reference solution")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+
+
+# ---------------------------------------------------------------- setup
+
+
+def check_config(config: TeachConfig) -> None:
+    def bad(message: str) -> None:
+        raise PrimekdError(message)
+
+    if config.target not in TARGETS:
+        bad(f"--target must be one of {', '.join(TARGETS)}, not {config.target!r}")
+    if config.keep not in KEEP:
+        bad(f"--keep must be one of {', '.join(KEEP)}, not {config.keep!r}")
+    if config.backend not in BACKENDS:
+        bad(f"--backend must be one of {', '.join(BACKENDS)}, not {config.backend!r}")
+    if config.extractor not in EXTRACTORS:
+        bad(f"--extractor must be one of {', '.join(EXTRACTORS)}, not {config.extractor!r}")
+    if config.samples_per_question < 1:
+        bad("--samples-per-question must be at least 1")
+    if config.target == "reference" and config.samples_per_question > 1:
+        bad("--target reference scores the one reference solution: "
+            "use --samples-per-question 1")
+    if config.samples_per_question > 1 and config.temperature <= 0:
+        bad("several samples per question need sampling: set --temperature above 0 (e.g. 0.7)")
+    if config.temperature < 0:
+        bad("--temperature must not be negative (0 means greedy)")
+    if config.max_new_tokens < 1:
+        bad("--max-new-tokens must be at least 1")
+    if config.top_k < 1:
+        bad("--top-k must be at least 1")
+    if config.batch_size < 1:
+        bad("--batch-size must be at least 1")
+    if config.tensor_parallel_size < 1:
+        bad("--tensor-parallel-size must be at least 1")
+    parse_shard(config.shard)
+
+
+def parse_shard(shard: str | None) -> tuple[int, int] | None:
+    """`"i/n"` -> (i, n), 0 <= i < n; None for no sharding."""
+    if shard is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", shard)
+    if not match or int(match.group(2)) < 1 or int(match.group(1)) >= int(match.group(2)):
+        raise PrimekdError(
+            f"--shard {shard!r} is not i/n with 0 <= i < n (e.g. 0/4, 1/4, 2/4, 3/4)"
+        )
+    return int(match.group(1)), int(match.group(2))
+
+
+def select_examples(config: TeachConfig) -> list[Example]:
+    """The questions of this run, in stable id order; with a shard, every n-th of them."""
+    examples = load_examples(config.data, limit=config.limit, offset=config.offset,
+                             sample=config.sample, seed=config.seed)
+    examples = sorted(examples, key=lambda e: e.id)
+    shard = parse_shard(config.shard)
+    if shard is not None:
+        examples = examples[shard[0]::shard[1]]
+        if not examples:
+            raise PrimekdError(f"shard {config.shard} selects no questions; use fewer shards")
+    return examples
+
+
+def make_backend(config: TeachConfig, source: Any) -> Any:
+    if config.backend == "vllm":
+        from primekd.teacher_vllm import VLLMTeacher
+
+        return VLLMTeacher(source, config.top_k, config.tensor_parallel_size, config.seed)
+    from primekd.teacher_hf import HFTeacher
+
+    return HFTeacher(source, device=config.device)
+
+
+def identity(config: TeachConfig, strategy: Strategy, tokenizer: Any) -> dict[str, Any]:
+    """Everything that decides the store's content: a rerun must match it to resume."""
+    data_path, _ = resolve_data_path(config.data)
+    generated = config.target == "generated"
+    return {
+        "teacher": config.teacher,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "strategy": strategy.to_dict(),
+        "target": config.target,
+        "data": {
+            "spec": config.data,
+            "sha256": hashlib.sha256(data_path.read_bytes()).hexdigest()[:16],
+            "limit": config.limit,
+            "offset": config.offset,
+            "sample": config.sample,
+            "seed": config.seed,
+        },
+        "generation": {
+            "samples_per_question": config.samples_per_question,
+            "temperature": config.temperature if generated else None,
+            "max_new_tokens": config.max_new_tokens if generated else None,
+            "seed": config.seed,
+        },
+        "top_k": config.top_k,
+        "keep": config.keep,
+        "extractor": config.extractor,
+        "backend": config.backend,
+        "shard": _shard_dict(config.shard),
+    }
+
+
+def _shard_dict(shard: str | None) -> dict[str, int] | None:
+    parsed = parse_shard(shard)
+    return None if parsed is None else {"index": parsed[0], "count": parsed[1]}
+
+
+def _existing_manifest(out: Path, params: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest of a store being resumed; refuses a directory made differently."""
+    if (out / store.MANIFEST).exists():
+        manifest = store.read_manifest(out)
+        changes = store.identity_changes(manifest["params"], params)
+        if changes:
+            raise PrimekdError(
+                f"{out} holds a teacher store made with different parameters "
+                f"({'; '.join(changes)}); rerun with the original parameters to resume, "
+                "or choose a new --out"
+            )
+        return manifest
+    strays = [p.name for p in out.iterdir() if p.name != ".lock"]
+    if strays:
+        raise PrimekdError(f"{out} is not empty and holds no teacher store "
+                           f"({', '.join(sorted(strays)[:3])}...); choose a new --out")
+    return None
+
+
+def _manifest(
+    config: TeachConfig,
+    params: dict[str, Any],
+    existing: dict[str, Any] | None,
+    out: Path,
+    questions: int,
+    expected_rows: int,
+    started: float,
+) -> dict[str, Any]:
+    totals = store.summed_stats(out)
+    rows = int(totals.get("rows", 0))
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    generated = config.target == "generated"
+    return {
+        "format": store.FORMAT,
+        "format_version": store.FORMAT_VERSION,
+        "teacher": params["teacher"],
+        "tokenizer_fingerprint": params["tokenizer_fingerprint"],
+        "strategy": params["strategy"],
+        "target": params["target"],
+        "generation": params["generation"],
+        "top_k": params["top_k"],
+        "keep": params["keep"],
+        "backend": params["backend"],
+        "shard": params["shard"],
+        "logprobs": "full-vocabulary log-softmax at temperature 1 of the teacher-forced "
+                    "answer; top_k per answer token, not renormalised",
+        "columns": list(store.COLUMNS),
+        "counts": {
+            "questions": questions,
+            "expected_rows": expected_rows,
+            "rows": rows,
+            "kept": int(totals.get("kept", 0)),
+            "correct": int(totals.get("correct", 0)),
+        },
+        "teacher_accuracy": totals["correct"] / rows if rows and generated else None,
+        "mean_answer_tokens": totals["answer_tokens"] / rows if rows else None,
+        "compute_seconds": round(totals.get("seconds", 0.0), 3),
+        "generation_tokens_per_s": _rate(totals, "generated_tokens", "generation_seconds"),
+        "tokens_per_s": _rate(totals, "answer_tokens", "seconds"),
+        "wall_time_s": round(time.perf_counter() - started, 3),  # of the latest invocation
+        "batch_size": config.batch_size,
+        "complete": rows == expected_rows,
+        "created_at": existing["created_at"] if existing else now,
+        "updated_at": now,
+        "tool_version": __version__,
+        "params": params,
+        "params_hash": hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest(),
+    }
+
+
+def _rate(totals: dict[str, float], tokens: str, seconds: str) -> float | None:
+    return round(totals[tokens] / totals[seconds], 2) if totals.get(seconds) else None
+
+
+def _chunks(items: Sequence[Unit], size: int) -> Iterator[Sequence[Unit]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+@contextmanager
+def _progress_bar(enabled: bool, total: int, completed: int) -> Iterator[Any]:
+    """A rich progress bar on stderr (stdout stays clean for --json); yields `advance(n)`."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (TextColumn("teacher"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task("teach", total=total, completed=completed)
+        yield lambda n: bar.advance(task, n)
