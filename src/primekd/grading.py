@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+from bisect import bisect_left
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -25,7 +26,7 @@ from primekd.errors import PrimekdError
 EXTRACTORS = ("default", "paper")
 
 # A minus sign counts only where it cannot be a hyphen or a subtraction (`10-15`, `x-5`).
-_SIGN = r"(?:(?<![\w)\]}])[-\u2212]\s?)?"
+_SIGN = r"(?:(?<![\w)\]}])[-\u2212])?"
 _SPACE_GROUP = r"[ \u00a0\u2009\u202f]"
 _INTEGER = (
     r"(?:\d{1,3}(?:,\d{3})+(?![\d,]\d)"  # 1,000,000
@@ -33,7 +34,7 @@ _INTEGER = (
     r"|\d+)"
 )
 _NUMBER_SOURCE = (
-    rf"(?P<sign>{_SIGN})\$?\s?"
+    rf"(?P<sign>{_SIGN})(?:\$\s?)?"
     rf"(?P<int>{_INTEGER}(?:\.\d+)?|(?<![\w.])\.\d+)"
     r"(?:/(?P<den>\d+(?:\.\d+)?)(?![\d/]))?"
 )
@@ -45,6 +46,8 @@ _EQUATION_TAIL = re.compile(
 
 _FRAC = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_DIGIT = re.compile(r"\d")
+_BRACE = re.compile(r"[{}]")
 _HASHES = re.compile(r"####")
 _ANSWER_IS = re.compile(r"the\s+(?:final\s+|correct\s+)?answer\s+is\b\s*:?", re.IGNORECASE)
 _ANSWER_COLON = re.compile(r"answer\**\s*:", re.IGNORECASE)
@@ -133,12 +136,9 @@ def _numbers(text: str) -> list[float]:
     return [v for v in values if v is not None]
 
 
-def _answer_after(text: str) -> float | None:
-    """The number that an answer phrase introduces: the first one, or the result of
-    an equation that starts there (`The answer is 3 + 4 = 7`)."""
-    match = _NUMBER.search(text)
-    if match is None:
-        return None
+def _answer_at(text: str, match: re.Match[str]) -> float | None:
+    """The number that an answer phrase introduces (`match`, the first one after it), or the
+    result of an equation that starts there (`The answer is 3 + 4 = 7`)."""
     tail = _EQUATION_TAIL.match(text, match.end())
     if tail:
         result = _NUMBER.match(text, tail.end())
@@ -154,30 +154,33 @@ def _boxed(text: str) -> float | None:
     """The last number inside the last `\\boxed{...}` that holds one (nested braces allowed)."""
     for start in reversed([m.end() for m in _BOXED.finditer(text)]):
         content = _balanced(text, start)
-        numbers = _numbers(content)
+        numbers = _numbers(content) if _DIGIT.search(content) else []
         if numbers:
             return numbers[-1]
     return None
 
 
-def _balanced(text: str, start: int) -> str:
+def _balanced(text: str, start: int, limit: int = 400) -> str:
+    """The text up to the brace closing the one before `start` (at most `limit` chars: an
+    answer is short, and unclosed braces must not make extraction quadratic)."""
+    end = min(len(text), start + limit)
     depth = 1
-    for index in range(start, len(text)):
-        if text[index] == "{":
-            depth += 1
-        elif text[index] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start:index]
-    return text[start:]
+    for brace in _BRACE.finditer(text, start, end):
+        depth += 1 if brace.group() == "{" else -1
+        if depth == 0:
+            return text[start : brace.start()]
+    return text[start:end]
 
 
 def _after_last(pattern: re.Pattern[str]) -> Callable[[str], float | None]:
     """A rule: the answer after the last occurrence of `pattern` that is followed by one."""
 
     def rule(text: str) -> float | None:
-        for match in reversed(list(pattern.finditer(text))):
-            value = _answer_after(text[match.end():])
+        numbers = list(_NUMBER.finditer(text))
+        starts = [number.start() for number in numbers]
+        for phrase in reversed(list(pattern.finditer(text))):
+            index = bisect_left(starts, phrase.end())
+            value = _answer_at(text, numbers[index]) if index < len(numbers) else None
             if value is not None:
                 return value
         return None
