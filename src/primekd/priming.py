@@ -199,16 +199,16 @@ def _check_template(strategy: Strategy, field: str, where: str) -> None:
         return
     try:
         parsed = _environment().parse(source)
-    except jinja2.TemplateSyntaxError as e:
-        raise PrimekdError(f"{where}, field {field!r}: template error on line {e.lineno}: "
-                           f"{e.message}") from None
-    unknown = sorted(jinja2.meta.find_undeclared_variables(parsed) - set(VARIABLES))
+        unknown = sorted(jinja2.meta.find_undeclared_variables(parsed) - set(VARIABLES))
+    except jinja2.TemplateError as e:
+        line = f" on line {e.lineno}" if getattr(e, "lineno", None) else ""
+        raise PrimekdError(f"{where}, field {field!r}: template error{line}: {e.message}") from None
     if unknown:
         raise PrimekdError(
             f"{where}, field {field!r}: unknown variable(s) {', '.join(unknown)}; "
             f"templates may use {', '.join(VARIABLES)}"
         )
-    try:  # runtime errors (bad filters, wrong types) surface now, not mid-run
+    try:  # runtime errors (bad filter arguments, wrong types) surface now, not mid-run
         _template(source).render(**_EXAMPLE)
     except jinja2.TemplateError as e:
         raise PrimekdError(f"{where}, field {field!r}: template error: {e}") from None

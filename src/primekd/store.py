@@ -7,8 +7,10 @@ temperature 1 (not renormalised; the mass outside the top k is 1 - sum(exp(topk_
 Crash safety: each finished batch becomes one part, written to a temp file and renamed, so a
 part is either whole or absent. Every part also records, in its Parquet metadata, all the
 (id, sample) keys its batch finished, including rows dropped by `--keep correct`, and the
-batch's counts. The parts are therefore the only source of truth: a rerun reads the done
-keys from them, and the manifest's counts are recomputed from them.
+batch's counts; a batch that kept no rows leaves that record as `part-NNNNN.empty.json`
+instead (zero-row Parquet files trip up `datasets`). These batch records are the only source
+of truth: a rerun reads the done keys from them, and the manifest's counts are recomputed
+from them.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ FORMAT = "primekd-teacher-store"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PART_GLOB = "part-*.parquet"
+EMPTY_GLOB = "part-*.empty.json"  # a batch that kept no rows: its record, without a part
 _META_KEY = b"primekd.batch"
 
 SCHEMA = pa.schema(
@@ -81,13 +84,14 @@ def part_files(directory: str | Path) -> list[Path]:
 
 def clean_temp_files(directory: str | Path) -> None:
     """Remove half-written parts left by a killed writer."""
-    for tmp in Path(directory).glob(".part-*.tmp"):
-        tmp.unlink(missing_ok=True)
+    for pattern in (".part-*.tmp", f".{MANIFEST}.*.tmp"):
+        for tmp in Path(directory).glob(pattern):
+            tmp.unlink(missing_ok=True)
 
 
 def next_part_path(directory: str | Path) -> Path:
-    parts = part_files(directory)
-    index = int(parts[-1].stem.split("-")[-1]) + 1 if parts else 0
+    names = [p.name for p in [*part_files(directory), *Path(directory).glob(EMPTY_GLOB)]]
+    index = max((int(name.split(".")[0].split("-")[-1]) for name in names), default=-1) + 1
     return Path(directory) / f"part-{index:05d}.parquet"
 
 
@@ -98,9 +102,14 @@ def write_part(
     stats: dict[str, Any],
 ) -> Path:
     """Write one batch atomically: `rows` (the kept ones), all `done_keys`, and its stats."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
     path = next_part_path(directory)
-    table = pa.Table.from_pylist(list(rows), schema=SCHEMA)
     meta = {"done": [list(key) for key in done_keys], "stats": stats}
+    if not rows:
+        empty = path.with_name(path.name.replace(".parquet", ".empty.json"))
+        write_json(empty, meta)
+        return empty
+    table = pa.Table.from_pylist(list(rows), schema=SCHEMA)
     table = table.replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -128,19 +137,23 @@ def part_metadata(path: str | Path) -> dict[str, Any]:
     return json.loads(metadata[_META_KEY])
 
 
+def batch_records(directory: str | Path) -> list[dict[str, Any]]:
+    """The {done, stats} record of every finished batch, from parts and empty markers."""
+    records = [part_metadata(path) for path in part_files(directory)]
+    records += [read_json(path) for path in sorted(Path(directory).glob(EMPTY_GLOB))]
+    return records
+
+
 def done_keys(directory: str | Path) -> set[tuple[str, int]]:
-    """Every (id, sample) some part has finished, kept or dropped."""
-    keys: set[tuple[str, int]] = set()
-    for path in part_files(directory):
-        keys.update((str(i), int(s)) for i, s in part_metadata(path)["done"])
-    return keys
+    """Every (id, sample) some batch has finished, kept or dropped."""
+    return {(str(i), int(s)) for record in batch_records(directory) for i, s in record["done"]}
 
 
 def summed_stats(directory: str | Path) -> dict[str, float]:
-    """The per-batch stats of all parts, added up."""
+    """The per-batch stats of all batches, added up."""
     total: dict[str, float] = {}
-    for path in part_files(directory):
-        for key, value in part_metadata(path)["stats"].items():
+    for record in batch_records(directory):
+        for key, value in record["stats"].items():
             total[key] = total.get(key, 0) + value
     return total
 
