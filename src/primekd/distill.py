@@ -1,0 +1,852 @@
+"""Train a student (LoRA or full) from a teacher store (white-box KD) or from references (SFT).
+
+Pieces, each usable on its own:
+
+- `DistillConfig`: every option of `primekd distill`; `load_distill_config(yaml)` reads one.
+- `build_datasets`: student tokenisation of the bare question (under the same prompt template
+  `primekd eval` uses) + answer tokens, with the teacher's top-k aligned to each answer token.
+- `KDCollator`: right-pads a batch; labels are -100 on prompt and padding.
+- `KDTrainer(transformers.Trainer)`: the custom loss ``alpha * CE + (1 - alpha) * T^2 * D``
+  (see `primekd.kd_loss`), CE/KD parts and tokens/s in the logs, and a KD validation loss.
+- `distill(config, callbacks)`: wires them together and writes the output directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.util
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from primekd.chat import encode_prompts, render
+from primekd.errors import PrimekdError
+from primekd.io import write_json
+from primekd.kd_loss import DIVERGENCES, kd_loss_parts, resolve_beta
+from primekd.models import (
+    BUNDLED_ALIAS,
+    default_device,
+    default_dtype,
+    load_model,
+    load_tokenizer,
+    resolve,
+    tokenizer_fingerprint,
+)
+
+OBJECTIVES = ("kd", "sft")
+OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd"}
+SCHEDULERS = ("cosine", "linear", "constant")
+CONFIG_FILE, SUMMARY_FILE = "distill_config.yaml", "summary.json"
+LOG_JSONL, LOG_CSV = "train_log.jsonl", "train_log.csv"
+CHECKPOINTS = "checkpoints"
+LOG_COLUMNS = ("step", "epoch", "loss", "ce", "kd", "lr", "grad_norm", "tokens_per_s",
+               "val_loss", "val_ce", "val_kd")
+# Fields that do not change what is trained: a --resume may differ in these.
+_RUN_ONLY_FIELDS = {"resume", "out", "logging_steps", "save_steps", "num_workers", "config"}
+
+
+@dataclass
+class DistillConfig:
+    """Every option of `primekd distill` (YAML keys of `--config` are these field names)."""
+
+    out: str = ""
+    student: str = BUNDLED_ALIAS
+    teacher_store: str | None = None
+    objective: str = "kd"  # kd: teacher store (CE + divergence); sft: CE only
+    data: str | None = None  # sft without a store: bundled split or JSONL (default: train)
+    limit: int | None = None  # use only the first N questions (store or data)
+    val_size: int = 0  # questions held out of training for the validation loss
+    prompt: str | None = None  # the student's prompt template (None: eval's zero-shot default)
+    divergence: str = "reverse_kl"
+    alpha: float = 0.5  # weight of CE; 1 - alpha goes to the KD term
+    temperature: float = 1.0
+    beta: float | None = None  # jsd / skew_kl mixing weight (default 0.5 / 0.1)
+    lora_r: int = 4
+    lora_alpha: int = 8
+    lora_dropout: float = 0.1
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    full_finetune: bool = False
+    optimizer: str = "adamw"
+    lr: float | None = None  # None: 2e-4 with LoRA, 2e-5 for full fine-tuning
+    weight_decay: float = 0.0
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    epochs: float | None = None  # None and no max_steps: 1 epoch
+    max_steps: int | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_length: int = 1024
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    eval_steps: int = 50
+    logging_steps: int = 10
+    save_steps: int = 100
+    chunk_size: int = 1024  # answer tokens per chunk of the loss
+    gradient_checkpointing: bool = False
+    device: str | None = None  # None: cuda if available, else cpu
+    dtype: str | None = None  # None: bfloat16 on CUDA, float32 on CPU
+    num_workers: int = 0
+    resume: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class DistillResult:
+    out: Path
+    summary: dict[str, Any]
+    log_history: list[dict[str, Any]]
+
+    @property
+    def val_loss_before(self) -> float | None:
+        return self.summary.get("val_loss_before")
+
+    @property
+    def val_loss_after(self) -> float | None:
+        return self.summary.get("val_loss_after")
+
+
+# ---------------------------------------------------------------- config
+
+
+def load_distill_config(path: str | Path, **overrides: Any) -> DistillConfig:
+    """A `DistillConfig` from a YAML file of field names, with keyword overrides on top."""
+    path = Path(path)
+    if not path.is_file():
+        raise PrimekdError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise PrimekdError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise PrimekdError(f"{path} must be a mapping of DistillConfig fields")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return config_from_dict(values, source=str(path))
+
+
+def config_from_dict(values: dict[str, Any], source: str = "config") -> DistillConfig:
+    names = {f.name for f in dataclasses.fields(DistillConfig)}
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise PrimekdError(f"{source}: unknown distill option(s) {', '.join(unknown)}; "
+                           f"known: {', '.join(sorted(names))}")
+    if isinstance(values.get("target_modules"), str):
+        values["target_modules"] = _split_modules(values["target_modules"])
+    return DistillConfig(**values)
+
+
+def _split_modules(text: str) -> list[str]:
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def check_config(config: DistillConfig) -> None:
+    """Refuse invalid combinations before anything heavy is loaded."""
+    def bad(message: str) -> None:
+        raise PrimekdError(message)
+
+    if not config.out:
+        bad("--out is required: the directory for the adapter, logs and checkpoints")
+    if config.objective not in OBJECTIVES:
+        bad(f"--objective must be one of {', '.join(OBJECTIVES)}, not {config.objective!r}")
+    if config.objective == "kd" and not config.teacher_store:
+        bad("--objective kd needs --teacher-store DIR (from `primekd teach`); to train on "
+            "GSM8K references instead use --objective sft --data train")
+    if config.teacher_store and config.data:
+        bad("give either --teacher-store or --data, not both")
+    if config.teacher_store and not Path(config.teacher_store).is_dir():
+        bad(f"teacher store {config.teacher_store} does not exist (run `primekd teach` first)")
+    if config.divergence not in DIVERGENCES:
+        bad(f"--divergence must be one of {', '.join(DIVERGENCES)}, not {config.divergence!r}")
+    try:
+        resolve_beta(config.divergence, config.beta)
+    except ValueError as e:
+        bad(f"--beta: {e}")
+    if not 0.0 <= config.alpha <= 1.0:
+        bad(f"--alpha must be in [0, 1], got {config.alpha}")
+    if config.temperature <= 0:
+        bad(f"--temperature must be positive, got {config.temperature}")
+    if config.epochs is not None and config.max_steps is not None:
+        bad("give --epochs or --max-steps, not both")
+    if config.epochs is not None and config.epochs <= 0:
+        bad("--epochs must be positive")
+    if config.max_steps is not None and config.max_steps < 1:
+        bad("--max-steps must be at least 1")
+    if config.optimizer not in OPTIMIZERS:
+        bad(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, not {config.optimizer!r}")
+    if config.scheduler not in SCHEDULERS:
+        bad(f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {config.scheduler!r}")
+    for name in ("batch_size", "grad_accum", "max_length", "eval_steps", "logging_steps",
+                 "save_steps", "chunk_size"):
+        if getattr(config, name) < 1:
+            bad(f"--{name.replace('_', '-')} must be at least 1")
+    if config.lora_r < 1 and not config.full_finetune:
+        bad("--lora-r must be at least 1")
+    if not 0.0 <= config.lora_dropout < 1.0:
+        bad("--lora-dropout must be in [0, 1)")
+    if config.val_size < 0:
+        bad("--val-size must not be negative")
+    if config.lr is not None and config.lr <= 0:
+        bad("--lr must be positive")
+    if config.dtype not in (None, "float32", "bfloat16", "float16"):
+        bad("--dtype must be float32, bfloat16 or float16")
+    if config.device not in (None, "cpu", "cuda") and not str(config.device).startswith("cuda"):
+        bad("--device must be cpu or cuda")
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class Item:
+    """One training sequence: prompt + answer ids, and the teacher's top-k per answer token."""
+
+    id: str
+    input_ids: np.ndarray  # (L,) int64
+    n_prompt: int
+    topk_ids: np.ndarray | None = None  # (A, k) for the first A answer tokens
+    topk_logprobs: np.ndarray | None = None  # (A, k) float32
+
+
+@dataclass
+class Datasets:
+    train: list[Item]
+    val: list[Item]
+    info: dict[str, Any]
+
+
+def student_prompts(tokenizer: Any, questions: list[str], prompt: str | None) -> list[list[int]]:
+    """The student's prompt ids: its chat template over eval's template around the question."""
+    from primekd.prompts import load_template
+
+    template = load_template(prompt)
+    texts = [render(tokenizer, template.build(q)) for q in questions]
+    return encode_prompts(tokenizer, texts)
+
+
+def build_datasets(config: DistillConfig, tokenizer: Any) -> Datasets:
+    if config.teacher_store:
+        rows, info = _store_rows(config, tokenizer)
+    else:
+        rows, info = _reference_rows(config, tokenizer)
+    ids = sorted({r["id"] for r in rows})
+    if config.limit is not None:
+        keep = set(ids[: config.limit])
+        rows = [r for r in rows if r["id"] in keep]
+        ids = sorted(keep)
+    if config.val_size >= len(ids):
+        raise PrimekdError(f"--val-size {config.val_size} leaves no training questions "
+                           f"(there are {len(ids)})")
+    held = set(random.Random(config.seed).sample(ids, config.val_size))
+    prompts = student_prompts(tokenizer, [r["question"] for r in rows], config.prompt)
+    train, val, truncated, skipped = [], [], 0, 0
+    for row, prompt in zip(rows, prompts, strict=True):
+        item, cut = _make_item(row, prompt, config.max_length)
+        if item is None:
+            skipped += 1
+            continue
+        truncated += cut
+        (val if row["id"] in held else train).append(item)
+    if not train:
+        raise PrimekdError(f"no training sequences fit in --max-length {config.max_length}")
+    info.update(train_sequences=len(train), val_sequences=len(val), val_questions=len(held),
+                truncated=truncated, skipped_too_long=skipped)
+    return Datasets(train, val, info)
+
+
+def _make_item(row: dict[str, Any], prompt: list[int], max_length: int
+               ) -> tuple[Item | None, int]:
+    answer = list(row["answer_ids"])
+    room = max_length - len(prompt)
+    if room < 1:
+        return None, 0
+    cut = int(len(answer) > room)
+    answer = answer[:room]
+    topk_ids = topk_lp = None
+    if row.get("topk_ids") is not None:
+        n = min(len(answer), len(row["topk_ids"]))
+        topk_ids, topk_lp = row["topk_ids"][:n], row["topk_logprobs"][:n]
+    ids = np.asarray(prompt + answer, dtype=np.int64)
+    return Item(row["id"], ids, len(prompt), topk_ids, topk_lp), cut
+
+
+def _store_rows(config: DistillConfig, tokenizer: Any) -> tuple[list[dict[str, Any]], dict]:
+    from primekd import store
+
+    manifest = store.read_manifest(config.teacher_store)
+    table = store.load_store(config.teacher_store)
+    if table.num_rows == 0:
+        raise PrimekdError(f"teacher store {config.teacher_store} has no rows")
+    same_vocab = manifest.get("tokenizer_fingerprint") == tokenizer_fingerprint(tokenizer)
+    white_box = config.objective == "kd" and config.alpha < 1.0
+    if white_box and not same_vocab:
+        raise PrimekdError(
+            f"the student's tokenizer differs from the teacher's ({config.teacher_store} "
+            "was made with another vocabulary), so their distributions do not line up: use "
+            "--objective sft to train on the teacher's text (sequence-level KD), or "
+            "--objective kd --alpha 1 (CE on the teacher's answers only)")
+    use_teacher_tokens = config.objective == "kd" and same_vocab
+    eos = tokenizer.eos_token_id
+    columns = {name: table.column(name).to_pylist() for name in
+               ("id", "question", "response", "token_ids", "finish_reason")}
+    topk_ids = topk_lp = None
+    if white_box:
+        topk_ids = _ragged_matrix(table.column("topk_ids"), np.int64)
+        topk_lp = _ragged_matrix(table.column("topk_logprobs"), np.float32)
+    rows = []
+    for i in range(table.num_rows):
+        finish = columns["finish_reason"][i]
+        if use_teacher_tokens:
+            answer = list(columns["token_ids"][i])
+        else:  # sequence-level: the teacher's text in the student's tokens
+            answer = tokenizer(columns["response"][i], add_special_tokens=False)["input_ids"]
+            if finish != "length" and eos is not None:
+                answer.append(eos)
+        rows.append({
+            "id": str(columns["id"][i]),
+            "question": columns["question"][i],
+            "answer_ids": answer,
+            "topk_ids": topk_ids[i] if topk_ids is not None else None,
+            "topk_logprobs": topk_lp[i] if topk_lp is not None else None,
+        })
+    info = {"source": "teacher_store", "teacher_store": str(config.teacher_store),
+            "teacher": manifest.get("teacher"), "target": manifest.get("target"),
+            "top_k": manifest.get("top_k"), "store_rows": table.num_rows,
+            "white_box": white_box, "same_tokenizer": same_vocab}
+    return rows, info
+
+
+def _ragged_matrix(column: Any, dtype: Any) -> list[np.ndarray]:
+    """list<list<x>> (rows of (A_i, k)) -> one (A_i, k) numpy array per row, without Python."""
+    array = column.combine_chunks()
+    outer = array.offsets.to_numpy()
+    inner = array.flatten()
+    if len(inner) == 0:
+        return [np.zeros((0, 1), dtype=dtype) for _ in range(len(array))]
+    widths = np.diff(inner.offsets.to_numpy())
+    if (widths != widths[0]).any():
+        raise PrimekdError("teacher store rows have different top-k widths")
+    values = inner.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    values = values.reshape(len(inner), int(widths[0]))
+    start = outer[0]
+    return [values[a - start:b - start] for a, b in zip(outer[:-1], outer[1:], strict=True)]
+
+
+def _reference_rows(config: DistillConfig, tokenizer: Any) -> tuple[list[dict[str, Any]], dict]:
+    from primekd.data import load_examples
+    from primekd.teacher import reference_tokens
+
+    spec = config.data or "train"
+    examples = load_examples(spec, limit=config.limit)
+    rows = [{"id": e.id, "question": e.question, "answer_ids": reference_tokens(tokenizer, e)}
+            for e in examples]
+    return rows, {"source": "references", "data": spec, "white_box": False}
+
+
+class KDCollator:
+    """Right-pad items into input_ids, attention_mask, labels (-100 off the answer) and the
+    teacher's top-k aligned with the labels (position t holds the distribution of token t)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[Item]) -> dict[str, torch.Tensor]:
+        width = max(len(it.input_ids) for it in items)
+        b = len(items)
+        input_ids = torch.full((b, width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((b, width), dtype=torch.long)
+        labels = torch.full((b, width), -100, dtype=torch.long)
+        for row, it in enumerate(items):
+            n = len(it.input_ids)
+            input_ids[row, :n] = torch.from_numpy(it.input_ids)
+            attention[row, :n] = 1
+            labels[row, it.n_prompt:n] = input_ids[row, it.n_prompt:n]
+        batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+        if all(it.topk_ids is not None for it in items):
+            batch.update(self._teacher(items, width))
+        return batch
+
+    @staticmethod
+    def _teacher(items: list[Item], width: int) -> dict[str, torch.Tensor]:
+        k = items[0].topk_ids.shape[1]
+        ids = torch.zeros((len(items), width, k), dtype=torch.long)
+        logprobs = torch.zeros((len(items), width, k), dtype=torch.float32)
+        mask = torch.zeros((len(items), width), dtype=torch.bool)
+        for row, it in enumerate(items):
+            a = len(it.topk_ids)
+            span = slice(it.n_prompt, it.n_prompt + a)
+            ids[row, span] = torch.tensor(it.topk_ids)
+            logprobs[row, span] = torch.tensor(it.topk_logprobs)
+            mask[row, span] = True
+        return {"topk_ids": ids, "topk_logprobs": logprobs, "kd_mask": mask}
+
+
+# ---------------------------------------------------------------- trainer
+
+
+@dataclass
+class KDSettings:
+    alpha: float = 0.5
+    divergence: str = "reverse_kl"
+    temperature: float = 1.0
+    beta: float | None = None
+    chunk_size: int = 1024
+
+
+class _HeadTap:
+    """A forward pre-hook on the output projection that keeps its input (the final hidden
+    states) and hands it an empty sequence instead, so the model never builds (B, S, V)
+    logits: the loss projects only the answer positions, chunk by chunk."""
+
+    def __init__(self, head: torch.nn.Module):
+        self.head, self.armed, self.hidden = head, False, None
+        self.handle = head.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: torch.nn.Module, args: tuple) -> tuple | None:
+        if not self.armed:
+            return None
+        self.hidden = args[0]
+        return (args[0][..., :0, :], *args[1:])
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = getattr(self.head, "weight", None)
+        if weight is not None and hidden.dtype != weight.dtype:
+            hidden = hidden.to(weight.dtype)
+        return self.head(hidden)
+
+
+def _can_tap(model: Any, trainer: Trainer) -> bool:
+    config = getattr(model, "config", None)
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return False  # logits post-processed after the head: use the model's own logits
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        return False  # sharded head weights are only whole inside the model's forward
+    return isinstance(getattr(model, "get_output_embeddings", lambda: None)(), torch.nn.Module)
+
+
+class KDTrainer(Trainer):
+    """`transformers.Trainer` with the KD objective, CE/KD parts in the logs and a KD
+    validation loss (`eval_loss`, `eval_ce`, `eval_kd`) that `on_evaluate` callbacks see."""
+
+    def __init__(self, *args: Any, kd: KDSettings, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.kd = kd
+        # Ask Trainer for the token count of the whole accumulated batch (all processes), so
+        # the loss is a per-token mean that does not depend on how the batch is split.
+        self.model_accepts_loss_kwargs = True
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        self._tap = _HeadTap(unwrapped.get_output_embeddings()) if _can_tap(unwrapped, self) \
+            else None
+        self._reset_meter()
+
+    def _reset_meter(self) -> None:
+        self._meter = torch.zeros(5, dtype=torch.float64)  # ce, kd, n_ce, n_kd, input tokens
+        self._meter_since = time.perf_counter()
+        self.tokens_seen = getattr(self, "tokens_seen", 0)
+
+    def loss_parts(self, model: Any, inputs: dict[str, torch.Tensor]) -> Any:
+        """Forward the student and return the `LossParts` sums of this batch."""
+        model_inputs = {"input_ids": inputs["input_ids"],
+                        "attention_mask": inputs["attention_mask"], "use_cache": False}
+        if self._tap is not None:
+            self._tap.armed = True
+            try:
+                model(**model_inputs)
+                features, head = self._tap.hidden, self._tap.project
+            finally:
+                self._tap.armed, self._tap.hidden = False, None
+        else:
+            features, head = model(**model_inputs).logits, None
+        targets = inputs["labels"][:, 1:]
+        selected = targets != -100  # the logit at position t predicts the token at t + 1
+        teacher = {}
+        if "topk_ids" in inputs and self.kd.alpha < 1.0:
+            teacher = {"topk_ids": inputs["topk_ids"][:, 1:][selected],
+                       "topk_logprobs": inputs["topk_logprobs"][:, 1:][selected],
+                       "kd_mask": inputs["kd_mask"][:, 1:][selected]}
+        return kd_loss_parts(
+            features[:, :-1][selected], targets[selected], head=head, **teacher,
+            alpha=self.kd.alpha if teacher else 1.0, kind=self.kd.divergence,
+            temperature=self.kd.temperature, beta=self.kd.beta, chunk_size=self.kd.chunk_size)
+
+    def compute_loss(self, model: Any, inputs: dict[str, torch.Tensor],
+                     return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+        parts = self.loss_parts(model, inputs)
+        if num_items_in_batch is None:
+            loss = parts.loss / max(parts.n_ce, 1)
+        else:
+            loss = parts.loss / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                loss = loss * self.accelerator.num_processes  # DDP averages the gradients
+        if model.training:
+            tokens = int(inputs["attention_mask"].sum())
+            self._meter += torch.tensor([float(parts.ce_sum.detach()), float(parts.kd_sum.detach()),
+                                         parts.n_ce, parts.n_kd, tokens], dtype=torch.float64)
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: add the CE/KD parts and throughput
+            meter = self._reduce(self._meter)
+            ce, kd, n_ce, n_kd, tokens = meter.tolist()
+            elapsed = max(time.perf_counter() - self._meter_since, 1e-9)
+            self.tokens_seen += int(tokens)
+            logs["ce"] = ce / n_ce if n_ce else float("nan")
+            if n_kd:
+                logs["kd"] = kd / n_kd
+            logs["tokens_per_s"] = tokens / elapsed
+            logs["tokens_seen"] = self.tokens_seen
+            self._reset_meter()
+        super().log(logs, start_time)
+
+    def _reduce(self, values: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes == 1:
+            return values
+        return self.accelerator.reduce(values.to(self.args.device), "sum").cpu()
+
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Mean per-token validation loss (and its CE and KD parts) over the held-out set."""
+        loader = self.get_eval_dataloader(eval_dataset)
+        model = self.model
+        was_training = model.training
+        model.eval()
+        sums = torch.zeros(5, dtype=torch.float64)
+        started = time.perf_counter()
+        with torch.no_grad():
+            for batch in loader:
+                parts = self.loss_parts(model, self._prepare_inputs(batch))
+                sums += torch.tensor([float(parts.loss), float(parts.ce_sum),
+                                      float(parts.kd_sum), parts.n_ce, parts.n_kd],
+                                     dtype=torch.float64)
+        model.train(was_training)
+        loss, ce, kd, n_ce, n_kd = self._reduce(sums).tolist()
+        metrics = {f"{metric_key_prefix}_loss": loss / max(n_ce, 1),
+                   f"{metric_key_prefix}_ce": ce / max(n_ce, 1),
+                   f"{metric_key_prefix}_runtime": time.perf_counter() - started}
+        if n_kd:
+            metrics[f"{metric_key_prefix}_kd"] = kd / n_kd
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control,
+                                                         metrics)
+        return metrics
+
+
+class _QuietProgress(ProgressCallback):
+    """The step progress bar, without printing every log dict to stdout."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any):
+        return None
+
+
+class TrainLogWriter(TrainerCallback):
+    """One row per logging step (and per evaluation) to train_log.jsonl and train_log.csv."""
+
+    def __init__(self, out: Path):
+        self.jsonl, self.csv = out / LOG_JSONL, out / LOG_CSV
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        rows = self._read()  # a resumed run drops rows logged after its checkpoint
+        kept = [r for r in rows if r.get("step", 0) <= state.global_step]
+        if len(kept) != len(rows) or not self.csv.exists():
+            self._rewrite(kept)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any):
+        if not state.is_world_process_zero or not logs:
+            return
+        row = log_row(state.global_step, logs)
+        if row is None:
+            return
+        with self.jsonl.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        new = not self.csv.exists()
+        with self.csv.open("a", encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, LOG_COLUMNS, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def _read(self) -> list[dict[str, Any]]:
+        if not self.jsonl.exists():
+            return []
+        rows = []
+        for line in self.jsonl.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a torn last line
+        return rows
+
+    def _rewrite(self, rows: list[dict[str, Any]]) -> None:
+        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        with self.csv.open("w", encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, LOG_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def log_row(step: int, logs: dict[str, Any]) -> dict[str, Any] | None:
+    """A Trainer log dict as a train-log row (None for logs that are neither train nor eval)."""
+    if "loss" in logs:
+        names = {"loss": "loss", "ce": "ce", "kd": "kd", "learning_rate": "lr",
+                 "grad_norm": "grad_norm", "tokens_per_s": "tokens_per_s"}
+    elif "eval_loss" in logs:
+        names = {"eval_loss": "val_loss", "eval_ce": "val_ce", "eval_kd": "val_kd"}
+    else:
+        return None
+    row: dict[str, Any] = {"step": step, "epoch": logs.get("epoch")}
+    for key, name in names.items():
+        if key in logs and logs[key] is not None:
+            value = logs[key]
+            row[name] = float(value) if not isinstance(value, int | float) else value
+    return row
+
+
+# ---------------------------------------------------------------- model
+
+
+def _torch_dtype(config: DistillConfig, device: str) -> torch.dtype:
+    if config.dtype:
+        return getattr(torch, config.dtype)
+    if config.full_finetune:
+        return torch.float32  # full weights in fp32 (bf16 autocast on CUDA)
+    return default_dtype(device)
+
+
+def build_student(config: DistillConfig, device: str) -> Any:
+    from transformers import set_seed
+
+    set_seed(config.seed)  # LoRA's random init
+    model = load_model(config.student, device="cpu", dtype=_torch_dtype(config, device))
+    model.config.use_cache = False
+    if config.full_finetune:
+        model.train()
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets: str | list[str] = config.target_modules
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                      lora_dropout=config.lora_dropout, target_modules=targets,
+                      task_type="CAUSAL_LM")
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as e:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                        if isinstance(m, torch.nn.Linear)})
+        raise PrimekdError(f"LoRA target modules {config.target_modules} not found in "
+                           f"{config.student} ({e}); its linear layers: {', '.join(names)}; "
+                           "pass them with --target-modules") from None
+    if config.gradient_checkpointing:
+        model.enable_input_require_grads()
+    model.train()
+    return model
+
+
+def trainable_parameters(model: Any) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def training_arguments(config: DistillConfig, out: Path, device: str, progress: bool,
+                       has_val: bool) -> TrainingArguments:
+    on_cuda = device.startswith("cuda")
+    bf16 = on_cuda and config.dtype in (None, "bfloat16") and torch.cuda.is_bf16_supported()
+    lr = config.lr if config.lr is not None else (2e-5 if config.full_finetune else 2e-4)
+    epochs = config.epochs if config.epochs is not None else 1.0
+    return TrainingArguments(
+        output_dir=str(out / CHECKPOINTS),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        num_train_epochs=epochs,
+        max_steps=config.max_steps if config.max_steps is not None else -1,
+        learning_rate=lr,
+        weight_decay=config.weight_decay,
+        optim=OPTIMIZERS[config.optimizer],
+        lr_scheduler_type=config.scheduler,
+        warmup_steps=config.warmup_ratio,
+        max_grad_norm=config.max_grad_norm,
+        seed=config.seed,
+        data_seed=config.seed,
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if has_val else "no",
+        eval_steps=config.eval_steps if has_val else None,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=2,
+        report_to="none",
+        disable_tqdm=not progress,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        use_cpu=not on_cuda,
+        bf16=bf16,
+        **_checkpointing_args(config.gradient_checkpointing),
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=config.num_workers,
+    )
+
+
+def _checkpointing_args(enabled: bool) -> dict[str, Any]:
+    """transformers 5 renamed gradient_checkpointing to activation_checkpointing."""
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    prefix = "activation" if "activation_checkpointing" in names else "gradient"
+    return {f"{prefix}_checkpointing": enabled,
+            f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
+
+
+# ---------------------------------------------------------------- the run
+
+
+def distill(config: DistillConfig, callbacks: list[TrainerCallback] | None = None,
+            progress: bool = True) -> DistillResult:
+    """Train a student adapter (or full model) as `config` says; write everything to `out`."""
+    check_config(config)
+    out = Path(config.out)
+    resume_from = _prepare_out(config, out)
+    started = time.perf_counter()
+    device = config.device or default_device()
+    source = resolve(config.student)
+    tokenizer = load_tokenizer(source, padding_side="right")
+    data = build_datasets(config, tokenizer)
+    model = build_student(config, device)
+    args = training_arguments(config, out, device, progress, bool(data.val))
+    trainer = KDTrainer(
+        model=model, args=args, train_dataset=data.train, eval_dataset=data.val or None,
+        data_collator=KDCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+        callbacks=[TrainLogWriter(out), *_tensorboard(out), *(callbacks or [])],
+        kd=KDSettings(config.alpha, config.divergence, config.temperature, config.beta,
+                      config.chunk_size))
+    _quiet_callbacks(trainer, progress)
+    val_before = _val_before(trainer, out, resume_from) if data.val else None
+    output = trainer.train(resume_from_checkpoint=resume_from)
+    val_after = trainer.evaluate()["eval_loss"] if data.val else None
+    trainer.save_model(str(out))  # the adapter (or full model) and the tokenizer
+    summary = _summary(config, trainer, data, output, val_before, val_after,
+                       time.perf_counter() - started, device)
+    if trainer.is_world_process_zero():
+        write_json(out / SUMMARY_FILE, summary)
+    return DistillResult(out, summary, list(trainer.state.log_history))
+
+
+def _prepare_out(config: DistillConfig, out: Path) -> str | None:
+    """Create `out`; with --resume return the last checkpoint, refusing a changed config."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    checkpoints = out / CHECKPOINTS
+    saved = out / CONFIG_FILE
+    if config.resume:
+        if saved.exists():
+            before = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+            changed = sorted(k for k, v in config.to_dict().items()
+                             if k not in _RUN_ONLY_FIELDS and before.get(k, v) != v)
+            if changed:
+                raise PrimekdError(f"--resume with changed options ({', '.join(changed)}) "
+                                   f"would mix two runs in {out}; use the saved "
+                                   f"{CONFIG_FILE} or a new --out")
+        last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        _write_config(config, out)
+        return last
+    if checkpoints.exists() or (out / SUMMARY_FILE).exists():
+        raise PrimekdError(f"{out} already holds a distill run: pass --resume to continue it, "
+                           "or choose a new --out")
+    if int(os.environ.get("RANK", "0")) == 0:
+        for name in (LOG_JSONL, LOG_CSV):  # left by a run killed before its first checkpoint
+            (out / name).unlink(missing_ok=True)
+    _write_config(config, out)
+    return None
+
+
+def _write_config(config: DistillConfig, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        from primekd.io import atomic_write_text
+
+        atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def _tensorboard(out: Path) -> list[TrainerCallback]:
+    if importlib.util.find_spec("tensorboard") is None or int(os.environ.get("RANK", "0")):
+        return []
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    return [TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(out / "tensorboard")))]
+
+
+def _quiet_callbacks(trainer: Trainer, progress: bool) -> None:
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if progress:
+        trainer.add_callback(_QuietProgress())
+
+
+def _val_before(trainer: KDTrainer, out: Path, resume_from: str | None) -> float | None:
+    if resume_from is None:
+        return trainer.evaluate()["eval_loss"]
+    summary_rows = [json.loads(line) for line in
+                    (out / LOG_JSONL).read_text(encoding="utf-8").splitlines()
+                    if line.strip()] if (out / LOG_JSONL).exists() else []
+    first = next((r for r in summary_rows if r.get("step") == 0 and "val_loss" in r), None)
+    return first["val_loss"] if first else None
+
+
+def _summary(config: DistillConfig, trainer: KDTrainer, data: Datasets, output: Any,
+             val_before: float | None, val_after: float | None, wall: float,
+             device: str) -> dict[str, Any]:
+    history = trainer.state.log_history
+    train_logs = [h for h in history if "loss" in h]
+    trainable, total = trainable_parameters(trainer.model)
+    train_time = output.metrics.get("train_runtime") or wall
+    return {
+        "out": str(config.out),
+        "student": config.student,
+        "objective": config.objective,
+        "divergence": config.divergence if data.info.get("white_box") else None,
+        "adapter": not config.full_finetune,
+        "final_train_loss": train_logs[-1]["loss"] if train_logs else None,
+        "mean_train_loss": output.training_loss,
+        "val_loss_before": val_before,
+        "val_loss_after": val_after,
+        "val_improvement": (val_before - val_after) if val_before is not None
+        and val_after is not None else None,
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "tokens": trainer.tokens_seen,
+        "tokens_per_s": trainer.tokens_seen / train_time if train_time else None,
+        "train_runtime_s": train_time,
+        "wall_time_s": round(wall, 3),
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_fraction": trainable / total if total else None,
+        "device": device,
+        "world_size": trainer.args.world_size,
+        "data": data.info,
+    }
+
+
+def remove_checkpoints(out: str | Path) -> None:
+    """Delete the resumable checkpoints of a finished run (the adapter stays)."""
+    shutil.rmtree(Path(out) / CHECKPOINTS, ignore_errors=True)
+
+
+__all__ = ["DistillConfig", "DistillResult", "KDTrainer", "KDCollator", "KDSettings",
+           "TrainLogWriter", "build_datasets", "check_config", "distill",
+           "load_distill_config", "config_from_dict"]
