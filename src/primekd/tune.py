@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import json
 import os
 import random
 import time
@@ -50,7 +51,11 @@ RESERVED_FIELDS = (
     "resume",
 )
 _SURPLUS_ATTR = "primekd_surplus"
-EVAL_LOSS_KEY = "eval_loss"  # what Trainer passes to on_evaluate
+# The yardstick of every trial: the student's per-token cross-entropy on the held-out teacher
+# answers. Not `eval_loss`: that is alpha * CE + (1 - alpha) * T^2 * KD, which changes with the
+# very alpha and temperature being tuned, so comparing it across trials would reward the loss
+# formula instead of the student.
+VAL_METRIC = "eval_ce"
 _SPEC_KEYS = {"type", "low", "high", "log", "step", "choices"}
 
 
@@ -78,6 +83,14 @@ class Param:
                 self.name, int(self.low), int(self.high), step=step, log=self.log
             )
         return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
+
+    def extremes(self) -> list[Any]:
+        """The values at the edges of the range (every choice of a categorical)."""
+        if self.kind == "categorical":
+            return list(self.choices)
+        if self.kind == "int":
+            return [int(self.low), int(self.high)]
+        return [float(self.low), float(self.high)]
 
     def to_yaml(self) -> dict[str, Any]:
         if self.kind == "categorical":
@@ -488,6 +501,7 @@ def tune(config: TuneConfig, progress: bool = True) -> TuneResult:
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
+        preflight(config)
         storage = open_storage(config.storage_url, config.heartbeat)
         study = create_study(config, storage)
         mine = _work(config, storage, progress, start)
@@ -608,11 +622,11 @@ def _objective(trial: optuna.Trial, config: TuneConfig, progress: bool) -> float
     distill_config = trial_distill_config(config, params, trial_dir)
     sign = -1.0 if config.objective == "val_accuracy" else 1.0
     pruning = _pruning_callback(trial, sign)
-    result = _distill(distill_config, pruning, progress)
+    _distill(distill_config, pruning, progress)
     if pruning.pruned:
         write_json(trial_dir / "trial.json", _trial_record(trial, params, pruning, None))
         raise optuna.TrialPruned(f"pruned at step {pruning.last_step}")
-    value = _score(config, distill_config, result, pruning)
+    value = _score(config, distill_config, pruning)
     write_json(trial_dir / "trial.json", _trial_record(trial, params, pruning, value))
     return value
 
@@ -648,7 +662,7 @@ def _pruning_callback(trial: optuna.Trial, sign: float) -> Any:
             self.reported: dict[int, float] = {}
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):  # noqa: ANN001
-            loss = (metrics or {}).get(EVAL_LOSS_KEY)
+            loss = (metrics or {}).get(VAL_METRIC)
             if loss is None or state.global_step in self.reported:
                 return
             value = sign * float(loss)
@@ -663,25 +677,103 @@ def _pruning_callback(trial: optuna.Trial, sign: float) -> Any:
 
 
 def _distill(distill_config: Any, pruning: Any, progress: bool) -> Any:
-    from primekd.distill import distill
+    from primekd.distill import distill, remove_checkpoints
 
-    return distill(distill_config, callbacks=[pruning], progress=progress)
+    result = distill(distill_config, callbacks=[pruning], progress=progress)
+    remove_checkpoints(distill_config.out)  # a trial is never resumed; keep the disk free
+    return result
 
 
-def _score(config: TuneConfig, distill_config: Any, result: Any, pruning: Any) -> float:
+def _score(config: TuneConfig, distill_config: Any, pruning: Any) -> float:
     if config.objective == "val_loss":
-        return _final_val_loss(result, pruning)
-    return _val_accuracy(config, distill_config, result)
+        if not pruning.reported:
+            raise PrimekdError("training reported no validation loss")
+        return pruning.reported[max(pruning.reported)]
+    return _val_accuracy(config, distill_config)
 
 
-def _final_val_loss(result: Any, pruning: Any) -> float:
-    if not pruning.reported:
-        raise PrimekdError("training reported no validation loss: is --val-size at least 1?")
-    return pruning.reported[max(pruning.reported)]
+def _val_accuracy(config: TuneConfig, distill_config: Any) -> float:
+    """Greedy GSM8K accuracy of the trained adapter on the held-out slice questions."""
+    from primekd.evaluate import EvalConfig, evaluate
+
+    trial_dir = Path(distill_config.out)
+    questions = trial_dir / "val_questions.jsonl"
+    atomic_write_text(
+        questions, "".join(json.dumps(q) + "\n" for q in validation_questions(distill_config))
+    )
+    summary = evaluate(
+        EvalConfig(
+            model=distill_config.student,
+            adapter=str(trial_dir),
+            data=str(questions),
+            out=trial_dir / "val_eval",
+            max_new_tokens=config.max_new_tokens,
+            prompt=distill_config.prompt,
+            device=distill_config.device,
+        ),
+        progress=False,
+    )
+    return float(summary["accuracy"])
 
 
-def _val_accuracy(config: TuneConfig, distill_config: Any, result: Any) -> float:
-    raise PrimekdError("val_accuracy is not wired yet")
+_SPLITS: dict[tuple, list[dict[str, Any]]] = {}
+
+
+def validation_questions(distill_config: Any) -> list[dict[str, Any]]:
+    """The held-out slice (id, question, answer) exactly as `distill` splits the store: found
+    by distill's own `build_datasets`, so no trial ever trains on these questions."""
+    key = (
+        str(Path(distill_config.teacher_store).resolve()),
+        distill_config.student,
+        distill_config.seed,
+        distill_config.val_size,
+        distill_config.limit,
+        distill_config.max_length,
+    )
+    if key not in _SPLITS:
+        _SPLITS[key] = _split(distill_config)
+    return _SPLITS[key]
+
+
+def _split(distill_config: Any) -> list[dict[str, Any]]:
+    from primekd.distill import build_datasets
+    from primekd.models import load_tokenizer
+    from primekd.store import load_store
+
+    # alpha = 1: the split does not depend on the teacher's top-k, so skip loading them.
+    probe = dataclasses.replace(distill_config, alpha=1.0)
+    held = {item.id for item in build_datasets(probe, load_tokenizer(probe.student)).val}
+    table = load_store(distill_config.teacher_store, columns=["id", "question", "reference"])
+    rows: dict[str, dict[str, Any]] = {}
+    for row in table.to_pylist():
+        if row["id"] in held and row["id"] not in rows:
+            rows[row["id"]] = {
+                "id": row["id"],
+                "question": row["question"],
+                "answer": row["reference"],
+            }
+    return [rows[i] for i in sorted(rows)]
+
+
+def preflight(config: TuneConfig) -> None:
+    """Refuse a search space that distill would reject, or a store too small for the
+    validation slice, before any trial starts."""
+    from primekd.distill import check_config
+
+    base = trial_distill_config(config, config.space.fixed, Path(config.out) / "trials")
+    try:
+        check_config(base)
+    except PrimekdError as e:
+        raise PrimekdError(f"search space: fixed values are invalid: {e}") from None
+    for param in config.space.params:
+        for value in param.extremes():
+            try:
+                check_config(dataclasses.replace(base, **{param.name: value}))
+            except PrimekdError as e:
+                raise PrimekdError(
+                    f"search space: {param.name}={value!r} is invalid: {e}"
+                ) from None
+    validation_questions(base)
 
 
 def _trial_record(
@@ -787,7 +879,9 @@ def write_plots(study: optuna.Study, out: Path, files: dict[str, str]) -> list[s
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     with _quiet_optuna_warnings():
         if complete:
-            _save(plots.plot_optimization_history(study), out / "history.png")
+            axes = plots.plot_optimization_history(study)
+            axes.set_ylabel(study.user_attrs.get("objective", "objective"))
+            _save(axes, out / "history.png")
             files["history"] = str(out / "history.png")
         if len(complete) < 2:
             notes.append("parameter importances need at least 2 completed trials")
@@ -807,6 +901,6 @@ def _save(axes: Any, path: Path) -> None:
     figure.set_size_inches(7, 4.5)
     figure.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=110)
+    figure.savefig(tmp, dpi=110, bbox_inches="tight")
     os.replace(tmp, path)
     plt.close(figure)
