@@ -90,8 +90,9 @@ def _generate_encoded(
 def _finish(tokenizer: Any, row: list[int], stops: set[int]) -> Generation:
     """Cut a generated row at its first stop token (the rest is padding) and decode it."""
     end = next((i for i, token in enumerate(row) if token in stops), None)
+    answer = row if end is None else row[:end]
     token_ids = row if end is None else row[: end + 1]
-    text = tokenizer.decode(token_ids, skip_special_tokens=True)
+    text = tokenizer.decode(answer, skip_special_tokens=True)
     return Generation(text, token_ids, len(token_ids), "length" if end is None else "stop")
 
 

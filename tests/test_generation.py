@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import pytest
+
+from primekd.chat import ChatPrompt
+from primekd.data import load_examples
+from primekd.errors import PrimekdError
+from primekd.generation import SamplingParams, generate, generate_batch, stop_token_ids
+from primekd.models import load
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load(str(tiny_model_dir))
+
+
+def _prompts(n: int) -> list[ChatPrompt]:
+    # Very different lengths, so batches need real left padding.
+    questions = [e.question for e in load_examples("test", limit=n)]
+    return [ChatPrompt(q[: 15 + 40 * (i % 4)], system="Be brief." if i % 2 else None)
+            for i, q in enumerate(questions)]
+
+
+def test_batched_greedy_equals_unbatched(tiny) -> None:
+    model, tokenizer = tiny
+    prompts = _prompts(7)
+    params = SamplingParams(max_new_tokens=12)
+    batched = generate(model, tokenizer, prompts, params, batch_size=4)
+    single = [generate_batch(model, tokenizer, [p], params)[0] for p in prompts]
+    assert [g.token_ids for g in batched] == [g.token_ids for g in single]
+    assert [g.text for g in batched] == [g.text for g in single]
+
+
+def test_stop_tokens_end_answers_and_set_finish_reason(tiny) -> None:
+    model, tokenizer = tiny
+    prompts = _prompts(6)
+    params = SamplingParams(max_new_tokens=10)
+    free = generate(model, tokenizer, prompts, params, batch_size=6)
+    assert all(g.finish_reason == "length" and g.n_tokens == 10 for g in free)
+    # Make a token that the first answer writes early a second end-of-sequence token (as
+    # models with several EOS ids do): that answer must stop there, others run on.
+    stop = free[0].token_ids[3]
+    eos = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [eos, stop]
+    try:
+        assert stop in stop_token_ids(model, tokenizer)
+        stopped = generate(model, tokenizer, prompts, params, batch_size=6)
+    finally:
+        model.generation_config.eos_token_id = eos
+    for before, after in zip(free, stopped, strict=True):
+        if stop in before.token_ids:
+            cut = before.token_ids.index(stop) + 1
+            assert after.finish_reason == "stop"
+            assert after.token_ids == before.token_ids[:cut]
+            assert after.n_tokens == cut
+            assert after.text == tokenizer.decode(before.token_ids[: cut - 1],
+                                                  skip_special_tokens=True)
+        else:
+            assert after == before
+    assert stopped[0].finish_reason == "stop" and stopped[0].n_tokens <= 4
+
+
+def test_sampling_is_seeded(tiny) -> None:
+    model, tokenizer = tiny
+    prompts = _prompts(3)
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=3)
+    first = generate(model, tokenizer, prompts, params, batch_size=3)
+    again = generate(model, tokenizer, prompts, params, batch_size=3)
+    assert [g.token_ids for g in first] == [g.token_ids for g in again]
+
+
+def test_bad_parameters_are_clear_errors(tiny) -> None:
+    model, tokenizer = tiny
+    with pytest.raises(PrimekdError, match="max-new-tokens"):
+        generate(model, tokenizer, _prompts(1), SamplingParams(max_new_tokens=0))
+    with pytest.raises(PrimekdError, match="batch-size"):
+        generate(model, tokenizer, _prompts(1), batch_size=0)
+
+
+@pytest.mark.integration
+def test_bundled_batched_equals_unbatched_and_stops(bundled) -> None:
+    model, tokenizer = bundled
+    prompts = [ChatPrompt("What is the capital of France?"),
+               ChatPrompt("Hello!"),
+               ChatPrompt("Write a long story about a dragon who learns arithmetic.")]
+    params = SamplingParams(max_new_tokens=24)
+    batched = generate(model, tokenizer, prompts, params, batch_size=3)
+    single = [generate_batch(model, tokenizer, [p], params)[0] for p in prompts]
+    assert [g.token_ids for g in batched] == [g.token_ids for g in single]
+    assert batched[0].finish_reason == "stop" and "Paris" in batched[0].text
+    assert batched[0].token_ids[-1] == tokenizer.eos_token_id
+    assert not batched[0].text.endswith("<|im_end|>")
+    assert batched[2].finish_reason == "length" and batched[2].n_tokens == 24
