@@ -296,12 +296,15 @@ def _cli(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
 def test_two_process_data_parallel_run(tiny_model_dir, tiny_store, tmp_path):
     out = tmp_path / "ddp"
     script = shutil.which("primekd") or sys.exit("primekd not installed")
-    cmd = [shutil.which("accelerate"), "launch", "--num_processes", "2", "--cpu",
+    # `accelerate launch --cpu` alone runs one process (multi-CPU needs MPI); torchrun's
+    # launcher (--multi_gpu) with ACCELERATE_USE_CPU=1 gives 2 CPU processes on gloo.
+    cmd = [shutil.which("accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", "29517",
            script, "distill", "--student", str(tiny_model_dir), "--teacher-store",
            str(tiny_store), "--out", str(out), "--max-steps", "2", "--batch-size", "1",
            "--val-size", "2", "--eval-steps", "1", "--quiet", "--json"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29517"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=170)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
