@@ -60,7 +60,8 @@ def metrics_by_layer(table: pd.DataFrame, names: list[str], path: Path) -> Path:
     handles, labels = axes.flat[0].get_legend_handles_labels()
     for ax in axes.flat[len(METRICS):]:
         ax.axis("off")
-    fig.legend(handles, labels, loc="lower right", fontsize=9, frameon=False)
+    spare = axes.flat[len(METRICS)] if len(axes.flat) > len(METRICS) else axes.flat[0]
+    spare.legend(handles, labels, loc="center", fontsize=10, title="model")
     fig.suptitle("Attention metrics by layer (mean over heads)")
     fig.tight_layout()
     return _save(fig, path)
@@ -124,15 +125,15 @@ def attention_maps(
     ticks = np.arange(0, length, step)
     labels = [_label(tokens[i]) for i in ticks]
     fig, axes = plt.subplots(1, len(names), figsize=(panel * len(names) + 1, panel + 1),
-                             squeeze=False)
+                             squeeze=False, sharey=True)
     norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0)
     for ax, name, matrix in zip(axes.flat, names, matrices, strict=True):
         image = ax.imshow(matrix, cmap="magma", norm=norm, interpolation="nearest")
         ax.set_title(name, fontsize=11)
         ax.set_xticks(ticks, labels, rotation=90, fontsize=fontsize)
-        ax.set_yticks(ticks, labels, fontsize=fontsize)
         ax.set_xlabel("key")
-        ax.set_ylabel("query")
+    axes.flat[0].set_yticks(ticks, labels, fontsize=fontsize)
+    axes.flat[0].set_ylabel("query")
     fig.colorbar(image, ax=list(axes.flat), fraction=0.02, pad=0.02, label="attention weight")
     fig.suptitle(f"layer {layer}, head {head}", fontsize=12)
     return _save(fig, path)
