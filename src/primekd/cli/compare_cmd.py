@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from primekd.cli.app import app, console
+from primekd.cli.app import app, console, err_console
 from primekd.compare import compare_files, render_comparison
 
 
@@ -49,7 +49,8 @@ def compare_command(
 ) -> None:
     """Accuracy with Wilson 95% intervals per file; against the reference, the difference
     in points, exact McNemar p, a paired bootstrap 95% interval and Holm-adjusted p."""
-    comparison = compare_files(files, reference, extractor, match, bootstrap, seed)
+    with err_console.status(f"comparing {len(files)} file(s), {bootstrap} bootstrap resamples"):
+        comparison = compare_files(files, reference, extractor, match, bootstrap, seed)
     if json_output:
         print(json.dumps(comparison.to_dict()))
     else:
