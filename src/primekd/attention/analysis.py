@@ -198,7 +198,10 @@ def build_prompts(
         _Prompt(example, ids[:max_length])
         for example, ids in zip(examples, encode_prompts(tokenizer, texts), strict=True)
     ]
-    return [prompt for prompt in prompts if len(prompt.token_ids) >= 2]
+    prompts = [prompt for prompt in prompts if len(prompt.token_ids) >= 2]
+    if not prompts:
+        raise PrimekdError("every selected prompt is shorter than 2 tokens: nothing to analyse")
+    return prompts
 
 
 def _collect(

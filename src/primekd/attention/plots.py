@@ -13,14 +13,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.colors import PowerNorm  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from primekd.attention.metrics import METRIC_LABELS, METRICS  # noqa: E402
 
 DPI = 110
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+def _save(fig: plt.Figure, path: Path, tight: bool = True) -> Path:
+    """Write and close; `tight=False` for figures already laid out by tight_layout."""
+    fig.savefig(path, dpi=DPI, bbox_inches="tight" if tight else None)
     plt.close(fig)
     return path
 
@@ -38,6 +40,7 @@ def _draw_layers(ax: plt.Axes, table: pd.DataFrame, names: list[str], metric: st
             ax.plot(means.index, means[name], marker="o", markersize=3, linewidth=1.4, label=name)
     ax.set_title(METRIC_LABELS[metric], fontsize=10)
     ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
 
 
@@ -64,7 +67,7 @@ def metrics_by_layer(table: pd.DataFrame, names: list[str], path: Path) -> Path:
     spare.legend(handles, labels, loc="center", fontsize=10, title="model")
     fig.suptitle("Attention metrics by layer (mean over heads)")
     fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, path, tight=False)
 
 
 def _grid(table: pd.DataFrame, model: str, metric: str) -> pd.DataFrame:
@@ -91,7 +94,7 @@ def difference_heatmaps(table: pd.DataFrame, base: str, student: str, path: Path
         ax.axis("off")
     fig.suptitle(f"{student} minus {base}, per head (red: higher in {student})")
     fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, path, tight=False)
 
 
 def head_heatmap(ranking: pd.DataFrame, column: str, path: Path) -> Path:

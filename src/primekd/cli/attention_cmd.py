@@ -74,9 +74,10 @@ def attention_command(
 ) -> None:
     """Per-head attention metrics of a model and its adapters, compared on identical tokens.
 
-    Writes head_metrics.parquet/.csv (model, layer, head, metric, mean, sd), head_ranking.csv
-    (heads where the models differ most first), summary.json and plots/*.png into --out.
-    Needs eager attention (the model is loaded with it). Definitions: docs/attention.md.
+    Writes into --out: head_metrics.parquet and .csv (model, layer, head, metric, mean, sd);
+    head_ranking.csv (heads where the models differ most first); summary.json; plots/*.png.
+
+    The model runs with eager attention. Definitions of every metric: docs/attention.md.
     """
     from primekd.attention import AttentionConfig, analyse
 
