@@ -314,6 +314,7 @@ def accuracy_correlation(table: pd.DataFrame, accuracies: dict[str, float]) -> p
         frame = means.apply(lambda values: _correlations(values.to_numpy(), acc.to_numpy()),
                             axis=1, result_type="expand")
         frame.columns = ["n_models", "pearson", "spearman"]
+        frame["n_models"] = frame["n_models"].astype(int)
         frame = frame.reset_index().assign(scope=scope)
         frames.append(frame)
     result = pd.concat(frames, ignore_index=True)

@@ -61,12 +61,17 @@ def _intro(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
+def _fmt(value: Any, digits: int = 4) -> str:
     if value is None:
         return "n/a"
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
+
+
+def _sig(value: Any) -> str:
+    """Three significant digits: JS divergences and variances can be tiny."""
+    return "n/a" if value is None else f"{value:.3g}"
 
 
 def _model_table(summary: dict[str, Any]) -> str:
@@ -85,8 +90,8 @@ def _top_heads(summary: dict[str, Any], link: Any) -> str:
     if not heads:
         return ""
     rows = [
-        f"| {h['rank']} | {h['layer']} | {h['head']} | {_fmt(h['js_divergence'])} | "
-        f"{_fmt(h.get('var_entropy'), 4)} | {_fmt(h.get('var_sink'), 4)} |"
+        f"| {h['rank']} | {h['layer']} | {h['head']} | {_sig(h['js_divergence'])} | "
+        f"{_sig(h.get('var_entropy'))} | {_sig(h.get('var_sink'))} |"
         for h in heads
     ]
     return "\n".join([
