@@ -85,10 +85,17 @@ def teach(config: TeachConfig, progress: bool = True) -> dict[str, Any]:
         existing = _existing_manifest(out, params)
         store.clean_temp_files(out)
         done = store.done_keys(out)
+        totals = store.summed_stats(out)  # then kept up to date here, not re-read per batch
         units = [Unit(e, s) for e in examples for s in range(config.samples_per_question)]
         todo = [u for u in units if u.key not in done]
-        manifest = _manifest(config, params, existing, out, len(examples), len(units), started)
-        store.write_manifest(out, manifest)
+
+        def save() -> dict[str, Any]:
+            manifest = _manifest(config, params, existing, totals, len(examples), len(units),
+                                 started)
+            store.write_manifest(out, manifest)
+            return manifest
+
+        save()
         if todo:
             backend = make_backend(config, source)
             with _progress_bar(progress, len(units), len(units) - len(todo)) as advance:
@@ -96,13 +103,11 @@ def teach(config: TeachConfig, progress: bool = True) -> dict[str, Any]:
                     rows, stats = run_batch(backend, config, strategy, batch)
                     kept = [r for r in rows if config.keep == "all" or r["correct"]]
                     store.write_part(out, kept, [u.key for u in batch], stats)
-                    manifest = _manifest(config, params, existing, out, len(examples),
-                                         len(units), started)
-                    store.write_manifest(out, manifest)
+                    for key, value in stats.items():
+                        totals[key] = totals.get(key, 0) + value
+                    save()
                     advance(len(batch))
-        manifest = _manifest(config, params, existing, out, len(examples), len(units), started)
-        store.write_manifest(out, manifest)
-    return manifest
+        return save()
 
 
 # ---------------------------------------------------------------- one batch
@@ -318,12 +323,11 @@ def _manifest(
     config: TeachConfig,
     params: dict[str, Any],
     existing: dict[str, Any] | None,
-    out: Path,
+    totals: dict[str, float],
     questions: int,
     expected_rows: int,
     started: float,
 ) -> dict[str, Any]:
-    totals = store.summed_stats(out)
     rows = int(totals.get("rows", 0))
     now = datetime.now(UTC).isoformat(timespec="seconds")
     generated = config.target == "generated"
