@@ -47,6 +47,9 @@ class VLLMTeacher:
             tensor_parallel_size=tensor_parallel_size,
             seed=seed,
             max_logprobs=max(20, top_k),
+            # Prompt log-probs and prefix caching have a history of failing or returning
+            # stale values together (vllm-project/vllm#13409, #42019): scoring must be exact.
+            enable_prefix_caching=False,
         )
         self._params = vllm.SamplingParams
         from vllm.inputs import TokensPrompt
