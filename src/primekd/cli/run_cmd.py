@@ -1,12 +1,140 @@
-"""`primekd run` (not built yet)."""
+"""`primekd run`: the whole experiment from a YAML config or a preset, ending in a report."""
 
 from __future__ import annotations
 
-from primekd.cli.app import app
+import json
+import time
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from primekd import experiment
+from primekd.cli.app import app, console
 from primekd.errors import PrimekdError
+from primekd.experiment import RunSummary, Stage
+
+_STATE_TEXT = {
+    "cached": "[green]cached[/]",
+    "resume": "[yellow]resuming[/]",
+    "changed": "[yellow]inputs changed: rerunning[/]",
+    "new": "[cyan]running[/]",
+}
+
+_PLAN_TEXT = {
+    "cached": "[green]skip (cached)[/]",
+    "resume": "[yellow]resume[/]",
+    "changed": "[yellow]rerun (inputs changed)[/]",
+    "new": "[cyan]run[/]",
+}
 
 
 @app.command("run")
-def run_command() -> None:
-    """Not built yet."""
-    raise PrimekdError("`primekd run` is not built yet")
+def run_command(
+    config: Path | None = typer.Argument(
+        None, help="Experiment config (YAML). Merged on top of --preset when both are given; "
+        "without either, the `quick` preset runs.", show_default=False,
+    ),
+    preset: str | None = typer.Option(
+        None, "--preset", help="Built-in config to start from: `quick` (bundled model, CPU, "
+        "minutes) or `paper` (the paper's full design, for a GPU).", show_default=False,
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="Run directory. Default: runs/<name from the config>.",
+        show_default=False,
+    ),
+    overrides: list[str] = typer.Option(
+        [], "--set", help="Override a config key, e.g. --set distill.alpha=0.5 or "
+        "--set strategies=[none,teacher]. The value is read as YAML. Repeatable.",
+    ),
+    print_config: bool = typer.Option(
+        False, "--print-config", help="Print the complete config (the commented preset file "
+        "when nothing is overridden) and exit without running.",
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="List the stages and whether each is cached, run nothing.",
+    ),
+    json_output: bool = typer.Option(
+        False, "--json", help="Print one JSON object (stages, wall times, report paths) "
+        "instead of progress and tables.",
+    ),
+) -> None:
+    """Run the experiment: teachers per priming strategy, students, evaluation, attention
+    analysis and the report. Finished stages are cached: rerunning resumes or skips them."""
+    if preset is not None and preset not in experiment.PRESETS:
+        raise PrimekdError(
+            f"unknown preset {preset!r}; choose one of {', '.join(experiment.PRESETS)}"
+        )
+    if print_config and config is None and not overrides:
+        experiment.load_config(preset=preset or "quick")  # the shipped file must be valid
+        typer.echo(experiment.preset_text(preset or "quick"), nl=False)
+        return
+    resolved = experiment.load_config(config, preset, overrides)
+    if print_config:
+        typer.echo("# primekd experiment config, resolved (preset, file and --set applied)")
+        typer.echo(resolved.to_yaml(), nl=False)
+        return
+    run_dir = out or Path("runs") / resolved.name
+    if dry_run:
+        _print_plan(experiment.plan(resolved, run_dir), json_output)
+        return
+    summary = experiment.run_experiment(
+        resolved, run_dir, progress=not json_output,
+        callback=None if json_output else _announce,
+    )
+    if json_output:
+        typer.echo(json.dumps(summary.to_dict(), indent=2))
+        return
+    _print_summary(summary)
+
+
+_started: dict[str, float] = {}
+
+
+def _announce(event: str, stage: Stage, index: int, total: int, state: str) -> None:
+    name = stage.name
+    if event == "start":
+        _started[name] = time.perf_counter()
+        if state != "cached":
+            console.rule(f"[bold][{index}/{total}] {name}[/]", align="left", style="dim")
+            console.print(f"  {_STATE_TEXT[state]}", highlight=False)
+        return
+    if state == "cached":
+        console.print(f"[dim][{index}/{total}][/] {name}: {_STATE_TEXT['cached']}",
+                      highlight=False)
+    else:
+        seconds = time.perf_counter() - _started.pop(name, time.perf_counter())
+        console.print(f"  [green]done[/] in {seconds:.1f} s", highlight=False)
+
+
+def _print_plan(stages: list[Stage], json_output: bool) -> None:
+    rows = [{"stage": s.name, "state": s.state(), "hash": s.hash, "directory": str(s.directory),
+             "upstream": list(s.upstream)} for s in stages]
+    if json_output:
+        typer.echo(json.dumps({"stages": rows}, indent=2))
+        return
+    table = Table(title="stages (--dry-run: nothing runs)")
+    for header in ("stage", "would", "hash", "needs"):
+        table.add_column(header)
+    for row in rows:
+        needs = row["upstream"]
+        table.add_row(row["stage"], _PLAN_TEXT[row["state"]], row["hash"],
+                      ", ".join(needs) if len(needs) <= 2 else f"{len(needs)} stages above")
+    console.print(table)
+
+
+def _print_summary(summary: RunSummary) -> None:
+    table = Table(title="primekd run")
+    for header in ("stage", "status", "wall time (s)"):
+        table.add_column(header, justify="right" if header.startswith("wall") else "left")
+    for outcome in summary.stages:
+        status = "cached" if not outcome.ran else {"new": "ran", "changed": "reran",
+                                                    "resume": "resumed"}[outcome.state]
+        table.add_row(outcome.name, status, f"{outcome.wall_time_s:.1f}")
+    console.print(table)
+    ran = sum(o.ran for o in summary.stages)
+    console.print(
+        f"{ran} stage(s) ran, {len(summary.stages) - ran} cached, "
+        f"{summary.wall_time_s:.1f} s. Report: {summary.report_html}",
+        highlight=False,
+    )

@@ -1,0 +1,748 @@
+"""The experiment report: `report.md`, and `report.html` rendered from it, self-contained.
+
+The Markdown is the single source: the HTML is the same document, converted by a small
+renderer for the subset written here (headings, paragraphs, lists, pipe tables, fenced code,
+blockquotes, images, inline code/emphasis/links), with every image embedded as a base64
+data URI and a Content-Security-Policy that forbids loading anything from outside the file.
+
+The report reads only the run directory's files (the contracts in DESIGN.md): eval
+`summary.json` + `results.jsonl`, teacher `manifest.json`, student `train_log.jsonl` +
+`summary.json`, the stage records in `.stages/`, `config.yaml`, and the attention directory.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import importlib.metadata
+import math
+import platform
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from primekd import stats
+from primekd.errors import PrimekdError
+from primekd.experiment import record_path
+from primekd.io import atomic_write_text, read_json, read_jsonl
+
+FORMAT_VERSION = 1
+ASSETS = "report_files"
+PACKAGES = ("primekd", "torch", "transformers", "peft", "accelerate", "datasets", "numpy",
+            "pyarrow", "scipy", "statsmodels", "matplotlib")
+SMALL_SAMPLE = 200  # below this many test questions the report warns about the intervals
+
+
+# --- inputs -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Layout:
+    """Where each stage's outputs are. `evals` is ordered as the results table's rows."""
+
+    run_dir: Path
+    teachers: dict[str, Path] = field(default_factory=dict)
+    students: dict[str, Path] = field(default_factory=dict)
+    evals: dict[str, Path] = field(default_factory=dict)
+    attention: Path | None = None
+    stages: dict[str, Path] = field(default_factory=dict)  # stage name -> directory
+
+    @classmethod
+    def discover(cls, run_dir: str | Path) -> Layout:
+        """The layout of a run directory found on disk (for reports outside `primekd run`)."""
+        run_dir = Path(run_dir)
+
+        def subdirs(name: str) -> dict[str, Path]:
+            root = run_dir / name
+            return {p.name: p for p in sorted(root.iterdir()) if p.is_dir()} if root.is_dir() \
+                else {}
+
+        evals = subdirs("eval")
+        order = sorted(evals, key=lambda n: (n != "base", n != "sft", n != "kd-none", n))
+        layout = cls(run_dir, subdirs("teacher"), subdirs("students"),
+                     {n: evals[n] for n in order})
+        attention = run_dir / "attention"
+        layout.attention = attention if attention.is_dir() else None
+        layout.stages = {f"teacher/{n}": p for n, p in layout.teachers.items()}
+        layout.stages |= {f"students/{n}": p for n, p in layout.students.items()}
+        layout.stages |= {f"eval/{n}": p for n, p in layout.evals.items()}
+        if layout.attention:
+            layout.stages["attention"] = layout.attention
+        return layout
+
+
+@dataclass
+class EvalRun:
+    name: str
+    summary: dict[str, Any]
+    rows: dict[str, dict[str, Any]]  # id -> row
+
+    @property
+    def n(self) -> int:
+        return len(self.rows)
+
+    @property
+    def correct(self) -> int:
+        return sum(bool(r.get("correct")) for r in self.rows.values())
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n if self.n else 0.0
+
+
+def load_evals(layout: Layout) -> dict[str, EvalRun]:
+    runs = {}
+    for name, directory in layout.evals.items():
+        results = directory / "results.jsonl"
+        if not results.exists():
+            continue
+        rows = {str(r.get("id", i)): r for i, r in enumerate(read_jsonl(results))}
+        summary = _read_optional(directory / "summary.json")
+        runs[name] = EvalRun(name, summary, rows)
+    if not runs:
+        raise PrimekdError(f"{layout.run_dir} has no evaluation results (eval/*/results.jsonl)")
+    return runs
+
+
+def _read_optional(path: Path) -> dict[str, Any]:
+    try:
+        value = read_json(path)
+    except PrimekdError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _pick(mapping: dict[str, Any], *keys: str, default: Any = None) -> Any:
+    """The first key present (dotted keys reach into nested dicts)."""
+    for key in keys:
+        node: Any = mapping
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            return node
+    return default
+
+
+# --- the results table --------------------------------------------------------------------------
+
+
+@dataclass
+class ResultRow:
+    name: str
+    n: int
+    correct: int
+    accuracy: float
+    ci95: tuple[float, float]
+    vs: dict[str, tuple[float, float | None]] = field(default_factory=dict)  # ref -> (Δ, p_holm)
+    gain: float | None = None  # relative gain in % over the gain reference
+
+
+def results_rows(runs: dict[str, EvalRun]) -> tuple[list[ResultRow], list[str], str | None]:
+    """Rows with Wilson intervals, paired differences against `kd-none` and `base` (McNemar
+    exact p, Holm-adjusted within each reference's family), relative gain over `kd-none`."""
+    rows = {name: ResultRow(name, run.n, run.correct, run.accuracy,
+                            stats.wilson_interval(run.correct, run.n))
+            for name, run in runs.items()}
+    references = [r for r in ("kd-none", "base") if r in runs]
+    for ref in references:
+        others = [name for name in runs if name != ref]
+        diffs, ps = [], []
+        for name in others:
+            a, b = _paired(runs[ref], runs[name])
+            diffs.append(_mean(b) - _mean(a))
+            ps.append(stats.mcnemar_exact_p(a, b) if a else math.nan)
+        valid = [p for p in ps if not math.isnan(p)]
+        adjusted = iter(stats.holm_adjust(valid))
+        for name, diff, p in zip(others, diffs, ps, strict=True):
+            rows[name].vs[ref] = (diff, None if math.isnan(p) else next(adjusted))
+    gain_ref = references[0] if references else None
+    if gain_ref:
+        base_acc = runs[gain_ref].accuracy
+        for row in rows.values():
+            if row.name != gain_ref and base_acc > 0:
+                row.gain = (row.accuracy - base_acc) / base_acc * 100
+    return list(rows.values()), references, gain_ref
+
+
+def _paired(a: EvalRun, b: EvalRun) -> tuple[list[bool], list[bool]]:
+    ids = [i for i in a.rows if i in b.rows]
+    return ([bool(a.rows[i].get("correct")) for i in ids],
+            [bool(b.rows[i].get("correct")) for i in ids])
+
+
+def _mean(flags: list[bool]) -> float:
+    return sum(flags) / len(flags) if flags else 0.0
+
+
+# --- Markdown sections --------------------------------------------------------------------------
+
+
+def _table(headers: list[str], rows: list[list[Any]], align: str | None = None) -> str:
+    align = align or "l" + "r" * (len(headers) - 1)
+    rule = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(rule) + " |"]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    text = "–" if value is None else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _pct(x: float | None, digits: int = 1) -> str:
+    return "–" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def _pts(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:+.1f}"
+
+
+def _p(x: float | None) -> str:
+    if x is None:
+        return "–"
+    return "<0.001" if x < 0.001 else f"{x:.3f}"
+
+
+def _num(x: Any, digits: int = 1) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, int) or (isinstance(x, float) and x.is_integer() and abs(x) >= 100):
+        return f"{int(x):,}"
+    return f"{x:,.{digits}f}"
+
+
+def section_results(runs: dict[str, EvalRun], assets: Path) -> str:
+    rows, references, gain_ref = results_rows(runs)
+    headers = ["experiment", "accuracy", "correct/total", "95% CI (Wilson)"]
+    for ref in references:
+        headers += [f"Δ vs {ref} (pts)", "p (Holm)"]
+    if gain_ref:
+        headers.append(f"rel. gain vs {gain_ref}")
+    body = []
+    for row in rows:
+        cells = [f"**{row.name}**", _pct(row.accuracy), f"{row.correct}/{row.n}",
+                 f"{_pct(row.ci95[0])} – {_pct(row.ci95[1])}"]
+        for ref in references:
+            diff, p = row.vs.get(ref, (None, None))
+            cells += ([_pts(diff), _p(p)] if ref != row.name else ["ref.", ""])
+        if gain_ref:
+            cells.append("ref." if row.name == gain_ref else
+                         ("–" if row.gain is None else f"{row.gain:+.1f}%"))
+        body.append(cells)
+    chart = accuracy_chart(rows, assets / "accuracy.png")
+    n = max(r.n for r in rows)
+    notes = [
+        _table(headers, body),
+        "",
+        f"Differences are in percentage points on the questions both runs answered; p-values "
+        f"are exact McNemar tests on the paired questions, Holm-adjusted within each "
+        f"reference's column ({len(rows) - 1} comparisons each).",
+    ]
+    widest = max((r.ci95[1] - r.ci95[0]) / 2 for r in rows)
+    if n < SMALL_SAMPLE:
+        notes += ["", f"> **Small sample.** Each model answered {n} test questions, so a 95% "
+                      f"interval is up to ±{100 * widest:.0f} points wide: differences smaller "
+                      f"than that are not evidence of an effect. Read this run as a "
+                      f"demonstration of the pipeline, not as a measurement."]
+    notes += ["", f"![Accuracy with 95% Wilson intervals]({ASSETS}/{chart.name})"]
+    return "## Results\n\n" + "\n".join(notes) + "\n"
+
+
+def accuracy_chart(rows: list[ResultRow], path: Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 0.55 * len(rows) + 1.2))
+    names = [r.name for r in rows][::-1]
+    acc = [100 * r.accuracy for r in rows][::-1]
+    lo = [100 * (r.accuracy - r.ci95[0]) for r in rows][::-1]
+    hi = [100 * (r.ci95[1] - r.accuracy) for r in rows][::-1]
+    colors = ["#9aa5b1" if n in ("base", "sft") else "#3b75af" for n in names]
+    ax.barh(names, acc, xerr=[lo, hi], color=colors, capsize=4, ecolor="#333333")
+    for y, value in enumerate(acc):
+        ax.text(value + 1, y + 0.25, f"{value:.1f}%", fontsize=8)
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("GSM8K test accuracy (%), 95% Wilson interval")
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
+def section_teachers(layout: Layout) -> str:
+    if not layout.teachers:
+        return "## Teachers\n\nNo teacher stage in this run.\n"
+    body = []
+    for name, directory in layout.teachers.items():
+        m = _read_optional(directory / "manifest.json")
+        body.append([
+            f"**{name}**",
+            _pct(_pick(m, "teacher_accuracy", "accuracy", "counts.accuracy")),
+            _kept(m),
+            _num(_pick(m, "mean_answer_tokens", "counts.mean_answer_tokens",
+                       "stats.mean_answer_tokens")),
+            _num(_pick(m, "tokens_per_s", "throughput.tokens_per_s", "stats.tokens_per_s")),
+            _num(_pick(m, "compute_seconds", "wall_time_s")),
+            _cell(_pick(m, "target", default="generated")),
+        ])
+    headers = ["strategy", "teacher accuracy", "kept answers", "mean answer tokens",
+               "tokens/s", "compute (s)", "target"]
+    return ("## Teachers\n\nThe teacher answered the transfer set once under each priming "
+            "strategy; the student later sees only the bare question.\n\n"
+            + _table(headers, body) + "\n")
+
+
+def _kept(manifest: dict[str, Any]) -> str:
+    kept = _pick(manifest, "counts.kept", "kept", "counts.rows")
+    total = _pick(manifest, "counts.answers", "counts.total", "counts.generated",
+                  "counts.questions")
+    if kept is None:
+        return "–"
+    return f"{kept}/{total}" if total is not None else str(kept)
+
+
+def section_training(layout: Layout, assets: Path) -> str:
+    if not layout.students:
+        return "## Training curves\n\nNo student was trained in this run.\n"
+    parts = ["## Training curves\n", "Loss per logged step: the total loss, its cross-entropy "
+             "part (answer tokens) and its KD part (divergence from the teacher), and the "
+             "validation loss where logged. SFT has no KD part.\n"]
+    for name, directory in layout.students.items():
+        log = _train_log(directory)
+        if not log:
+            parts.append(f"**{name}**: no training log found.\n")
+            continue
+        image = training_chart(name, log, assets / f"curves-{name}.png")
+        parts.append(f"![Training curves of {name}]({ASSETS}/{image.name})\n")
+    return "\n".join(parts)
+
+
+def _train_log(directory: Path) -> list[dict[str, Any]]:
+    path = directory / "train_log.jsonl"
+    if not path.exists():
+        return []
+    return read_jsonl(path)
+
+
+def training_chart(name: str, log: list[dict[str, Any]], path: Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for key, style in (("loss", "-"), ("ce", "--"), ("kd", ":"), ("val_loss", "-o")):
+        points = [(r.get("step"), r.get(key)) for r in log
+                  if isinstance(r.get(key), int | float) and r.get("step") is not None]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, style, label=key, markersize=4)
+    ax.set_title(name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def section_examples(runs: dict[str, EvalRun], count: int, max_chars: int) -> str:
+    if count == 0:
+        return ""
+    trained = [n for n in runs if n not in ("base", "kd-none")]
+    best = max(trained, key=lambda n: runs[n].accuracy) if trained else None
+    shown = [n for n in ("base", "kd-none") if n in runs] + ([best] if best else [])
+    ids = [i for i in runs[shown[0]].rows if all(i in runs[n].rows for n in shown)]
+    if not ids:
+        return "## Worked examples\n\nNo question was answered by every model shown.\n"
+
+    def interest(i: str) -> tuple[int, int]:
+        lead = runs[best or shown[-1]].rows[i].get("correct")
+        base = runs[shown[0]].rows[i].get("correct")
+        return (0 if lead and not base else 1 if lead else 2, ids.index(i))
+
+    parts = ["## Worked examples\n",
+             f"The same test question answered by {', '.join(f'`{n}`' for n in shown)}"
+             + (f" (`{best}` is the most accurate student besides kd-none)" if best else "")
+             + ". Questions where the best student is right and the base model wrong are "
+             "shown first.\n"]
+    for number, i in enumerate(sorted(ids, key=interest)[:count], start=1):
+        first = runs[shown[0]].rows[i]
+        gold = first.get("gold")
+        parts.append(f"### Example {number}: `{i}`\n")
+        parts.append("> " + " ".join(str(first.get("question", "")).split()) + "\n")
+        parts.append(f"Reference answer: **{_answer(gold)}**\n")
+        for name in shown:
+            row = runs[name].rows[i]
+            mark = "correct" if row.get("correct") else "wrong"
+            parts.append(f"**{name}**: extracted {_answer(row.get('extracted'))} ({mark})\n")
+            parts.append(_fence(_clip(str(row.get("response", "")), max_chars)) + "\n")
+    return "\n".join(parts)
+
+
+def _answer(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _clip(text: str, limit: int) -> str:
+    text = text.strip()
+    return text if len(text) <= limit else text[:limit].rstrip() + " […]"
+
+
+def _fence(text: str) -> str:
+    fence = "```"
+    while fence in text:
+        fence += "`"
+    return f"{fence}text\n{text}\n{fence}"
+
+
+def section_compute(layout: Layout) -> str:
+    body, total_time, total_tokens = [], 0.0, 0
+    for name, directory in layout.stages.items():
+        record = _read_optional(record_path(layout.run_dir, name))
+        wall = record.get("wall_time_s")
+        tokens = _stage_tokens(name, directory, record)
+        total_time += wall or 0.0
+        total_tokens += tokens or 0
+        rate = tokens / wall if tokens and wall else None
+        body.append([f"`{name}`", _num(wall), _num(tokens, 0), _num(rate),
+                     _cell(record.get("completed_at"))])
+    body.append(["**total**", _num(total_time), _num(total_tokens, 0), "", ""])
+    return ("## Compute\n\nWall time of each stage (summed over resumed attempts) and the "
+            "tokens it processed: answer tokens the teacher generated or scored, tokens the "
+            "student trained on, answer tokens generated in evaluation.\n\n"
+            + _table(["stage", "wall time (s)", "tokens", "tokens/s", "completed"], body)
+            + "\n")
+
+
+def _stage_tokens(name: str, directory: Path, record: dict[str, Any]) -> int | None:
+    summary = record.get("summary") if isinstance(record.get("summary"), dict) else {}
+    if name.startswith("teacher/"):
+        m = _read_optional(directory / "manifest.json")
+        value = _pick(m, "counts.answer_tokens", "answer_tokens")
+        mean, rows = _pick(m, "mean_answer_tokens"), _pick(m, "counts.rows")
+        if value is None and mean is not None and rows is not None:
+            value = round(mean * rows)
+    elif name.startswith("students/"):
+        s = _read_optional(directory / "summary.json") or summary
+        value = _pick(s, "tokens", "train_tokens", "tokens_processed", "total_tokens")
+    elif name.startswith("eval/"):
+        results = directory / "results.jsonl"
+        value = sum(int(r.get("n_tokens") or 0) for r in read_jsonl(results)) \
+            if results.exists() else None
+    else:
+        value = _pick(summary or {}, "tokens", "n_tokens")
+    return int(value) if isinstance(value, int | float) else None
+
+
+def section_attention(layout: Layout) -> str:
+    heading = "## Attention heads\n\n"
+    if layout.attention is None:
+        return heading + "The attention analysis was not run (`attention.enabled: false`).\n"
+    if not (layout.attention / "summary.json").exists():
+        return heading + "The attention analysis has not finished; rerun to complete it.\n"
+    try:
+        from primekd.attention import report_section
+    except ImportError:
+        return heading + "This primekd has no attention analysis installed.\n"
+    text = report_section(layout.attention, relative_to=layout.run_dir).strip()
+    if not text.startswith("#"):
+        text = heading + text
+    return text + "\n"
+
+
+def section_reproduce(layout: Layout) -> str:
+    config = layout.run_dir / "config.yaml"
+    text = config.read_text(encoding="utf-8") if config.exists() else "(config.yaml missing)"
+    versions = [[f"`{p}`", _version(p)] for p in PACKAGES]
+    versions.append(["python", platform.python_version()])
+    versions.append(["platform", platform.platform()])
+    return ("## Reproduce\n\nRerun this experiment (finished stages are reused from the run "
+            "directory):\n\n"
+            + _fence(f"primekd run {layout.run_dir / 'config.yaml'} --out {layout.run_dir}")
+            + "\n\nResolved config:\n\n" + _fence(text.rstrip()).replace("```text", "```yaml", 1)
+            + "\n\nPackage versions:\n\n" + _table(["package", "version"], versions, "ll")
+            + "\n")
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def section_overview(layout: Layout, runs: dict[str, EvalRun], title: str) -> str:
+    config = _read_yaml(layout.run_dir / "config.yaml")
+    models = config.get("models", {}) if isinstance(config, dict) else {}
+    teacher, student = models.get("teacher", "?"), models.get("student", "?")
+    n = max(r.n for r in runs.values())
+    strategies = ", ".join(f"`{s}`" for s in layout.teachers) or "none"
+    lines = [f"# {title}\n",
+             f"Teacher `{teacher}`, student `{student}`"
+             + (" (self-distillation: the same model primed and unprimed)"
+                if teacher == student else "") + ". "
+             f"Priming strategies: {strategies}. Every model answered the same {n} test "
+             f"questions.\n",
+             "Sections: [Results](#results) · [Teachers](#teachers) · "
+             "[Training curves](#training-curves) · [Worked examples](#worked-examples) · "
+             "[Compute](#compute) · [Attention heads](#attention-heads) · "
+             "[Reproduce](#reproduce)\n"]
+    return "\n".join(lines)
+
+
+def _read_yaml(path: Path) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+def build_markdown(layout: Layout, title: str | None = None, examples: int = 1,
+                   max_response_chars: int = 1200) -> str:
+    runs = load_evals(layout)
+    assets = layout.run_dir / ASSETS
+    assets.mkdir(parents=True, exist_ok=True)
+    config = _read_yaml(layout.run_dir / "config.yaml")
+    title = title or f"primekd experiment: {config.get('name', layout.run_dir.name)}"
+    sections = [
+        section_overview(layout, runs, title),
+        section_results(runs, assets),
+        section_teachers(layout),
+        section_training(layout, assets),
+        section_examples(runs, examples, max_response_chars),
+        section_compute(layout),
+        section_attention(layout),
+        section_reproduce(layout),
+    ]
+    return "\n".join(s for s in sections if s).rstrip() + "\n"
+
+
+def write_report(run_dir: str | Path, layout: Layout | None = None, title: str | None = None,
+                 examples: int = 1, max_response_chars: int = 1200) -> dict[str, Any]:
+    """Write `report.md` and `report.html` into the run directory; returns their paths."""
+    run_dir = Path(run_dir)
+    layout = layout or Layout.discover(run_dir)
+    markdown = build_markdown(layout, title, examples, max_response_chars)
+    document_title = markdown.splitlines()[0].lstrip("# ").strip()
+    atomic_write_text(run_dir / "report.md", markdown)
+    atomic_write_text(run_dir / "report.html", markdown_to_html(markdown, run_dir,
+                                                                document_title))
+    for name in ("report.md", "report.html"):
+        (run_dir / name).chmod(0o644)  # a report is for sharing
+    return {"report_md": str(run_dir / "report.md"), "report_html": str(run_dir / "report.html"),
+            "sections": [line[3:] for line in markdown.splitlines() if line.startswith("## ")]}
+
+
+# --- plots --------------------------------------------------------------------------------------
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+# --- Markdown -> self-contained HTML ------------------------------------------------------------
+
+_IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
+_LINK = re.compile(r"(?<!!)\[([^\]]+)\]\(([^)\s]+)\)")
+_CSS = """
+body{font:15px/1.5 -apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:#1f2328;
+max-width:1100px;margin:2rem auto;padding:0 1.2rem}
+h1{font-size:1.8rem;border-bottom:1px solid #d0d7de;padding-bottom:.3rem}
+h2{font-size:1.4rem;border-bottom:1px solid #d0d7de;padding-bottom:.2rem;margin-top:2.2rem}
+h3{font-size:1.1rem}
+table{border-collapse:collapse;margin:1rem 0;font-size:14px;display:block;overflow-x:auto}
+th,td{border:1px solid #d0d7de;padding:4px 9px}th{background:#f6f8fa}
+tr:nth-child(even) td{background:#fbfcfd}
+td.r,th.r{text-align:right;font-variant-numeric:tabular-nums}
+code{background:#f2f4f6;padding:1px 4px;border-radius:4px;font-size:90%}
+pre{background:#f6f8fa;border:1px solid #d0d7de;border-radius:6px;padding:10px;overflow-x:auto;
+white-space:pre-wrap;font-size:13px}pre code{background:none;padding:0}
+blockquote{border-left:4px solid #d0d7de;margin:1rem 0;padding:.2rem 1rem;color:#444}
+img{max-width:100%;height:auto;display:block;margin:.8rem 0}
+"""
+
+
+def markdown_to_html(markdown: str, base_dir: str | Path, title: str) -> str:
+    """Convert the report's Markdown to one HTML file with every image embedded."""
+    body = _blocks(markdown.splitlines(), Path(base_dir))
+    csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        f"<meta http-equiv=\"Content-Security-Policy\" content=\"{csp}\">\n"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+        f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        f"{body}\n</body>\n</html>\n"
+    )
+
+
+def _blocks(lines: list[str], base: Path) -> str:
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        stripped = line.strip()
+        if not stripped:
+            i += 1
+        elif stripped.startswith("```"):
+            i = _code_block(lines, i, out)
+        elif re.match(r"^#{1,6} ", stripped):
+            level = len(stripped) - len(stripped.lstrip("#"))
+            text = stripped[level:].strip()
+            out.append(f'<h{level} id="{_slug(text)}">{_inline(text, base)}</h{level}>')
+            i += 1
+        elif stripped.startswith("|") and i + 1 < len(lines) and _is_rule(lines[i + 1]):
+            i = _table_block(lines, i, out, base)
+        elif stripped.startswith(">"):
+            quote = []
+            while i < len(lines) and lines[i].strip().startswith(">"):
+                quote.append(lines[i].strip()[1:].lstrip())
+                i += 1
+            out.append(f"<blockquote>{_blocks(quote, base)}</blockquote>")
+        elif re.match(r"^([-*+]|\d+\.) ", stripped):
+            i = _list_block(lines, i, out, base)
+        elif re.fullmatch(r"(-{3,}|\*{3,})", stripped):
+            out.append("<hr>")
+            i += 1
+        elif stripped.startswith("<") and re.match(r"^</?(details|summary|div)\b", stripped):
+            out.append(stripped)  # the few block tags a section may use, passed through
+            i += 1
+        else:
+            para = []
+            while i < len(lines) and lines[i].strip() and not _starts_block(lines, i):
+                para.append(lines[i].strip())
+                i += 1
+            out.append(f"<p>{_inline(' '.join(para), base)}</p>")
+    return "\n".join(out)
+
+
+def _starts_block(lines: list[str], i: int) -> bool:
+    s = lines[i].strip()
+    return bool(s.startswith(("```", ">", "#")) or re.match(r"^([-*+]|\d+\.) ", s)
+                or (s.startswith("|") and i + 1 < len(lines) and _is_rule(lines[i + 1])))
+
+
+def _code_block(lines: list[str], i: int, out: list[str]) -> int:
+    opening = lines[i].strip()
+    fence = opening[: len(opening) - len(opening.lstrip("`"))]
+    language = opening[len(fence):].strip()
+    body = []
+    i += 1
+    while i < len(lines) and lines[i].strip() != fence:
+        body.append(lines[i])
+        i += 1
+    cls = f' class="language-{html.escape(language)}"' if language else ""
+    out.append(f"<pre><code{cls}>{html.escape(chr(10).join(body))}</code></pre>")
+    return i + 1
+
+
+def _is_rule(line: str) -> bool:
+    return bool(re.fullmatch(r"\s*\|?(\s*:?-{3,}:?\s*\|)+\s*:?-{0,}:?\s*\|?\s*", line))
+
+
+def _split_row(line: str) -> list[str]:
+    line = line.strip()
+    line = line[1:] if line.startswith("|") else line
+    line = line[:-1] if line.endswith("|") and not line.endswith("\\|") else line
+    cells = re.split(r"(?<!\\)\|", line)
+    return [c.strip().replace("\\|", "|") for c in cells]
+
+
+def _table_block(lines: list[str], i: int, out: list[str], base: Path) -> int:
+    headers = _split_row(lines[i])
+    aligns = ["r" if c.strip().endswith(":") else "" for c in _split_row(lines[i + 1])]
+    i += 2
+    rows = []
+    while i < len(lines) and lines[i].strip().startswith("|"):
+        rows.append(_split_row(lines[i]))
+        i += 1
+
+    def cell(tag: str, text: str, k: int) -> str:
+        cls = ' class="r"' if k < len(aligns) and aligns[k] else ""
+        return f"<{tag}{cls}>{_inline(text, base)}</{tag}>"
+
+    head = "".join(cell("th", h, k) for k, h in enumerate(headers))
+    body = "\n".join("<tr>" + "".join(cell("td", c, k) for k, c in enumerate(r)) + "</tr>"
+                     for r in rows)
+    out.append(f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>")
+    return i
+
+
+def _list_block(lines: list[str], i: int, out: list[str], base: Path) -> int:
+    ordered = bool(re.match(r"^\d+\. ", lines[i].strip()))
+    items: list[str] = []
+    while i < len(lines) and lines[i].strip():
+        s = lines[i].strip()
+        marker = re.match(r"^([-*+]|\d+\.) ", s)
+        if marker:
+            items.append(s[marker.end():])
+        elif items:
+            items[-1] += " " + s
+        i += 1
+    tag = "ol" if ordered else "ul"
+    out.append(f"<{tag}>" + "".join(f"<li>{_inline(t, base)}</li>" for t in items) + f"</{tag}>")
+    return i
+
+
+def _inline(text: str, base: Path) -> str:
+    """Escape, then apply code spans, images, links, bold and italics (code left alone)."""
+    pieces = re.split(r"(`[^`]+`)", text)
+    rendered = []
+    images: list[str] = []
+
+    def stash(match: re.Match[str]) -> str:
+        images.append(_image(match.group(1), match.group(2), base))
+        return f"\x00{len(images) - 1}\x00"
+
+    for piece in pieces:
+        if len(piece) > 1 and piece.startswith("`") and piece.endswith("`"):
+            rendered.append(f"<code>{html.escape(piece[1:-1])}</code>")
+            continue
+        piece = _IMAGE.sub(stash, piece)
+        piece = html.escape(piece, quote=False)
+        piece = _LINK.sub(_link, piece)
+        piece = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", piece)
+        piece = re.sub(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])", r"<em>\1</em>", piece)
+        piece = re.sub(r"\x00(\d+)\x00", lambda m: images[int(m.group(1))], piece)
+        rendered.append(piece)
+    return "".join(rendered)
+
+
+def _link(match: re.Match[str]) -> str:
+    text, target = match.group(1), match.group(2)
+    if target.startswith("#") or re.match(r"^https?://", target):
+        return f'<a href="{html.escape(target)}">{text}</a>'
+    return text  # a link to a local file would not open from a shared HTML file
+
+
+def _image(alt: str, src: str, base: Path) -> str:
+    if src.startswith("data:"):
+        return f'<img alt="{html.escape(alt)}" src="{html.escape(src)}">'
+    path = (base / src) if not Path(src).is_absolute() else Path(src)
+    if not path.is_file():
+        return f"<em>[missing image: {html.escape(src)}]</em>"
+    mime = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
+            ".svg": "image/svg+xml", ".gif": "image/gif"}.get(path.suffix.lower(), "image/png")
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:{mime};base64,{data}">'
+
+
+def _slug(text: str) -> str:
+    text = re.sub(r"<[^>]+>|[`*]", "", text).lower()
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-")
