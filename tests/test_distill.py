@@ -310,3 +310,28 @@ def test_two_process_data_parallel_run(tiny_model_dir, tiny_store, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 2
     assert (out / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.integration
+def test_bundled_teach_distill_eval(tmp_path, monkeypatch, capsys):
+    """`primekd teach` -> `primekd distill` -> `primekd eval --adapter` on the bundled model."""
+    from primekd.models import BUNDLED_ALIAS
+
+    store, out, ev = tmp_path / "store", tmp_path / "student", tmp_path / "eval"
+    code, _, err = _cli(monkeypatch, capsys, "teach", "--teacher", BUNDLED_ALIAS, "--limit", "4",
+                        "--max-new-tokens", "32", "--top-k", "8", "--out", str(store),
+                        "--device", "cpu", "--json")
+    assert code == 0, err
+    code, stdout, err = _cli(monkeypatch, capsys, "distill", "--student", BUNDLED_ALIAS,
+                             "--teacher-store", str(store), "--out", str(out), "--max-steps",
+                             "2", "--batch-size", "2", "--val-size", "1", "--eval-steps", "1",
+                             "--device", "cpu", "--json", "-q")
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["data"]["white_box"] and summary["val_loss_after"] is not None
+    code, stdout, err = _cli(monkeypatch, capsys, "eval", "--model", BUNDLED_ALIAS,
+                             "--adapter", str(out), "--limit", "2", "--max-new-tokens", "16",
+                             "--out", str(ev), "--device", "cpu")
+    assert code == 0, err
+    rows = [json.loads(line) for line in (ev / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all("response" in r for r in rows)
