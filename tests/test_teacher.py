@@ -255,3 +255,21 @@ def test_bundled_teacher_writes_a_valid_store(tmp_path) -> None:
     table = store.load_store(out)
     assert all(max(max(ids) for ids in row) < 49152 for row in table["topk_ids"].to_pylist())
     assert all(row["response"].strip() for row in table.to_pylist())
+
+
+def test_vllm_prompt_logprobs_become_top_k_arrays() -> None:
+    from types import SimpleNamespace
+
+    from primekd.teacher_vllm import _topk
+
+    # vLLM's shape: per position {token id: Logprob}, the top k plus the scored token when
+    # it fell outside them
+    positions = [
+        {5: SimpleNamespace(logprob=-0.5), 7: SimpleNamespace(logprob=-1.5),
+         9: SimpleNamespace(logprob=-6.0)},
+        {3: SimpleNamespace(logprob=-2.0), 1: SimpleNamespace(logprob=-0.2)},
+    ]
+    topk = _topk(positions, top_k=2)
+    assert topk.ids.tolist() == [[5, 7], [1, 3]]
+    np.testing.assert_allclose(topk.logprobs, [[-0.5, -1.5], [-0.2, -2.0]])
+    assert topk.ids.dtype == np.int32 and topk.logprobs.dtype == np.float32
