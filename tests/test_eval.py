@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from primekd.errors import PrimekdError
-from primekd.evaluate import EvalConfig, evaluate
+from primekd.evaluate import EvalConfig, claim_directory, evaluate
 from primekd.io import read_json, read_jsonl
 from primekd.models import load
 from primekd.prompts import DEFAULT_TEMPLATE, load_template, worked_solution
@@ -127,6 +127,14 @@ def test_rerun_with_other_parameters_is_refused(tiny, tiny_model_dir, tmp_path) 
     summary = evaluate(_config(tiny_model_dir, tmp_path, limit=3, batch_size=3),
                        progress=False, loaded=tiny)
     assert summary["n"] == 3 and summary["generated_this_run"] == 1
+
+
+def test_directory_without_rows_takes_new_parameters(tmp_path: Path) -> None:
+    # A first run that failed before its first batch (say, the model did not load)
+    # leaves nothing to protect: the corrected command must not be refused.
+    claim_directory(tmp_path, {"model": "org/typo", "max_new_tokens": 8})
+    claim_directory(tmp_path, {"model": "org/right", "max_new_tokens": 8})
+    assert read_json(tmp_path / "eval_config.json")["model"] == "org/right"
 
 
 def test_cli_reports_bad_input_in_one_line(tiny_model_dir, tmp_path, monkeypatch, capsys):

@@ -71,32 +71,37 @@ def evaluate(config: EvalConfig, progress: bool = True, loaded: tuple[Any, Any] 
 
     `loaded` is an already loaded (model, tokenizer) for `config.model`, to skip loading.
     """
+    started = time.perf_counter()
     check_extractor(config.extractor)
     config.sampling().validate()
     template = load_template(config.prompt, config.few_shot)
     examples = load_examples(config.data, config.limit, config.offset, config.sample, config.seed)
+    if loaded is None:
+        _check_model(config)  # before claiming the directory for a model that cannot load
     out = Path(config.out)
     claim_directory(out, run_identity(config, template))
 
-    started = time.perf_counter()
     done = _done_ids(out / RESULTS)
     todo = [e for e in examples if e.id not in done]
-    n_tokens, gen_time = 0, 0.0
     if todo:
         model, tokenizer = loaded or _load(config)
-        batch_size = config.batch_size or _default_batch_size(model)
-        gen_started = time.perf_counter()
-        n_tokens = _generate_into(out / RESULTS, model, tokenizer, template, todo, config,
-                                  batch_size, progress)
-        gen_time = time.perf_counter() - gen_started
+        run = _generate_into(out / RESULTS, model, tokenizer, template, todo, config, progress)
+        run["wall_time_s"] = round(time.perf_counter() - started, 3)
     else:
         tokenizer = loaded[1] if loaded else _load_tokenizer(config)
-        batch_size = config.batch_size
+        run = _previous_run(out / SUMMARY, config)
     rows = finalize_results(out / RESULTS, config.data, config.extractor)
-    timing = _timing(out, len(todo), n_tokens, gen_time, time.perf_counter() - started)
-    summary = build_summary(config, template, rows, batch_size, timing, tokenizer)
+    summary = build_summary(config, template, rows, run, tokenizer)
     write_json(out / SUMMARY, summary)
     return summary
+
+
+def _check_model(config: EvalConfig) -> None:
+    from primekd.models import resolve
+
+    resolve(config.model)
+    if config.adapter and not (Path(config.adapter) / "adapter_config.json").exists():
+        raise PrimekdError(f"adapter directory {config.adapter} has no adapter_config.json")
 
 
 def run_identity(config: EvalConfig, template: PromptTemplate) -> dict[str, Any]:
@@ -121,21 +126,22 @@ def _normalize_ref(ref: str) -> str:
 
 
 def claim_directory(out: Path, identity: dict[str, Any]) -> None:
-    """Record the run's identity in a new directory, or check it matches an existing one."""
-    path = out / CONFIG
-    if not path.exists():
-        if (out / RESULTS).exists():
-            raise PrimekdError(f"{out} holds {RESULTS} but no {CONFIG}: it was not written by "
-                               "`primekd eval`; choose another --out directory")
-        write_json(path, {"primekd_version": __version__, **identity})
+    """Record the run's identity, or check it matches the one that wrote existing results."""
+    path, results = out / CONFIG, out / RESULTS
+    has_rows = results.exists() and bool(read_jsonl(results))
+    if has_rows and not path.exists():
+        raise PrimekdError(f"{out} holds {RESULTS} but no {CONFIG}: it was not written by "
+                           "`primekd eval`; choose another --out directory")
+    if has_rows:
+        stored = read_json(path)
+        changed = [k for k in identity if stored.get(k) != identity[k]]
+        if changed:
+            diffs = "; ".join(f"{k}: {_short(stored.get(k))} -> {_short(identity[k])}"
+                              for k in changed)
+            raise PrimekdError(f"{out} holds results of a run with other parameters ({diffs}); "
+                               "use a new --out directory, or delete the old one to start over")
         return
-    stored = read_json(path)
-    changed = [k for k in identity if stored.get(k) != identity[k]]
-    if changed:
-        diffs = "; ".join(f"{k}: {_short(stored.get(k))} -> {_short(identity[k])}"
-                          for k in changed)
-        raise PrimekdError(f"{out} holds results of a run with other parameters ({diffs}); "
-                           "use a new --out directory, or delete the old one to start over")
+    write_json(path, {"primekd_version": __version__, **identity})
 
 
 def _short(value: Any) -> str:
@@ -167,19 +173,31 @@ def _default_batch_size(model: Any) -> int:
 
 
 def _generate_into(path: Path, model: Any, tokenizer: Any, template: PromptTemplate,
-                   todo: list[Example], config: EvalConfig, batch_size: int,
-                   progress: bool) -> int:
-    """Generate answers for `todo`, appending each finished batch; return tokens generated."""
+                   todo: list[Example], config: EvalConfig, progress: bool) -> dict[str, Any]:
+    """Generate answers for `todo`, appending each finished batch; return this run's figures."""
+    batch_size = config.batch_size or _default_batch_size(model)
     prompts = [template.build(e.question) for e in todo]
     batches = iter_generate(model, tokenizer, prompts, config.sampling(), batch_size)
-    n_tokens = 0
+    n_tokens, started = 0, time.perf_counter()
     with _progress_bar(progress, len(todo)) as advance:
         for pairs in batches:
             rows = [result_row(todo[i], g, config.extractor) for i, g in pairs]
             append_jsonl(path, rows)
             n_tokens += sum(g.n_tokens for _, g in pairs)
             advance(len(rows), n_tokens)
-    return n_tokens
+    seconds = time.perf_counter() - started
+    return {"batch_size": batch_size, "generated_this_run": len(todo),
+            "generated_tokens": n_tokens, "generation_time_s": round(seconds, 3),
+            "tokens_per_s": round(n_tokens / seconds, 2) if seconds > 0 else None}
+
+
+def _previous_run(summary_path: Path, config: EvalConfig) -> dict[str, Any]:
+    """With nothing left to generate, keep the figures of the run that generated the rows."""
+    previous = read_json(summary_path) if summary_path.exists() else {}
+    keys = ("wall_time_s", "generation_time_s", "generated_tokens", "tokens_per_s")
+    batch_size = previous.get("generation", {}).get("batch_size", config.batch_size)
+    return {k: previous.get(k) for k in keys} | {"batch_size": batch_size,
+                                                 "generated_this_run": 0}
 
 
 def result_row(example: Example, generation: Generation, extractor: str) -> dict[str, Any]:
@@ -211,36 +229,20 @@ def finalize_results(path: Path, data: str, extractor: str) -> list[dict[str, An
     return ordered
 
 
-def _timing(out: Path, n_new: int, n_tokens: int, gen_time: float, wall: float
-            ) -> dict[str, Any]:
-    """This invocation's timing; a rerun with nothing left keeps the previous figures."""
-    if n_new == 0 and (out / SUMMARY).exists():
-        previous = read_json(out / SUMMARY)
-        keys = ("wall_time_s", "generation_time_s", "generated_tokens", "tokens_per_s")
-        return {k: previous.get(k) for k in keys} | {"generated_this_run": 0}
-    return {
-        "wall_time_s": round(wall, 3),
-        "generation_time_s": round(gen_time, 3),
-        "generated_tokens": n_tokens,
-        "tokens_per_s": round(n_tokens / gen_time, 2) if gen_time > 0 else None,
-        "generated_this_run": n_new,
-    }
-
-
 def accuracy_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     flags = [bool(r["correct"]) for r in rows]
     return summarize(flags, no_answer=sum(r["extracted"] is None for r in rows))
 
 
 def build_summary(config: EvalConfig, template: PromptTemplate, rows: list[dict[str, Any]],
-                  batch_size: int | None, timing: dict[str, Any], tokenizer: Any
-                  ) -> dict[str, Any]:
+                  run: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
     from primekd.models import tokenizer_fingerprint
 
-    n_length = sum(r.get("finish_reason") == "length" for r in rows)
+    timing_keys = ("wall_time_s", "generation_time_s", "generated_tokens", "tokens_per_s",
+                   "generated_this_run")
     return {
         **accuracy_summary(rows),
-        "truncated": n_length,
+        "truncated": sum(r.get("finish_reason") == "length" for r in rows),
         "mean_tokens": sum(r["n_tokens"] for r in rows) / len(rows) if rows else 0.0,
         "model": config.model,
         "adapter": config.adapter,
@@ -249,8 +251,8 @@ def build_summary(config: EvalConfig, template: PromptTemplate, rows: list[dict[
         "few_shot": template.few_shot,
         "extractor": config.extractor,
         "generation": {**asdict(config.sampling()), "greedy": config.temperature == 0,
-                       "batch_size": batch_size},
-        **timing,
+                       "batch_size": run["batch_size"]},
+        **{k: run.get(k) for k in timing_keys},
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "primekd_version": __version__,
     }
