@@ -119,17 +119,17 @@ def test_gradcheck(kind: str) -> None:
 
 def test_gradcheck_chunked_hidden_path() -> None:
     g = torch.Generator().manual_seed(1)
-    hidden = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(9, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    labels = torch.randint(0, 9, (5,), generator=g)
-    ids, values = _topk(torch.randn(5, 9, generator=g, dtype=torch.float64), 3)
+    hidden = torch.randn(3, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 6, (3,), generator=g)
+    ids, values = _topk(torch.randn(3, 6, generator=g, dtype=torch.float64), 3)
 
     def f(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return kd_loss_parts(h, labels, head=lambda x: x @ w.T, topk_ids=ids,
                              topk_logprobs=values, alpha=0.3, kind="jsd", temperature=2.0,
                              chunk_size=2).loss
 
-    assert torch.autograd.gradcheck(f, (hidden, weight), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(f, (hidden, weight), eps=1e-6, atol=1e-6, fast_mode=True)
 
 
 def test_temperature_scaling() -> None:

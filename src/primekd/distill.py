@@ -512,6 +512,12 @@ class KDTrainer(Trainer):
             self._reset_meter()
         super().log(logs, start_time)
 
+    def count_remaining_tokens(self) -> int:
+        """Add the tokens trained on since the last log to `tokens_seen` (all processes)."""
+        self.tokens_seen += int(self._reduce(self._meter)[4])
+        self._meter.zero_()
+        return self.tokens_seen
+
     def _reduce(self, values: torch.Tensor) -> torch.Tensor:
         if self.accelerator.num_processes == 1:
             return values
@@ -737,7 +743,7 @@ def distill(config: DistillConfig, callbacks: list[TrainerCallback] | None = Non
     _quiet_callbacks(trainer, progress)
     val_before = _val_before(trainer, out, resume_from) if data.val else None
     output = trainer.train(resume_from_checkpoint=resume_from)
-    val_after = trainer.evaluate()["eval_loss"] if data.val else None
+    val_after = _val_after(trainer) if data.val else None
     trainer.save_model(str(out))  # the adapter (or full model) and the tokenizer
     summary = _summary(config, trainer, data, output, val_before, val_after,
                        time.perf_counter() - started, device)
@@ -808,12 +814,21 @@ def _val_before(trainer: KDTrainer, out: Path, resume_from: str | None) -> float
     return first["val_loss"] if first else None
 
 
+def _val_after(trainer: KDTrainer) -> float:
+    """The validation loss at the last step (evaluated now unless training just did)."""
+    last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+    if last is not None and last.get("step") == trainer.state.global_step:
+        return last["eval_loss"]
+    return trainer.evaluate()["eval_loss"]
+
+
 def _summary(config: DistillConfig, trainer: KDTrainer, data: Datasets, output: Any,
              val_before: float | None, val_after: float | None, wall: float,
              device: str) -> dict[str, Any]:
     history = trainer.state.log_history
     train_logs = [h for h in history if "loss" in h]
     trainable, total = trainable_parameters(trainer.model)
+    trainer.count_remaining_tokens()
     train_time = output.metrics.get("train_runtime") or wall
     return {
         "out": str(config.out),
