@@ -24,7 +24,7 @@ def distill_command(
     config_file: Path = _opt("--config", help="YAML file whose keys are option names "
                              "(snake_case, e.g. lora_r); options given here override it."),
     student: str = _opt("--student", "-m", help="Student model: the bundled alias, a HF "
-                        f"directory, a .gguf file or a hub id [default: {_D.student}]."),
+                        f"directory, a .gguf file or a hub id (default: {_D.student})."),
     teacher_store: str = _opt("--teacher-store", "-s", help="Teacher store directory "
                               "written by `primekd teach`."),
     out: str = _opt("--out", "-o", help="Output directory: adapter, distill_config.yaml, "
@@ -32,68 +32,68 @@ def distill_command(
     objective: str = _opt("--objective", help="kd: CE on the teacher's answer tokens plus a "
                           "divergence to its distributions (needs --teacher-store); sft: CE "
                           "only, on the teacher's text or, without a store, on GSM8K "
-                          f"references (--data) [default: {_D.objective}]."),
+                          f"references (--data) (default: {_D.objective})."),
     data: str = _opt("--data", help="For --objective sft without a store: train, test, "
                      "test_socratic, or a JSONL file with question and answer "
-                     "[default: train]."),
+                     " (default: train)."),
     limit: int = _opt("--limit", help="Use only the first N questions (by id)."),
     val_size: int = _opt("--val-size", help="Questions held out of training for the "
-                         f"validation loss, every --eval-steps [default: {_D.val_size}]."),
+                         f"validation loss, every --eval-steps (default: {_D.val_size})."),
     prompt: str = _opt("--prompt", help="Student prompt template (text with {question}, or "
                        "a file); default: the zero-shot template `primekd eval` uses."),
     divergence: str = _opt("--divergence", help="forward_kl, reverse_kl, jsd, skew_kl or tvd "
-                           f"[default: {_D.divergence}]."),
+                           f" (default: {_D.divergence})."),
     alpha: float = _opt("--alpha", help="Weight of CE; the divergence gets 1 - alpha. 1 = "
-                        f"sequence-level KD (no distributions) [default: {_D.alpha}]."),
+                        f"sequence-level KD (no distributions) (default: {_D.alpha})."),
     temperature: float = _opt("--temperature", "-t", help="Softening temperature T of the "
-                              f"KD term (scaled by T^2) [default: {_D.temperature}]."),
+                              f"KD term (scaled by T^2) (default: {_D.temperature})."),
     beta: float = _opt("--beta", help="Mixing weight of jsd (default 0.5) and skew_kl "
                        "(default 0.1)."),
-    lora_r: int = _opt("--lora-r", help=f"LoRA rank [default: {_D.lora_r}]."),
-    lora_alpha: int = _opt("--lora-alpha", help=f"LoRA alpha [default: {_D.lora_alpha}]."),
+    lora_r: int = _opt("--lora-r", help=f"LoRA rank (default: {_D.lora_r})."),
+    lora_alpha: int = _opt("--lora-alpha", help=f"LoRA alpha (default: {_D.lora_alpha})."),
     lora_dropout: float = _opt("--lora-dropout", help="LoRA dropout "
-                               f"[default: {_D.lora_dropout}]."),
+                               f" (default: {_D.lora_dropout})."),
     target_modules: str = _opt("--target-modules", help="Comma-separated module names for "
-                               "LoRA, or all-linear [default: q_proj,k_proj,v_proj,o_proj]."),
+                               "LoRA, or all-linear (default: q_proj,k_proj,v_proj,o_proj)."),
     full_finetune: bool = typer.Option(None, "--full-finetune/--lora", show_default=False,
                                        help="Train all weights instead of a LoRA adapter "
-                                       "[default: --lora]."),
-    optimizer: str = _opt("--optimizer", help=f"adamw or sgd [default: {_D.optimizer}]."),
-    lr: float = _opt("--lr", help="Peak learning rate [default: 2e-4 with LoRA, 2e-5 full]."),
+                                       " (default: --lora)."),
+    optimizer: str = _opt("--optimizer", help=f"adamw or sgd (default: {_D.optimizer})."),
+    lr: float = _opt("--lr", help="Peak learning rate (default: 2e-4 with LoRA, 2e-5 full)."),
     weight_decay: float = _opt("--weight-decay", help="Weight decay "
-                               f"[default: {_D.weight_decay}]."),
+                               f" (default: {_D.weight_decay})."),
     scheduler: str = _opt("--scheduler", help="cosine, linear or constant "
-                          f"[default: {_D.scheduler}]."),
+                          f" (default: {_D.scheduler})."),
     warmup_ratio: float = _opt("--warmup-ratio", help="Fraction of steps for linear warmup "
-                               f"[default: {_D.warmup_ratio}]."),
+                               f" (default: {_D.warmup_ratio})."),
     epochs: float = _opt("--epochs", help="Passes over the training set (not with "
-                         "--max-steps) [default: 1]."),
+                         "--max-steps) (default: 1)."),
     max_steps: int = _opt("--max-steps", help="Optimizer steps (not with --epochs)."),
     batch_size: int = _opt("--batch-size", "-b", help="Sequences per device per step "
-                           f"[default: {_D.batch_size}]."),
+                           f" (default: {_D.batch_size})."),
     grad_accum: int = _opt("--grad-accum", help="Gradient accumulation steps "
-                           f"[default: {_D.grad_accum}]."),
+                           f" (default: {_D.grad_accum})."),
     max_length: int = _opt("--max-length", help="Longest prompt + answer in tokens (answers "
-                           f"are cut) [default: {_D.max_length}]."),
+                           f"are cut) (default: {_D.max_length})."),
     max_grad_norm: float = _opt("--max-grad-norm", help="Gradient clipping "
-                                f"[default: {_D.max_grad_norm}]."),
+                                f" (default: {_D.max_grad_norm})."),
     seed: int = _opt("--seed", help=f"Seed for LoRA init, data order, --val-size split "
-                     f"[default: {_D.seed}]."),
+                     f" (default: {_D.seed})."),
     eval_steps: int = _opt("--eval-steps", help="Validation every N steps "
-                           f"[default: {_D.eval_steps}]."),
+                           f" (default: {_D.eval_steps})."),
     logging_steps: int = _opt("--logging-steps", help="Log every N steps "
-                              f"[default: {_D.logging_steps}]."),
+                              f" (default: {_D.logging_steps})."),
     save_steps: int = _opt("--save-steps", help="Checkpoint every N steps (for --resume) "
-                           f"[default: {_D.save_steps}]."),
+                           f" (default: {_D.save_steps})."),
     chunk_size: int = _opt("--chunk-size", help="Answer tokens per chunk of the loss "
-                           f"(bounds memory) [default: {_D.chunk_size}]."),
+                           f"(bounds memory) (default: {_D.chunk_size})."),
     gradient_checkpointing: bool = typer.Option(
         None, "--gradient-checkpointing/--no-gradient-checkpointing", show_default=False,
-        help="Recompute activations in backward to save memory [default: off]."),
-    device: str = _opt("--device", help="cpu or cuda [default: cuda if available]."),
-    dtype: str = _opt("--dtype", help="float32, bfloat16 or float16 [default: bfloat16 on "
-                      "CUDA, float32 on CPU]."),
-    num_workers: int = _opt("--num-workers", help="Data loader workers [default: 0]."),
+        help="Recompute activations in backward to save memory (default: off)."),
+    device: str = _opt("--device", help="cpu or cuda (default: cuda if available)."),
+    dtype: str = _opt("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on "
+                      "CUDA, float32 on CPU)."),
+    num_workers: int = _opt("--num-workers", help="Data loader workers (default: 0)."),
     resume: bool = typer.Option(None, "--resume/--no-resume", show_default=False,
                                 help="Continue a killed run in --out from its last "
                                 "checkpoint."),
@@ -104,7 +104,7 @@ def distill_command(
 
     Loss: alpha * CE(answer tokens) + (1 - alpha) * T^2 * D(teacher || student), with the
     teacher's top-k distribution plus a rest bucket. Run data-parallel with
-    `accelerate launch -m primekd.cli distill ...` (or `accelerate launch $(which primekd)`).
+    `accelerate launch --multi_gpu --num_processes N $(which primekd) distill ...`.
     """
     given = {k: v for k, v in locals().items()
              if v is not None and k not in ("config_file", "as_json", "quiet")}
