@@ -35,6 +35,7 @@ def test_few_shot_uses_worked_train_solutions() -> None:
     assert "The answer is 72." in user
     assert "<<" not in user and "####" not in user
     assert user.index("The answer is 72.") < user.index("What is 2 + 2?")
+    assert template.stop == ("\nQuestion:",) and load_template().stop == ()
 
 
 def test_worked_solution_rewrites_gsm8k_reference() -> None:

@@ -60,6 +60,27 @@ def test_stop_tokens_end_answers_and_set_finish_reason(tiny) -> None:
     assert stopped[0].finish_reason == "stop" and stopped[0].n_tokens <= 4
 
 
+def test_stop_strings_cut_the_answer(tiny) -> None:
+    model, tokenizer = tiny
+    prompts = _prompts(4)
+    free = generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=12), batch_size=4)
+    # A plain-text piece that the first answer writes after a few tokens.
+    pieces = [tokenizer.decode([t]) for t in free[0].token_ids[2:]]
+    stop = next(p for p in pieces if p.strip().isalnum())
+    params = SamplingParams(max_new_tokens=12, stop=(stop,))
+    cut = generate(model, tokenizer, prompts, params, batch_size=4)
+    for before, after in zip(free, cut, strict=True):
+        if stop in before.text:
+            assert after.finish_reason == "stop"
+            assert after.text == before.text[: before.text.index(stop)]
+            assert after.token_ids == before.token_ids[: after.n_tokens]
+            assert stop in tokenizer.decode(after.token_ids)
+            assert stop not in tokenizer.decode(after.token_ids[:-1])
+        else:
+            assert after == before
+    assert cut[0].finish_reason == "stop"
+
+
 def test_sampling_is_seeded(tiny) -> None:
     model, tokenizer = tiny
     prompts = _prompts(3)
@@ -91,3 +112,6 @@ def test_bundled_batched_equals_unbatched_and_stops(bundled) -> None:
     assert batched[0].token_ids[-1] == tokenizer.eos_token_id
     assert not batched[0].text.endswith("<|im_end|>")
     assert batched[2].finish_reason == "length" and batched[2].n_tokens == 24
+    stopped = generate(model, tokenizer, prompts[:1], SamplingParams(24, stop=("Paris",)))[0]
+    assert stopped.text == batched[0].text[: batched[0].text.index("Paris")]
+    assert stopped.finish_reason == "stop" and stopped.n_tokens < batched[0].n_tokens

@@ -61,8 +61,8 @@ class EvalConfig:
     extractor: str = "default"
     device: str | None = None  # None: cuda if available, else cpu
 
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.seed)
+    def sampling(self, stop: tuple[str, ...] = ()) -> SamplingParams:
+        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.seed, stop)
 
 
 def evaluate(config: EvalConfig, progress: bool = True, loaded: tuple[Any, Any] | None = None,
@@ -177,7 +177,8 @@ def _generate_into(path: Path, model: Any, tokenizer: Any, template: PromptTempl
     """Generate answers for `todo`, appending each finished batch; return this run's figures."""
     batch_size = config.batch_size or _default_batch_size(model)
     prompts = [template.build(e.question) for e in todo]
-    batches = iter_generate(model, tokenizer, prompts, config.sampling(), batch_size)
+    batches = iter_generate(model, tokenizer, prompts, config.sampling(template.stop),
+                            batch_size)
     n_tokens, started = 0, time.perf_counter()
     with _progress_bar(progress, len(todo)) as advance:
         for pairs in batches:
@@ -250,7 +251,7 @@ def build_summary(config: EvalConfig, template: PromptTemplate, rows: list[dict[
         "prompt_template": template.text,
         "few_shot": template.few_shot,
         "extractor": config.extractor,
-        "generation": {**asdict(config.sampling()), "greedy": config.temperature == 0,
+        "generation": {**asdict(config.sampling(template.stop)), "greedy": config.temperature == 0,
                        "batch_size": run["batch_size"]},
         **{k: run.get(k) for k in timing_keys},
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),

@@ -8,7 +8,7 @@ counts as a generated token.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from primekd.chat import ChatPrompt, encode_prompts, left_pad, render
@@ -25,6 +25,7 @@ class SamplingParams:
     temperature: float = 0.0  # 0 means greedy decoding
     top_p: float = 1.0
     seed: int = 0  # seeds sampling; unused when greedy
+    stop: tuple[str, ...] = ()  # strings that end an answer too (cut from the text)
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -40,7 +41,7 @@ class Generation:
     text: str  # the answer only, special tokens removed
     token_ids: list[int]  # generated tokens, including the stop token when there is one
     n_tokens: int
-    finish_reason: str  # "stop" (the model ended its turn) or "length" (hit max_new_tokens)
+    finish_reason: str  # "stop" (end of turn or a stop string) or "length" (max_new_tokens)
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -81,19 +82,39 @@ def _generate_encoded(
     if params.temperature > 0:
         torch.manual_seed(params.seed)
         kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
+    if params.stop:
+        kwargs.update(stop_strings=list(params.stop), tokenizer=tokenizer)
     with torch.inference_mode():
         output = model.generate(**batch, **kwargs, eos_token_id=stops, pad_token_id=pad_id)
     new_tokens = output[:, batch["input_ids"].shape[1]:].tolist()
-    return [_finish(tokenizer, row, set(stops)) for row in new_tokens]
+    return [_finish(tokenizer, row, set(stops), params.stop) for row in new_tokens]
 
 
-def _finish(tokenizer: Any, row: list[int], stops: set[int]) -> Generation:
-    """Cut a generated row at its first stop token (the rest is padding) and decode it."""
+def _finish(tokenizer: Any, row: list[int], stops: set[int], stop_strings: tuple[str, ...]
+            ) -> Generation:
+    """Cut a generated row at its first stop token or stop string and decode the answer."""
     end = next((i for i, token in enumerate(row) if token in stops), None)
     answer = row if end is None else row[:end]
-    token_ids = row if end is None else row[: end + 1]
     text = tokenizer.decode(answer, skip_special_tokens=True)
+    cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=None)
+    if cut is not None:  # tokens after the stop string are padding, not answer
+        n = _tokens_until_stop(tokenizer, answer, stop_strings)
+        return Generation(text[:cut], answer[:n], n, "stop")
+    token_ids = row if end is None else row[: end + 1]
     return Generation(text, token_ids, len(token_ids), "length" if end is None else "stop")
+
+
+def _tokens_until_stop(tokenizer: Any, ids: list[int], stop_strings: tuple[str, ...]) -> int:
+    """The shortest prefix of `ids` whose text holds a stop string (binary search)."""
+    lo, hi = 1, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        text = tokenizer.decode(ids[:mid], skip_special_tokens=True)
+        if any(s in text for s in stop_strings):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def iter_generate(
@@ -128,8 +149,7 @@ def iter_generate(
 def _reseed(params: SamplingParams, offset: int) -> SamplingParams:
     if params.temperature == 0:
         return params
-    return SamplingParams(params.max_new_tokens, params.temperature, params.top_p,
-                          params.seed + offset)
+    return replace(params, seed=params.seed + offset)
 
 
 def generate(

@@ -22,6 +22,7 @@ DEFAULT_TEMPLATE = (
     "Question: {question}"
 )
 PLACEHOLDERS = ("question",)
+FEW_SHOT_STOP = "\nQuestion:"
 _CALCULATOR = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations, e.g. <<48/2=24>>
 
 
@@ -32,6 +33,11 @@ class PromptTemplate:
     text: str
     few_shot: int = 0
     examples_text: str = ""
+
+    @property
+    def stop(self) -> tuple[str, ...]:
+        # After inline examples a small model tends to go on with a question of its own.
+        return (FEW_SHOT_STOP,) if self.examples_text else ()
 
     def build(self, question: str) -> ChatPrompt:
         body = self.text.format(question=question)
