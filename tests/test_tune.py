@@ -123,17 +123,22 @@ def test_space_values_distill_would_reject_are_refused_before_training(tiny_stor
     assert not (tmp_path / "t" / "study.db").exists()
 
 
-def test_cli_bad_input_is_a_one_line_error(tiny_store, tmp_path):
+def test_cli_bad_input_is_a_one_line_error(tiny_model_dir, tiny_store, tmp_path):
     from primekd.cli.app import app
 
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("alpha: {low: 0\n")
-    base = ["tune", "--student", "x", "--out", str(tmp_path / "o")]
+    base = ["tune", "--student", str(tiny_model_dir), "--out", str(tmp_path / "o")]
     cases = [
         (["--teacher-store", str(tiny_store), "--objective", "accuracy"], "unknown objective"),
         (["--teacher-store", str(tmp_path / "nope")], "primekd teach"),
         (["--teacher-store", str(tiny_store), "--space", str(bad_yaml)], "not valid YAML"),
         (["--teacher-store", str(tiny_store), "--sampler", "grid"], "unknown sampler"),
+        (["--teacher-store", str(tiny_store), "--val-size", "12"], "leaves no training"),
+        (
+            ["--teacher-store", str(tiny_store), "--val-size", "3", "--storage", "nosuch://x"],
+            "cannot open",
+        ),
     ]
     for args, message in cases:
         result = CliRunner().invoke(app, base + args)
@@ -255,6 +260,8 @@ def test_a_killed_workers_trial_fails_and_the_study_continues(tiny_model_dir, ti
         val_size=3,
         heartbeat=1,
         timeout=120,  # a safety net: the study must finish long before this
+        objective="val_accuracy",
+        max_new_tokens=8,
     )
     doomed = subprocess.Popen(
         [sys.executable, "-c", _HANGING_WORKER, str(tiny_store), str(tiny_model_dir), str(out)]
@@ -274,6 +281,22 @@ def test_a_killed_workers_trial_fails_and_the_study_continues(tiny_model_dir, ti
     retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == 0]
     assert len(retried) == 1 and retried[0].params == study.trials[0].params
 
+    # val_accuracy: graded answers to the held-out questions, which training never saw.
+    from primekd.distill import DistillConfig, build_datasets
+    from primekd.io import read_jsonl
+    from primekd.models import load_tokenizer
+
+    assert 0.0 <= result.best_value <= 1.0
+    trial_dir = out / "trials" / str(result.best_trial)
+    graded = read_jsonl(trial_dir / "val_eval" / "results.jsonl")
+    held = {row["id"] for row in read_jsonl(trial_dir / "val_questions.jsonl")}
+    assert {row["id"] for row in graded} == held and len(held) == 3
+    trained = build_datasets(
+        DistillConfig(teacher_store=str(tiny_store), val_size=3, seed=0, alpha=1.0),
+        load_tokenizer(str(tiny_model_dir)),
+    ).train
+    assert held.isdisjoint(item.id for item in trained)
+
 
 # A worker that takes a trial (with heartbeats, as `tune` does) and then hangs until killed.
 _HANGING_WORKER = """
@@ -281,7 +304,7 @@ import sys, time
 from primekd import tune as t
 store, student, out = sys.argv[1:]
 config = t.TuneConfig(store, student, out, trials=2, max_steps=2, eval_steps=1, val_size=3,
-                      heartbeat=1)
+                      heartbeat=1, objective="val_accuracy")
 storage = t.open_storage(config.storage_url, config.heartbeat)
 study = t.create_study(config, storage)
 study.optimize(lambda trial: (config.space.sample(trial), time.sleep(600)), n_trials=1)
