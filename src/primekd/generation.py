@@ -135,8 +135,8 @@ def iter_generate(
     encoded = _encode(tokenizer, prompts)
     window = batch_size * SORT_WINDOW_BATCHES
     for start in range(0, len(prompts), window):
-        stop = min(start + window, len(prompts))
-        order = sorted(range(start, stop), key=lambda i: len(encoded[i]))
+        end = min(start + window, len(prompts))
+        order = sorted(range(start, end), key=lambda i: len(encoded[i]))
         for b in range(0, len(order), batch_size):
             indices = order[b: b + batch_size]
             # A distinct seed per batch, so sampled batches do not repeat each other.
