@@ -146,6 +146,22 @@ def test_cli_bad_input_is_a_one_line_error(tiny_model_dir, tiny_store, tmp_path)
         assert message in str(result.exception)
 
 
+def test_joining_a_study_with_other_settings_is_refused(tiny_store, tmp_path):
+    from primekd.tune import create_study, open_storage
+
+    first = TuneConfig(str(tiny_store), "student", str(tmp_path / "a"), max_steps=5)
+    create_study(first, open_storage(first.storage_url))
+    other = TuneConfig(
+        str(tiny_store), "student", str(tmp_path / "b"), max_steps=7, storage=first.storage_url
+    )
+    with pytest.raises(PrimekdError, match="different --max-steps"):
+        create_study(other, open_storage(other.storage_url))
+    same = TuneConfig(
+        str(tiny_store), "student", str(tmp_path / "c"), max_steps=5, storage=first.storage_url
+    )
+    assert create_study(same, open_storage(same.storage_url)).user_attrs["max_steps"] == 5
+
+
 # ------------------------------------------------------------------ real searches
 
 

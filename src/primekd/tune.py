@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import hashlib
 import json
 import os
 import random
@@ -435,26 +436,42 @@ def create_study(config: TuneConfig, storage: optuna.storages.BaseStorage) -> op
         for key, value in expected.items():
             study.set_user_attr(key, value)
         return study
-    for key in ("objective", "space", "max_steps", "teacher_store", "student"):
+    for key, label in _MUST_MATCH.items():
         # A key may be missing while the worker that created the study is still writing them.
         if key in study.user_attrs and study.user_attrs[key] != expected[key]:
             raise PrimekdError(
                 f"study {config.study!r} in {redact(config.storage_url)} was created with a "
-                f"different {key.replace('_', ' ')} ({study.user_attrs.get(key)!r}); "
-                "use the same settings to join it, or --study NAME for a new study"
+                f"different {label}; use the same settings to join it, or --study NAME for a "
+                "new study"
             )
     return study
 
 
+# What workers of one study must agree on (the same store may sit at different paths).
+_MUST_MATCH = {
+    "objective": "objective",
+    "space": "search space",
+    "max_steps": "--max-steps",
+    "val_size": "--val-size (validation slice)",
+    "seed": "--seed (it also picks the validation slice)",
+    "store_id": "teacher store (its manifest differs)",
+    "student_id": "student",
+}
+
+
 def _study_attrs(config: TuneConfig) -> dict[str, Any]:
+    manifest = (Path(config.teacher_store) / "manifest.json").read_bytes()
     return {
         "objective": config.objective,
         "space": config.space.to_yaml(),
         "fixed": config.space.fixed,
         "max_steps": config.max_steps,
         "val_size": config.val_size,
+        "seed": config.seed,
         "teacher_store": str(Path(config.teacher_store).resolve()),
+        "store_id": hashlib.sha256(manifest).hexdigest()[:16],
         "student": config.student,
+        "student_id": Path(config.student).name,
     }
 
 
