@@ -38,8 +38,8 @@ def tune_command(
         "val_loss",
         "--objective",
         help="What a trial is scored on, always on the held-out validation slice of the store: "
-        "val_loss (KD validation loss, minimised, cheap) or val_accuracy (GSM8K accuracy of "
-        "generated answers, maximised).",
+        "val_loss (the student's cross-entropy on the held-out teacher answers, minimised, "
+        "cheap) or val_accuracy (GSM8K accuracy of its generated answers, maximised).",
     ),
     val_size: int = typer.Option(
         16, "--val-size", help="Store questions held out of training as the validation slice."
