@@ -39,3 +39,16 @@ def test_custom_jsonl_and_errors(tmp_path) -> None:
         load_examples(str(tmp_path / "absent.jsonl"))
     with pytest.raises(PrimekdError, match="no questions"):
         load_examples("test", offset=5000)
+
+
+def test_atomic_write_uses_normal_file_mode(tmp_path) -> None:
+    import os
+
+    from primekd.io import atomic_write_text, read_json, write_json
+
+    write_json(tmp_path / "m.json", {"a": 1})
+    assert read_json(tmp_path / "m.json") == {"a": 1}
+    mask = os.umask(0)
+    os.umask(mask)
+    atomic_write_text(tmp_path / "t.txt", "x")
+    assert (tmp_path / "t.txt").stat().st_mode & 0o777 == 0o666 & ~mask
