@@ -539,6 +539,7 @@ class KDTrainer(Trainer):
                                       float(parts.kd_sum), parts.n_ce, parts.n_kd],
                                      dtype=torch.float64)
         model.train(was_training)
+        self._meter_since += time.perf_counter() - started  # keep eval out of tokens/s
         loss, ce, kd, n_ce, n_kd = self._reduce(sums).tolist()
         metrics = {f"{metric_key_prefix}_loss": loss / max(n_ce, 1),
                    f"{metric_key_prefix}_ce": ce / max(n_ce, 1),
