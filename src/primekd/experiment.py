@@ -463,6 +463,7 @@ def _check_semantics(config: ExperimentConfig) -> None:
             raise PrimekdError(
                 f"strategy name {name!r}: use letters, digits, `_` and `-` only"
             )
+        _check_strategy_name(name, spec)
         if spec.user is None and any(v is not None for v in (spec.system, spec.prefill)):
             raise PrimekdError(
                 f"strategy `{name}` sets system/prefill without `user`: a custom strategy "
@@ -477,6 +478,22 @@ def _check_semantics(config: ExperimentConfig) -> None:
             raise PrimekdError(f"config key `{key}.offset` must not be negative")
     if config.report.examples < 0:
         raise PrimekdError("config key `report.examples` must not be negative")
+
+
+def _check_strategy_name(name: str, spec: StrategySpec) -> None:
+    try:
+        from primekd.priming import BUILTIN_STRATEGIES
+    except ImportError:  # the teacher stage is absent: it reports that itself
+        return
+    if spec.custom and name in BUILTIN_STRATEGIES:
+        raise PrimekdError(
+            f"strategy `{name}` is a built-in: give the custom one another name"
+        )
+    if not spec.custom and name not in BUILTIN_STRATEGIES:
+        raise PrimekdError(
+            f"unknown strategy `{name}`: built-ins are {', '.join(BUILTIN_STRATEGIES)}; "
+            f"a custom strategy needs a `user` template (strategies.{name}.user)"
+        )
 
 
 def check_stage_sections(config: ExperimentConfig) -> None:
@@ -798,12 +815,7 @@ class RunSummary:
     report_html: str
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["strategies"] = {  # a built-in strategy without overrides reads as `name: {}`
-            name: {k: v for k, v in spec.items() if v not in (None, {})}
-            for name, spec in data["strategies"].items()
-        }
-        return data
+        return dataclasses.asdict(self)
 
 
 Callback = Callable[[str, Stage, int, int, str], None]  # event, stage, index, total, state
@@ -872,8 +884,9 @@ def run_stage(
     if state == "changed":
         clear_stage_dir(stage)
     previous = stage.record() or {}
-    started = time.perf_counter()
-    _write_record(stage, "running", previous.get("wall_time_s", 0.0), None)
+    spent = (previous.get("wall_time_s", 0.0), previous.get("cpu_time_s", 0.0))
+    started, cpu_started = time.perf_counter(), time.process_time()
+    _write_record(stage, "running", spent, None)
     try:
         result = function(stage, progress)
     except PrimekdError as e:
@@ -881,8 +894,9 @@ def run_stage(
         raise PrimekdError(message if message.startswith(f"{stage.name}:")
                            else f"{stage.name}: {message}") from None
     wall = time.perf_counter() - started
-    # wall time accumulates across resumed attempts: it is the compute the stage cost
-    _write_record(stage, "complete", previous.get("wall_time_s", 0.0) + wall, result)
+    cpu = time.process_time() - cpu_started
+    # times accumulate over resumed attempts (that finished): the compute the stage cost
+    _write_record(stage, "complete", (spent[0] + wall, spent[1] + cpu), result)
     if callback:
         callback("end", stage, index, total, state)
     return StageOutcome(stage.name, state, True, wall, str(stage.directory))
@@ -898,7 +912,7 @@ def clear_stage_dir(stage: Stage) -> None:
     stage.record_path.unlink(missing_ok=True)
 
 
-def _write_record(stage: Stage, status: str, wall_time_s: float, result: Any) -> None:
+def _write_record(stage: Stage, status: str, times: tuple[float, float], result: Any) -> None:
     record = {
         "stage": stage.name,
         "kind": stage.kind,
@@ -906,7 +920,8 @@ def _write_record(stage: Stage, status: str, wall_time_s: float, result: Any) ->
         "status": status,
         "upstream": list(stage.upstream),
         "params": _plain(stage.params),
-        "wall_time_s": round(wall_time_s, 3),
+        "wall_time_s": round(times[0], 3),
+        "cpu_time_s": round(times[1], 3),  # process CPU time, all threads
         "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     if status == "complete":

@@ -395,21 +395,24 @@ def _fence(text: str) -> str:
 
 
 def section_compute(layout: Layout) -> str:
-    body, total_time, total_tokens = [], 0.0, 0
+    body, total_wall, total_cpu, total_tokens = [], 0.0, 0.0, 0
     for name, directory in layout.stages.items():
         record = _read_optional(record_path(layout.run_dir, name))
-        wall = record.get("wall_time_s")
+        wall, cpu = record.get("wall_time_s"), record.get("cpu_time_s")
         tokens = _stage_tokens(name, directory, record)
-        total_time += wall or 0.0
+        total_wall += wall or 0.0
+        total_cpu += cpu or 0.0
         total_tokens += tokens or 0
         rate = tokens / wall if tokens and wall else None
-        body.append([f"`{name}`", _num(wall), _num(tokens, 0), _num(rate),
+        body.append([f"`{name}`", _num(wall), _num(cpu), _num(tokens, 0), _num(rate),
                      _cell(record.get("completed_at"))])
-    body.append(["**total**", _num(total_time), _num(total_tokens, 0), "", ""])
-    return ("## Compute\n\nWall time of each stage (summed over resumed attempts) and the "
-            "tokens it processed: answer tokens the teacher generated or scored, tokens the "
-            "student trained on, answer tokens generated in evaluation.\n\n"
-            + _table(["stage", "wall time (s)", "tokens", "tokens/s", "completed"], body)
+    body.append(["**total**", _num(total_wall), _num(total_cpu), _num(total_tokens, 0), "", ""])
+    return ("## Compute\n\nWall time and process CPU time (all threads) of each stage, summed "
+            "over resumed attempts, and the tokens it processed: answer tokens the teacher "
+            "generated or scored, tokens the student trained on, answer tokens generated in "
+            "evaluation. The report stage itself is not listed.\n\n"
+            + _table(["stage", "wall time (s)", "CPU time (s)", "tokens", "tokens/s",
+                      "completed"], body)
             + "\n")
 
 

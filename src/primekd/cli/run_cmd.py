@@ -119,7 +119,8 @@ def _print_plan(stages: list[Stage], json_output: bool) -> None:
     for row in rows:
         needs = row["upstream"]
         table.add_row(row["stage"], _PLAN_TEXT[row["state"]], row["hash"],
-                      ", ".join(needs) if len(needs) <= 2 else f"{len(needs)} stages above")
+                      (", ".join(needs) or "-") if len(needs) <= 2
+                      else f"{len(needs)} stages above")
     console.print(table)
 
 
