@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,17 @@ def test_bad_templates_are_clear_errors(template: str, message: str) -> None:
 
 
 # --- evaluation, resumability ----------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """On CPUs shared with other jobs, torch's extra threads slow generation ~10x."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +172,7 @@ def test_cli_eval_on_bundled_model(tmp_path: Path) -> None:
          "smollm2-135m-instruct", "--limit", "4", "--max-new-tokens", "64", "--out", str(out),
          "--json"],
         capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
     )
     assert result.returncode == 0, result.stderr
     printed = json.loads(result.stdout)
