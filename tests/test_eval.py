@@ -142,6 +142,22 @@ def test_rerun_with_other_parameters_is_refused(tiny, tiny_model_dir, tmp_path) 
     assert summary["n"] == 3 and summary["generated_this_run"] == 1
 
 
+def test_custom_data_file_and_duplicate_ids(tiny, tiny_model_dir, tmp_path: Path) -> None:
+    data = tmp_path / "qa.jsonl"
+    rows = [{"id": "b", "question": "What is 2 + 3?", "answer": "5"},
+            {"id": "a", "question": "What is 10 - 4?", "answer": "#### 6"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    summary = evaluate(_config(tiny_model_dir, tmp_path / "out", data=str(data), limit=None),
+                       progress=False, loaded=tiny)
+    results = read_jsonl(tmp_path / "out" / "results.jsonl")
+    assert [r["id"] for r in results] == ["b", "a"] and [r["gold"] for r in results] == [5, 6]
+    assert summary["n"] == 2
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows + rows[:1]), encoding="utf-8")
+    with pytest.raises(PrimekdError, match="id 'b' twice"):
+        evaluate(_config(tiny_model_dir, tmp_path / "dup", data=str(data), limit=None),
+                 progress=False, loaded=tiny)
+
+
 def test_directory_without_rows_takes_new_parameters(tmp_path: Path) -> None:
     # A first run that failed before its first batch (say, the model did not load)
     # leaves nothing to protect: the corrected command must not be refused.

@@ -76,6 +76,7 @@ def evaluate(config: EvalConfig, progress: bool = True, loaded: tuple[Any, Any] 
     config.sampling().validate()
     template = load_template(config.prompt, config.few_shot)
     examples = load_examples(config.data, config.limit, config.offset, config.sample, config.seed)
+    _check_unique_ids(examples, config.data)
     if loaded is None:
         _check_model(config)  # before claiming the directory for a model that cannot load
     out = Path(config.out)
@@ -94,6 +95,15 @@ def evaluate(config: EvalConfig, progress: bool = True, loaded: tuple[Any, Any] 
     summary = build_summary(config, template, rows, run, tokenizer)
     write_json(out / SUMMARY, summary)
     return summary
+
+
+def _check_unique_ids(examples: list[Example], data: str) -> None:
+    seen: set[str] = set()
+    for example in examples:
+        if example.id in seen:
+            raise PrimekdError(f"{data} has the id {example.id!r} twice: results are keyed by "
+                               "id, so give every row a unique `id` (or none)")
+        seen.add(example.id)
 
 
 def _check_model(config: EvalConfig) -> None:
