@@ -158,6 +158,29 @@ def test_custom_data_file_and_duplicate_ids(tiny, tiny_model_dir, tmp_path: Path
                  progress=False, loaded=tiny)
 
 
+def test_adapter_eval_and_retrained_adapter_is_refused(tiny_model_dir, tmp_path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    def save_adapter(seed: int) -> None:
+        import torch
+
+        torch.manual_seed(seed)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        get_peft_model(base, lora).save_pretrained(tmp_path / "adapter")
+
+    save_adapter(0)
+    config = _config(tiny_model_dir, tmp_path / "out", limit=2, adapter=str(tmp_path / "adapter"))
+    summary = evaluate(config, progress=False)
+    assert summary["n"] == 2 and summary["adapter"] == str(tmp_path / "adapter")
+    save_adapter(1)  # retrained in place: the old answers no longer describe it
+    with pytest.raises(PrimekdError, match="adapter_sha256"):
+        evaluate(config, progress=False)
+    with pytest.raises(PrimekdError, match="adapter_config.json"):
+        evaluate(_config(tiny_model_dir, tmp_path / "o2", adapter=str(tmp_path)), progress=False)
+
+
 def test_directory_without_rows_takes_new_parameters(tmp_path: Path) -> None:
     # A first run that failed before its first batch (say, the model did not load)
     # leaves nothing to protect: the corrected command must not be refused.

@@ -14,6 +14,7 @@ output directory resumable:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -119,6 +120,7 @@ def run_identity(config: EvalConfig, template: PromptTemplate) -> dict[str, Any]
     return {
         "model": _normalize_ref(config.model),
         "adapter": _normalize_ref(config.adapter) if config.adapter else None,
+        "adapter_sha256": adapter_hash(config.adapter) if config.adapter else None,
         "data": config.data if config.data in BUNDLED_SPLITS
         else _normalize_ref(str(resolve_data_path(config.data)[0])),
         "prompt_template": template.text,
@@ -128,6 +130,16 @@ def run_identity(config: EvalConfig, template: PromptTemplate) -> dict[str, Any]
         "top_p": config.top_p,
         "seed": config.seed if config.temperature > 0 else None,
     }
+
+
+def adapter_hash(adapter: str | Path) -> str:
+    """A hash of an adapter's config and weights: retrained in place, it is another model."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(adapter).glob("adapter_*")):
+        if path.is_file():
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _normalize_ref(ref: str) -> str:
