@@ -2,8 +2,9 @@
 
 A search space maps `DistillConfig` field names to ranges (float, int, log-scaled) or choices;
 each trial trains a student for a few steps on the teacher store minus a held-out validation
-slice and is scored on that slice only (KD validation loss, or GSM8K accuracy by generation),
-never on the test set. Intermediate validation losses go to the pruner.
+slice and is scored on that slice only (validation cross-entropy on the teacher's answers,
+or GSM8K accuracy by generation), never on the test set. Intermediate validation losses go
+to the pruner.
 
 Several workers (processes, machines) share one study through an Optuna RDB storage URL.
 `trials` is the study's total: a worker starts a trial only while finished + running trials
@@ -22,6 +23,7 @@ import json
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -411,8 +413,6 @@ def redact(url: str) -> str:
 @contextlib.contextmanager
 def _quiet_optuna_warnings() -> Iterator[None]:
     """Optuna flags heartbeats and constant_liar as experimental; that is not news to users."""
-    import warnings
-
     from optuna.exceptions import ExperimentalWarning
 
     with warnings.catch_warnings():
@@ -678,7 +678,7 @@ def _pruning_callback(trial: optuna.Trial, sign: float) -> Any:
             self.last_step = 0
             self.reported: dict[int, float] = {}
 
-        def on_evaluate(self, args, state, control, metrics=None, **kwargs):  # noqa: ANN001
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
             loss = (metrics or {}).get(VAL_METRIC)
             if loss is None or state.global_step in self.reported:
                 return
@@ -894,7 +894,8 @@ def write_plots(study: optuna.Study, out: Path, files: dict[str, str]) -> list[s
 
     notes: list[str] = []
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    with _quiet_optuna_warnings():
+    with _quiet_optuna_warnings(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "importances will be equal" on few trials
         if complete:
             axes = plots.plot_optimization_history(study)
             axes.set_ylabel(study.user_attrs.get("objective", "objective"))
