@@ -83,16 +83,24 @@ def teacher_buckets(topk_logprobs: torch.Tensor, log_floor: float = LOG_FLOOR) -
 
 
 def student_buckets(
-    logits: torch.Tensor, topk_ids: torch.Tensor, log_floor: float = LOG_FLOOR
+    logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    log_floor: float = LOG_FLOOR,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(n, V) student logits folded onto the teacher's top-k ids + rest: (n, k+1) log-probs."""
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    """(n, V) student logits folded onto the teacher's top-k ids + rest: (n, k+1) log-probs.
+
+    `lse` (n, 1) is the logits' logsumexp, when the caller has it already.
+    """
+    if lse is None:
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
     top = logits.gather(-1, topk_ids) - lse
-    others = logits.scatter(-1, topk_ids, float("-inf"))
-    # log(rest + e^floor * total): a finite extra column keeps an empty rest well defined.
-    floor = lse + log_floor
-    log_rest = torch.logsumexp(torch.cat([others, floor], dim=-1), dim=-1, keepdim=True) - lse
-    return torch.cat([top, log_rest], dim=-1)
+    # The top-k masked with the most negative finite value (not -inf, whose all-masked
+    # logsumexp would have a NaN gradient when k = V); one (n, V) copy.
+    others = logits.scatter(-1, topk_ids, torch.finfo(logits.dtype).min)
+    # log(rest + e^floor * total): the floor keeps an empty rest finite and differentiable.
+    rest = torch.logaddexp(torch.logsumexp(others, dim=-1, keepdim=True), lse + log_floor)
+    return torch.cat([top, rest - lse], dim=-1)
 
 
 def temper(log_probs: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -156,10 +164,22 @@ def sparse_kd_per_token(
     beta: float | None = None,
 ) -> torch.Tensor:
     """D_T(teacher buckets || student buckets) per token (without the T^2 factor)."""
+    return _sparse_kd(student_logits, topk_ids, topk_logprobs, kind, temperature, beta)
+
+
+def _sparse_kd(
+    logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    kind: str,
+    temperature: float,
+    beta: float | None,
+    lse: torch.Tensor | None = None,
+) -> torch.Tensor:
     # The floor is scaled so that after tempering it still sits at exp(LOG_FLOOR).
     floor = LOG_FLOOR * max(temperature, 1.0)
-    t = temper(teacher_buckets(topk_logprobs.to(student_logits.dtype), floor), temperature)
-    s = temper(student_buckets(student_logits, topk_ids.long(), floor), temperature)
+    t = temper(teacher_buckets(topk_logprobs.to(logits.dtype), floor), temperature)
+    s = temper(student_buckets(logits, topk_ids.long(), floor, lse), temperature)
     return divergence(t, s, kind, beta)
 
 
@@ -219,13 +239,17 @@ def _chunk_sums(
     beta: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     logits = _upcast(head(x) if head is not None else x)
-    ce = F.cross_entropy(logits, labels, reduction="sum", ignore_index=-100)
+    # CE from the same logsumexp the buckets use: no (n, V) log-softmax of its own.
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    valid = labels != -100
+    target = logits.gather(-1, labels.clamp_min(0).unsqueeze(-1))
+    ce = torch.where(valid, (lse - target).squeeze(-1), 0.0).sum()
     if not bool(kd_mask.any()):
         return ce, logits.new_zeros(())
-    kd = sparse_kd_per_token(
-        logits[kd_mask], topk_ids[kd_mask], topk_logprobs[kd_mask], kind, temperature, beta
-    )
-    return ce, kd.sum()
+    # All rows at once (rows without a teacher hold finite placeholders), then masked:
+    # indexing the rows out first would copy the (n, V) logits.
+    kd = _sparse_kd(logits, topk_ids, topk_logprobs, kind, temperature, beta, lse)
+    return ce, torch.where(kd_mask, kd, 0.0).sum()
 
 
 def kd_loss_parts(
