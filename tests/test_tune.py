@@ -206,6 +206,12 @@ def test_short_search_exports_params_that_distill_accepts(tiny_model_dir, tiny_s
     trained = distill(loaded, progress=False)
     assert trained.summary["steps"] == 1
 
+    # best_run.yaml is the same values as a `primekd run` config (its `distill` section).
+    from primekd.experiment import load_config
+
+    experiment = load_config(out / "best_run.yaml", preset="quick")
+    assert {k: experiment.distill[k] for k in fragment} == fragment
+
     # Rerunning the finished study trains nothing more.
     again = tune(config, progress=False)
     assert again.worker_trials == [] and again.complete + again.pruned == 2

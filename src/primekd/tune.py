@@ -811,7 +811,8 @@ def _trial_record(
 def write_outputs(
     study: optuna.Study, config: TuneConfig, mine: list[int], wall_s: float
 ) -> TuneResult:
-    """Write best_params.yaml, trials.csv, history.png, importance.png and summary.json."""
+    """Write best_params.yaml, best_run.yaml, trials.csv, history.png, importance.png and
+    summary.json."""
     from optuna.trial import TrialState
 
     out = Path(config.out)
@@ -820,8 +821,8 @@ def write_outputs(
     trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(_SURPLUS_ATTR)]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if complete:
-        export_best(study, out / "best_params.yaml")
-        files["best_params"] = str(out / "best_params.yaml")
+        files["best_params"] = str(export_best(study, out / "best_params.yaml"))
+        files["best_run"] = str(export_best(study, out / "best_run.yaml", for_run=True))
     else:
         notes.append("no trial completed, so there are no best parameters to export")
     files["trials"] = str(write_trials_csv(study, out / "trials.csv"))
@@ -853,11 +854,24 @@ def best_params(study: optuna.Study) -> dict[str, Any]:
     return {**study.user_attrs.get("fixed", {}), **study.best_trial.params}
 
 
-def export_best(study: optuna.Study, path: str | Path) -> Path:
-    """Write the best parameters as a YAML config fragment of `DistillConfig` fields, which
-    `primekd distill --config` and `primekd run` accept."""
+def export_best(study: optuna.Study, path: str | Path, for_run: bool = False) -> Path:
+    """Write the best parameters as a YAML config fragment of `DistillConfig` fields.
+
+    The flat form is for `primekd distill --config FILE`; `for_run` nests it under `distill:`
+    (leaving out the fields `primekd run` fills in itself) for `primekd run FILE`.
+    """
     best = study.best_trial
     attrs = study.user_attrs
+    params = best_params(study)
+    if for_run:
+        reserved = _run_reserved_fields()
+        body = yaml.safe_dump({"distill": _without(params, reserved)}, sort_keys=False)
+        use = f"primekd run {Path(path).name} [--preset quick|paper]"
+    else:
+        body = yaml.safe_dump(params, sort_keys=False)
+        use = (
+            f"primekd distill --config {Path(path).name} --student M --teacher-store DIR --out DIR"
+        )
     header = [
         "# Best KD hyperparameters found by `primekd tune`.",
         f"# study {study.study_name}: trial {best.number} of "
@@ -865,13 +879,25 @@ def export_best(study: optuna.Study, path: str | Path) -> Path:
         f"{attrs.get('objective', 'objective')} = {best.value:.6g}",
         f"# each trial trained {attrs.get('max_steps', '?')} steps; "
         "set epochs or max_steps for the real run.",
-        "# use: primekd distill --config best_params.yaml --student ... --teacher-store ... "
-        "--out ...",
+        f"# use: {use}",
     ]
-    body = yaml.safe_dump(best_params(study), sort_keys=False)
     path = Path(path)
     atomic_write_text(path, "\n".join(header) + "\n" + body)
     return path
+
+
+def _run_reserved_fields() -> tuple[str, ...]:
+    """DistillConfig fields that `primekd run` sets itself (student, store, paths, ...)."""
+    try:
+        from primekd.experiment import STAGE_KINDS
+
+        return tuple(STAGE_KINDS["distill"].reserved)
+    except (ImportError, KeyError, AttributeError):
+        return RESERVED_FIELDS
+
+
+def _without(values: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if k not in names}
 
 
 def write_trials_csv(study: optuna.Study, path: str | Path) -> Path:
