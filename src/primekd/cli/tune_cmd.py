@@ -24,8 +24,9 @@ def tune_command(
     out: Path = typer.Option(
         ...,
         "--out",
-        help="Output directory: trials/<number>/, best_params.yaml, trials.csv, summary.json, "
-        "history.png, importance.png (and study.db with the default storage).",
+        help="Output directory: trials/<number>/, best_params.yaml (for distill --config), "
+        "best_run.yaml (for primekd run), trials.csv, summary.json, history.png, "
+        "importance.png (and study.db with the default storage).",
     ),
     space: Path | None = typer.Option(
         None,
@@ -89,7 +90,9 @@ def tune_command(
         "and its parameters retried.",
     ),
     seed: int = typer.Option(
-        0, "--seed", help="Seed of the sampler and of every trial's training."
+        0,
+        "--seed",
+        help="Seed of the sampler, of every trial's training and of the validation slice.",
     ),
     as_json: bool = typer.Option(
         False, "--json", help="Print the summary as JSON on stdout (progress goes to stderr)."
