@@ -566,9 +566,14 @@ def _load_study(config: TuneConfig, storage: optuna.storages.BaseStorage) -> opt
         study = optuna.load_study(study_name=config.study, storage=storage)
         optuna.storages.fail_stale_trials(study)
     n = len(study.get_trials(deepcopy=False))
-    study.sampler = make_sampler(config.sampler, config.seed + n, config.trials)
+    study.sampler = make_sampler(config.sampler, _derived_seed(config.seed, n), config.trials)
     study.pruner = make_pruner(config.pruner, config.resolved_eval_steps)
     return study
+
+
+def _derived_seed(seed: int, n: int) -> int:
+    """A well-mixed seed per (seed, trial count): seeds 0, 1, 2, ... draw correlated numbers."""
+    return int(hashlib.sha256(f"{seed}/{n}".encode()).hexdigest()[:8], 16)
 
 
 def _counts(study: optuna.Study) -> tuple[int, int]:
