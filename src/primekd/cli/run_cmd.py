@@ -45,7 +45,7 @@ def run_command(
     ),
     overrides: list[str] = typer.Option(
         [], "--set", help="Override a config key, e.g. --set distill.alpha=0.5 or "
-        "--set strategies=[none,teacher]. The value is read as YAML. Repeatable.",
+        "--set strategies=\\[none,teacher]. The value is read as YAML. Repeatable.",
     ),
     print_config: bool = typer.Option(
         False, "--print-config", help="Print the complete config (the commented preset file "
