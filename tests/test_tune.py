@@ -320,6 +320,27 @@ def test_a_killed_workers_trial_fails_and_the_study_continues(tiny_model_dir, ti
     assert held.isdisjoint(item.id for item in trained)
 
 
+def test_a_trial_whose_worker_never_beat_is_failed(tiny_model_dir, tiny_store, tmp_path):
+    """A trial created by a worker that died before its first heartbeat (no heartbeat, no
+    parameters) does not block the study for ever."""
+    from primekd.tune import create_study, open_storage
+
+    config = TuneConfig(
+        str(tiny_store),
+        str(tiny_model_dir),
+        str(tmp_path / "t"),
+        trials=1,
+        max_steps=1,
+        val_size=3,
+        heartbeat=1,
+        timeout=120,
+    )
+    create_study(config, open_storage(config.storage_url, heartbeat=1)).ask()  # the orphan
+    result = tune(config, progress=False)
+    states = [t.state.name for t in _study(tmp_path / "t" / "study.db").trials]
+    assert states[0] == "FAIL" and result.complete + result.pruned == 1
+
+
 # A worker that takes a trial (with heartbeats, as `tune` does) and then hangs until killed.
 _HANGING_WORKER = """
 import sys, time

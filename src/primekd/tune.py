@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import difflib
 import hashlib
 import json
@@ -565,10 +566,30 @@ def _load_study(config: TuneConfig, storage: optuna.storages.BaseStorage) -> opt
     with _quiet_optuna_warnings():
         study = optuna.load_study(study_name=config.study, storage=storage)
         optuna.storages.fail_stale_trials(study)
+    _fail_orphans(study, orphan_after=6 * config.heartbeat)
     n = len(study.get_trials(deepcopy=False))
     study.sampler = make_sampler(config.sampler, _derived_seed(config.seed, n), config.trials)
     study.pruner = make_pruner(config.pruner, config.resolved_eval_steps)
     return study
+
+
+def _fail_orphans(study: optuna.Study, orphan_after: float) -> None:
+    """Fail RUNNING trials that never got parameters long after they started.
+
+    Optuna's heartbeat check skips a trial that never sent a heartbeat: a worker killed
+    between creating a trial and its first heartbeat would leave it RUNNING for ever, and the
+    other workers waiting for it. A live worker samples parameters within moments of
+    creating a trial, so a parameterless trial this old has no worker.
+    """
+    from optuna.trial import TrialState
+
+    now = datetime.datetime.now()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        started = trial.datetime_start
+        if trial.params or started is None or (now - started).total_seconds() < orphan_after:
+            continue
+        with contextlib.suppress(Exception):  # another worker may have failed it first
+            study.tell(trial.number, state=TrialState.FAIL)
 
 
 def _derived_seed(seed: int, n: int) -> int:
