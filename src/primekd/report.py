@@ -241,6 +241,8 @@ def section_results(runs: dict[str, EvalRun], assets: Path) -> str:
         f"are exact McNemar tests on the paired questions, Holm-adjusted within each "
         f"reference's column ({len(rows) - 1} comparisons each).",
     ]
+    if gain_ref and runs[gain_ref].accuracy == 0:
+        notes += ["", f"Relative gain is undefined here: `{gain_ref}` answered none correctly."]
     widest = max((r.ci95[1] - r.ci95[0]) / 2 for r in rows)
     if n < SMALL_SAMPLE:
         notes += ["", f"> **Small sample.** Each model answered {n} test questions, so a 95% "
