@@ -41,7 +41,7 @@ def inputs(seq: int, vocab: int, hidden: int, k: int, device: str, seed: int = 0
     labels = torch.randint(0, vocab, (seq,), generator=g).to(device)
     # A plausible sparse teacher, built without a (seq, vocab) tensor: such a tensor would
     # raise the process's peak RSS before the baseline is read and hide what the loss adds.
-    ids = torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(seq)])
+    ids = torch.stack([torch.randperm(vocab, generator=g)[:k].clone() for _ in range(seq)])
     lp = torch.log_softmax(torch.randn(seq, k + 1, generator=g) * 2, -1)[:, :k]
     return h, w, labels, ids.to(device), lp.to(device)
 
