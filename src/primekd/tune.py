@@ -941,6 +941,7 @@ def write_plots(study: optuna.Study, out: Path, files: dict[str, str]) -> list[s
     import matplotlib
 
     matplotlib.use("Agg")
+    from matplotlib.ticker import MaxNLocator
     from optuna.trial import TrialState
     from optuna.visualization import matplotlib as plots
 
@@ -951,6 +952,7 @@ def write_plots(study: optuna.Study, out: Path, files: dict[str, str]) -> list[s
         if complete:
             axes = plots.plot_optimization_history(study)
             axes.set_ylabel(study.user_attrs.get("objective", "objective"))
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
             _save(axes, out / "history.png")
             files["history"] = str(out / "history.png")
         if len(complete) < 2:

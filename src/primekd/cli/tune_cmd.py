@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from primekd.cli.app import app, console
+
+if TYPE_CHECKING:
+    from primekd.tune import TuneResult
 
 
 @app.command("tune")
@@ -131,18 +136,19 @@ def tune_command(
     _print_summary(result)
 
 
-def _print_summary(result) -> None:
-    console.print(
+def _print_summary(result: TuneResult) -> None:
+    print_ = functools.partial(console.print, soft_wrap=True, highlight=False)
+    print_(
         f"study {result.study}: {result.complete} complete, {result.pruned} pruned, "
         f"{result.failed} failed ({result.wall_s:.0f} s in this worker)"
     )
     if result.best_trial is not None:
         params = ", ".join(f"{k}={v}" for k, v in result.best_params.items())
-        console.print(
+        print_(
             f"best: trial {result.best_trial}, {result.objective} = {result.best_value:.4g}: "
             f"{params}"
         )
     for note in result.notes:
-        console.print(f"note: {note}")
+        print_(f"note: {note}")
     for name, path in result.files.items():
-        console.print(f"  {name}: {path}")
+        print_(f"  {name}: {path}")
