@@ -272,9 +272,9 @@ def kd_loss_parts(
     inputs: (n, H) final hidden states with ``head`` the output projection, or (n, V) logits
     with ``head=None``. labels: (n,) next-token ids. topk_ids / topk_logprobs: (n, k) teacher
     top-k at the same tokens (None for pure CE); kd_mask: (n,) tokens that have a teacher
-    distribution (default: all). Each chunk of ``chunk_size`` tokens is recomputed in the
-    backward pass (activation checkpointing) when gradients are needed, so peak memory is
-    O(chunk_size x V) rather than O(n x V).
+    distribution (default: all). With more than one chunk, each chunk of ``chunk_size``
+    tokens is recomputed in the backward pass (activation checkpointing) when gradients are
+    needed, so peak memory is O(chunk_size x V) rather than O(n x V).
     """
     resolve_beta(kind, beta)
     if temperature <= 0:
@@ -288,8 +288,8 @@ def kd_loss_parts(
         kd_mask = torch.zeros(n, dtype=torch.bool, device=labels.device)
         topk_ids = torch.zeros((n, 1), dtype=torch.long, device=labels.device)
         topk_logprobs = torch.zeros((n, 1), dtype=inputs.dtype, device=labels.device)
-    if use_checkpoint is None:
-        use_checkpoint = torch.is_grad_enabled() and inputs.requires_grad
+    if use_checkpoint is None:  # one chunk: recomputing it in backward would save nothing
+        use_checkpoint = torch.is_grad_enabled() and inputs.requires_grad and n > chunk_size
     ce_sum = inputs.new_zeros((), dtype=torch.float32 if inputs.dtype != torch.float64
                               else torch.float64)
     kd_sum = ce_sum.clone()
