@@ -21,7 +21,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +32,20 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from primekd.chat import encode_prompts, render
+from primekd.distill_config import (  # noqa: F401  re-exported: primekd.distill is the API
+    _RUN_ONLY_FIELDS,
+    OBJECTIVES,
+    OPTIMIZERS,
+    SCHEDULERS,
+    DistillConfig,
+    check_config,
+    config_from_dict,
+    load_distill_config,
+)
 from primekd.errors import PrimekdError
 from primekd.io import write_json
-from primekd.kd_loss import DIVERGENCES, kd_loss_parts, resolve_beta
+from primekd.kd_loss import kd_loss_parts
 from primekd.models import (
-    BUNDLED_ALIAS,
     default_device,
     default_dtype,
     load_model,
@@ -45,64 +54,11 @@ from primekd.models import (
     tokenizer_fingerprint,
 )
 
-OBJECTIVES = ("kd", "sft")
-OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd"}
-SCHEDULERS = ("cosine", "linear", "constant")
 CONFIG_FILE, SUMMARY_FILE = "distill_config.yaml", "summary.json"
 LOG_JSONL, LOG_CSV = "train_log.jsonl", "train_log.csv"
 CHECKPOINTS = "checkpoints"
 LOG_COLUMNS = ("step", "epoch", "loss", "ce", "kd", "lr", "grad_norm", "tokens_per_s",
                "val_loss", "val_ce", "val_kd")
-# Fields that do not change what is trained: a --resume may differ in these.
-_RUN_ONLY_FIELDS = {"resume", "out", "logging_steps", "save_steps", "num_workers", "config"}
-
-
-@dataclass
-class DistillConfig:
-    """Every option of `primekd distill` (YAML keys of `--config` are these field names)."""
-
-    out: str = ""
-    student: str = BUNDLED_ALIAS
-    teacher_store: str | None = None
-    objective: str = "kd"  # kd: teacher store (CE + divergence); sft: CE only
-    data: str | None = None  # sft without a store: bundled split or JSONL (default: train)
-    limit: int | None = None  # use only the first N questions (store or data)
-    val_size: int = 0  # questions held out of training for the validation loss
-    prompt: str | None = None  # the student's prompt template (None: eval's zero-shot default)
-    divergence: str = "reverse_kl"
-    alpha: float = 0.5  # weight of CE; 1 - alpha goes to the KD term
-    temperature: float = 1.0
-    beta: float | None = None  # jsd / skew_kl mixing weight (default 0.5 / 0.1)
-    lora_r: int = 4
-    lora_alpha: int = 8
-    lora_dropout: float = 0.1
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    full_finetune: bool = False
-    optimizer: str = "adamw"
-    lr: float | None = None  # None: 2e-4 with LoRA, 2e-5 for full fine-tuning
-    weight_decay: float = 0.0
-    scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    epochs: float | None = None  # None and no max_steps: 1 epoch
-    max_steps: int | None = None
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_length: int = 1024
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    eval_steps: int = 50
-    logging_steps: int = 10
-    save_steps: int = 100
-    chunk_size: int = 1024  # answer tokens per chunk of the loss
-    gradient_checkpointing: bool = False
-    device: str | None = None  # None: cuda if available, else cpu
-    dtype: str | None = None  # None: bfloat16 on CUDA, float32 on CPU
-    num_workers: int = 0
-    resume: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -118,94 +74,6 @@ class DistillResult:
     @property
     def val_loss_after(self) -> float | None:
         return self.summary.get("val_loss_after")
-
-
-# ---------------------------------------------------------------- config
-
-
-def load_distill_config(path: str | Path, **overrides: Any) -> DistillConfig:
-    """A `DistillConfig` from a YAML file of field names, with keyword overrides on top."""
-    path = Path(path)
-    if not path.is_file():
-        raise PrimekdError(f"config file {path} does not exist")
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise PrimekdError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(values, dict):
-        raise PrimekdError(f"{path} must be a mapping of DistillConfig fields")
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return config_from_dict(values, source=str(path))
-
-
-def config_from_dict(values: dict[str, Any], source: str = "config") -> DistillConfig:
-    names = {f.name for f in dataclasses.fields(DistillConfig)}
-    values = {k.replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise PrimekdError(f"{source}: unknown distill option(s) {', '.join(unknown)}; "
-                           f"known: {', '.join(sorted(names))}")
-    if isinstance(values.get("target_modules"), str):
-        values["target_modules"] = _split_modules(values["target_modules"])
-    return DistillConfig(**values)
-
-
-def _split_modules(text: str) -> list[str]:
-    return [m.strip() for m in text.split(",") if m.strip()]
-
-
-def check_config(config: DistillConfig) -> None:
-    """Refuse invalid combinations before anything heavy is loaded."""
-    def bad(message: str) -> None:
-        raise PrimekdError(message)
-
-    if not config.out:
-        bad("--out is required: the directory for the adapter, logs and checkpoints")
-    if config.objective not in OBJECTIVES:
-        bad(f"--objective must be one of {', '.join(OBJECTIVES)}, not {config.objective!r}")
-    if config.objective == "kd" and not config.teacher_store:
-        bad("--objective kd needs --teacher-store DIR (from `primekd teach`); to train on "
-            "GSM8K references instead use --objective sft --data train")
-    if config.teacher_store and config.data:
-        bad("give either --teacher-store or --data, not both")
-    if config.teacher_store and not Path(config.teacher_store).is_dir():
-        bad(f"teacher store {config.teacher_store} does not exist (run `primekd teach` first)")
-    if config.divergence not in DIVERGENCES:
-        bad(f"--divergence must be one of {', '.join(DIVERGENCES)}, not {config.divergence!r}")
-    try:
-        resolve_beta(config.divergence, config.beta)
-    except ValueError as e:
-        bad(f"--beta: {e}")
-    if not 0.0 <= config.alpha <= 1.0:
-        bad(f"--alpha must be in [0, 1], got {config.alpha}")
-    if config.temperature <= 0:
-        bad(f"--temperature must be positive, got {config.temperature}")
-    if config.epochs is not None and config.max_steps is not None:
-        bad("give --epochs or --max-steps, not both")
-    if config.epochs is not None and config.epochs <= 0:
-        bad("--epochs must be positive")
-    if config.max_steps is not None and config.max_steps < 1:
-        bad("--max-steps must be at least 1")
-    if config.optimizer not in OPTIMIZERS:
-        bad(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, not {config.optimizer!r}")
-    if config.scheduler not in SCHEDULERS:
-        bad(f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {config.scheduler!r}")
-    for name in ("batch_size", "grad_accum", "max_length", "eval_steps", "logging_steps",
-                 "save_steps", "chunk_size"):
-        if getattr(config, name) < 1:
-            bad(f"--{name.replace('_', '-')} must be at least 1")
-    if config.lora_r < 1 and not config.full_finetune:
-        bad("--lora-r must be at least 1")
-    if not 0.0 <= config.lora_dropout < 1.0:
-        bad("--lora-dropout must be in [0, 1)")
-    if config.val_size < 0:
-        bad("--val-size must not be negative")
-    if config.lr is not None and config.lr <= 0:
-        bad("--lr must be positive")
-    if config.dtype not in (None, "float32", "bfloat16", "float16"):
-        bad("--dtype must be float32, bfloat16 or float16")
-    if config.device not in (None, "cpu", "cuda") and not str(config.device).startswith("cuda"):
-        bad("--device must be cpu or cuda")
 
 
 # ---------------------------------------------------------------- data

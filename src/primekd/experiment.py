@@ -175,7 +175,7 @@ STAGE_KINDS: dict[str, StageKind] = {
          "shard"),
     ),
     "distill": StageKind(
-        "distill", "primekd.distill", "DistillConfig",
+        "distill", "primekd.distill_config", "DistillConfig",
         ("student", "teacher_store", "data", "objective", "out", "resume", "limit"),
     ),
     "eval": StageKind(

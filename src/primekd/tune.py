@@ -174,7 +174,7 @@ def parse_search_space(data: Any, source: str = "search space") -> SearchSpace:
 
 def _distill_fields() -> dict[str, Any]:
     """DistillConfig field name -> its default value (or None where it has none)."""
-    from primekd.distill import DistillConfig
+    from primekd.distill_config import DistillConfig
 
     defaults: dict[str, Any] = {}
     for f in dataclasses.fields(DistillConfig):
@@ -676,7 +676,7 @@ def _objective(trial: optuna.Trial, config: TuneConfig, progress: bool) -> float
 
 def trial_distill_config(config: TuneConfig, params: dict[str, Any], out: Path) -> Any:
     """The DistillConfig of one trial: the sampled parameters over tune's fixed settings."""
-    from primekd.distill import DistillConfig
+    from primekd.distill_config import DistillConfig
 
     settings = {
         "student": config.student,
@@ -801,7 +801,7 @@ def _split(distill_config: Any) -> list[dict[str, Any]]:
 def preflight(config: TuneConfig) -> None:
     """Refuse a search space that distill would reject, or a store too small for the
     validation slice, before any trial starts."""
-    from primekd.distill import check_config
+    from primekd.distill_config import check_config
 
     base = trial_distill_config(config, config.space.fixed, Path(config.out) / "trials")
     try:

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from primekd.cli.app import app, console
-from primekd.distill import DistillConfig, config_from_dict, distill, load_distill_config
+from primekd.distill_config import DistillConfig, config_from_dict, load_distill_config
 
 _D = DistillConfig()
 
@@ -113,6 +113,8 @@ def distill_command(
                                    if m.strip()]
     config = (load_distill_config(config_file, **given) if config_file
               else config_from_dict(given, source="options"))
+    from primekd.distill import distill  # torch and transformers: load only to train
+
     result = distill(config, progress=not quiet)
     if as_json:
         print(json.dumps(result.summary, indent=2, default=str))

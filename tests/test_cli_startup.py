@@ -1,0 +1,33 @@
+"""The CLI must start fast: heavy libraries load only when a command that needs them runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+HEAVY = ("torch", "transformers", "peft", "optuna", "matplotlib", "datasets")
+
+
+def test_importing_the_cli_loads_no_heavy_library() -> None:
+    code = (
+        "import sys, primekd.cli; "
+        f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert loaded == "", f"importing primekd.cli loaded {loaded}"
+
+
+def test_every_command_has_help() -> None:
+    from typer.testing import CliRunner
+
+    import primekd.cli
+    from primekd.cli.app import app
+
+    runner = CliRunner()
+    for command in ("eval", "grade", "compare", "teach", "distill", "attention", "tune", "run"):
+        result = runner.invoke(app, [command, "--help"])
+        assert result.exit_code == 0, (command, result.output)
+        assert "--" in result.output
+    assert primekd.cli.main is not None
