@@ -67,16 +67,6 @@ def test_bad_templates_are_clear_errors(template: str, message: str) -> None:
 # --- evaluation, resumability ----------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """On CPUs shared with other jobs, torch's extra threads slow generation ~10x."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):

@@ -9,17 +9,6 @@ from primekd.generation import SamplingParams, generate, generate_batch, stop_to
 from primekd.models import load
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """On CPUs shared with other jobs, torch's extra threads slow generation ~10x."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
     return load(str(tiny_model_dir))

@@ -55,16 +55,6 @@ def _primekd(*args: str) -> dict:
     return json.loads(result.stdout)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """On CPUs shared with other jobs, torch's extra threads slow it down ~10x."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:

@@ -26,15 +26,6 @@ def _teach(model_dir: Path, out: Path, **overrides) -> dict:
     return teach(TeachConfig(teacher=str(model_dir), out=out, **options), progress=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from threads, and on a shared, busy CPU OpenMP threads that
-    # spin-wait for each other make generation many times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):

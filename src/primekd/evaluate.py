@@ -36,6 +36,7 @@ from primekd.io import (
     truncate_torn_tail,
     write_json,
 )
+from primekd.progress import progress_bar
 from primekd.prompts import PromptTemplate, load_template
 from primekd.stats import summarize
 
@@ -283,25 +284,12 @@ def build_summary(config: EvalConfig, template: PromptTemplate, rows: list[dict[
 
 @contextmanager
 def _progress_bar(enabled: bool, total: int) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar on stderr (stdout stays clean for --json), or nothing."""
-    if not enabled:
-        yield lambda n, tokens: None
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    """Yields `advance(n_questions, tokens_so_far)`, which also shows tokens/s."""
+    from rich.progress import TextColumn
 
-    columns = (TextColumn("generating"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn())
     started = time.perf_counter()
-    with Progress(*columns, console=Console(stderr=True)) as bar:
-        task = bar.add_task("eval", total=total, rate="")
+    with progress_bar(enabled, TextColumn("{task.fields[rate]}")) as bar:
+        task = bar.add_task("generating", total=total, rate="")
 
         def advance(n: int, tokens: int) -> None:
             rate = tokens / max(time.perf_counter() - started, 1e-9)

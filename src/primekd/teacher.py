@@ -29,6 +29,7 @@ from primekd.errors import PrimekdError
 from primekd.grading import EXTRACTORS, grade
 from primekd.models import load_tokenizer, resolve, tokenizer_fingerprint
 from primekd.priming import Strategy, get_strategy
+from primekd.progress import progress_bar
 
 TARGETS = ("generated", "reference")
 KEEP = ("all", "correct")
@@ -380,22 +381,7 @@ def _chunks(items: Sequence[Unit], size: int) -> Iterator[Sequence[Unit]]:
 
 @contextmanager
 def _progress_bar(enabled: bool, total: int, completed: int) -> Iterator[Any]:
-    """A rich progress bar on stderr (stdout stays clean for --json); yields `advance(n)`."""
-    if not enabled:
-        yield lambda n: None
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (TextColumn("teacher"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True)) as bar:
-        task = bar.add_task("teach", total=total, completed=completed)
+    """Yields `advance(n)`; a resumed run starts the bar at what is already done."""
+    with progress_bar(enabled) as bar:
+        task = bar.add_task("teacher", total=total, completed=completed)
         yield lambda n: bar.advance(task, n)

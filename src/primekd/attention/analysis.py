@@ -23,6 +23,7 @@ from primekd.chat import ChatPrompt, encode_prompts, render
 from primekd.data import Example, load_examples
 from primekd.errors import PrimekdError
 from primekd.io import read_jsonl, write_json
+from primekd.progress import progress_bar
 
 DEFAULT_LIMIT = 32
 
@@ -228,26 +229,7 @@ def _collect(
 
 
 def _progress_bar(enabled: bool) -> Any:
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-        transient=True,
-    )
+    return progress_bar(enabled, transient=True)
 
 
 def tidy_table(collector: AttentionCollector, names: list[str]) -> pd.DataFrame:
