@@ -31,3 +31,19 @@ def test_every_command_has_help() -> None:
         assert result.exit_code == 0, (command, result.output)
         assert "--" in result.output
     assert primekd.cli.main is not None
+
+
+def test_errors_are_one_line_even_on_a_narrow_terminal(tmp_path) -> None:
+    import os
+    import shutil
+
+    env = {**os.environ, "COLUMNS": "40"}
+    result = subprocess.run(
+        [shutil.which("primekd") or "primekd", "eval", "--model", "no-such-model",
+         "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown model"), result.stderr
+    assert "Traceback" not in result.stderr

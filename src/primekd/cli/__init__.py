@@ -26,7 +26,7 @@ def main() -> None:
     except PrimekdError as e:
         if state.debug:
             raise
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted: finished work is saved; rerun the same command to resume")
@@ -38,5 +38,6 @@ def main() -> None:
             f"[bold red]internal error:[/] {type(e).__name__}: {e} "
             "(rerun with --debug for the traceback)",
             highlight=False,
+            soft_wrap=True,
         )
         sys.exit(1)
