@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
-# One model cache for the whole test session, and no accidental hub traffic.
+# No accidental hub traffic from any test.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Subprocess tests run the `primekd` and `accelerate` scripts of this interpreter's
+# environment, also when pytest is started as `.venv/bin/python -m pytest` (as CI does).
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 @pytest.fixture(autouse=True, scope="session")
