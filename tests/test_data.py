@@ -52,3 +52,19 @@ def test_atomic_write_uses_normal_file_mode(tmp_path) -> None:
     os.umask(mask)
     atomic_write_text(tmp_path / "t.txt", "x")
     assert (tmp_path / "t.txt").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_read_yaml_errors_are_one_line(tmp_path) -> None:
+    from primekd.io import read_yaml
+
+    assert read_yaml(_write(tmp_path / "ok.yaml", "a: 1\n")) == {"a": 1}
+    with pytest.raises(PrimekdError, match="strategies file .* does not exist"):
+        read_yaml(tmp_path / "absent.yaml", "strategies file")
+    with pytest.raises(PrimekdError, match="not valid YAML") as error:
+        read_yaml(_write(tmp_path / "bad.yaml", "a: [1,\n  b: {\n"), "config file")
+    assert "\n" not in str(error.value)
+
+
+def _write(path, text: str):
+    path.write_text(text)
+    return path

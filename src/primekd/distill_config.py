@@ -11,9 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from primekd.errors import PrimekdError
+from primekd.io import read_yaml
 from primekd.models import BUNDLED_ALIAS
 
 OBJECTIVES = ("kd", "sft")
@@ -75,12 +74,7 @@ class DistillConfig:
 def load_distill_config(path: str | Path, **overrides: Any) -> DistillConfig:
     """A `DistillConfig` from a YAML file of field names, with keyword overrides on top."""
     path = Path(path)
-    if not path.is_file():
-        raise PrimekdError(f"config file {path} does not exist")
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise PrimekdError(f"{path} is not valid YAML: {e}") from None
+    values = read_yaml(path, "config file") or {}
     if not isinstance(values, dict):
         raise PrimekdError(f"{path} must be a mapping of DistillConfig fields")
     values.update({k: v for k, v in overrides.items() if v is not None})

@@ -44,7 +44,7 @@ from typing import Any
 import yaml
 
 from primekd.errors import PrimekdError
-from primekd.io import read_json, write_json
+from primekd.io import read_json, read_yaml, write_json
 
 PRESETS = ("quick", "paper")
 CONTROLS = ("base", "sft")
@@ -263,12 +263,7 @@ def stage_defaults(kind: StageKind) -> dict[str, Any]:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PrimekdError(f"config file {path} does not exist") from None
-    except yaml.YAMLError as e:
-        raise PrimekdError(f"{path} is not valid YAML: {_one_line(e)}") from None
+    data = read_yaml(path, "config file")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -978,7 +973,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
-
-
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())

@@ -92,3 +92,20 @@ def truncate_torn_tail(path: str | Path) -> None:
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
         path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def read_yaml(path: str | Path, what: str = "file") -> Any:
+    """Parse a YAML file; a missing, unreadable or malformed file is a one-line PrimekdError."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PrimekdError(f"{what} {path} does not exist") from None
+    except OSError as e:
+        raise PrimekdError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise PrimekdError(f"{what} {path} is not valid YAML: {' '.join(str(e).split())}") from None

@@ -22,10 +22,10 @@ from typing import Any
 
 import jinja2
 import jinja2.meta
-import yaml
 
 from primekd.chat import ChatPrompt
 from primekd.errors import PrimekdError
+from primekd.io import read_yaml
 
 VARIABLES = ("question", "reference", "answer")
 TEMPLATE_FIELDS = ("user", "system", "prefill")
@@ -149,12 +149,7 @@ def all_strategies(strategies_file: str | Path | None = None) -> dict[str, Strat
 def load_strategies(path: str | Path) -> dict[str, Strategy]:
     """Read and check strategies from YAML; every error names the file, strategy and field."""
     path = Path(path)
-    try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PrimekdError(f"strategies file {path} does not exist") from None
-    except yaml.YAMLError as e:
-        raise PrimekdError(f"{path}: not valid YAML: {_one_line(e)}") from None
+    document = read_yaml(path, "strategies file")
     if not isinstance(document, dict) or not isinstance(document.get("strategies"), dict):
         raise PrimekdError(
             f"{path}: expected a top-level `strategies:` mapping of name -> "
@@ -232,7 +227,3 @@ def _environment() -> jinja2.Environment:
 @cache
 def _template(source: str) -> jinja2.Template:
     return _environment().from_string(source)
-
-
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from primekd.errors import PrimekdError
-from primekd.io import atomic_write_text, write_json
+from primekd.io import atomic_write_text, read_yaml, write_json
 
 if TYPE_CHECKING:
     import optuna
@@ -136,14 +136,7 @@ def default_search_space() -> SearchSpace:
 
 def load_search_space(path: str | Path) -> SearchSpace:
     """Read and check a search space YAML file (format: see `parse_search_space`)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PrimekdError(f"search space file {path} does not exist") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise PrimekdError(f"search space {path} is not valid YAML: {e}") from None
+    data = read_yaml(path, "search space file")
     return parse_search_space(data, source=str(path))
 
 
