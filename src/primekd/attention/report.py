@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 from typing import Any
@@ -151,9 +150,3 @@ def _caption(stem: str) -> str:
     if stem.startswith("attention_"):
         return f"Attention maps, {stem.split('_')[-1]}, on one example"
     return stem
-
-
-def read_ranking(out_dir: str | Path) -> list[dict[str, str]]:
-    """The ranked head list as rows of strings (for callers without pandas)."""
-    with (Path(out_dir) / "head_ranking.csv").open(encoding="utf-8") as f:
-        return list(csv.DictReader(f))
