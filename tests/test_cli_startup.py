@@ -19,6 +19,20 @@ def test_importing_the_cli_loads_no_heavy_library() -> None:
     assert loaded == "", f"importing primekd.cli loaded {loaded}"
 
 
+def test_grading_runs_without_loading_model_libraries(tmp_path) -> None:
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"question": "q", "answer": "#### 3", "response": "The answer is 3"}\n')
+    code = (
+        "import sys; import primekd.cli as cli; "
+        f"sys.argv = ['primekd', 'grade', {str(rows)!r}, '--json']\n"
+        "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+        f"print(','.join(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert '"correct": 1' in result.stdout, result.stderr
+    assert result.stderr.strip() == "", f"primekd grade loaded {result.stderr.strip()}"
+
+
 def test_every_command_has_help() -> None:
     from typer.testing import CliRunner
 
