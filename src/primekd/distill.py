@@ -57,6 +57,8 @@ from primekd.models import (
 CONFIG_FILE, SUMMARY_FILE = "distill_config.yaml", "summary.json"
 LOG_JSONL, LOG_CSV = "train_log.jsonl", "train_log.csv"
 CHECKPOINTS = "checkpoints"
+RUN_TOTALS = "primekd_run_totals.json"  # in each checkpoint: whole-run loss sum and tokens
+BUNDLED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # where the bundled GGUF comes from
 LOG_COLUMNS = ("step", "epoch", "loss", "ce", "kd", "lr", "grad_norm", "tokens_per_s",
                "val_loss", "val_ce", "val_kd")
 
@@ -155,11 +157,14 @@ def _make_item(row: dict[str, Any], prompt: list[int], max_length: int
 def _store_rows(config: DistillConfig, tokenizer: Any) -> tuple[list[dict[str, Any]], dict]:
     from primekd import store
 
-    manifest = store.read_manifest(config.teacher_store)
-    table = store.load_store(config.teacher_store)
+    dirs = store.store_directories(config.teacher_store)
+    manifest = store.read_manifest(dirs[0])
+    table = store.load_store(dirs)
     if table.num_rows == 0:
         raise PrimekdError(f"teacher store {config.teacher_store} has no rows")
     same_vocab = manifest.get("tokenizer_fingerprint") == tokenizer_fingerprint(tokenizer)
+    if same_vocab:
+        _check_tokens_match_text(table, tokenizer, dirs[0])
     white_box = config.objective == "kd" and config.alpha < 1.0
     if white_box and not same_vocab:
         raise PrimekdError(
@@ -192,10 +197,60 @@ def _store_rows(config: DistillConfig, tokenizer: Any) -> tuple[list[dict[str, A
             "topk_logprobs": topk_lp[i] if topk_lp is not None else None,
         })
     info = {"source": "teacher_store", "teacher_store": str(config.teacher_store),
+            "teacher_store_parts": [str(d) for d in dirs],
             "teacher": manifest.get("teacher"), "target": manifest.get("target"),
             "top_k": manifest.get("top_k"), "store_rows": table.num_rows,
-            "white_box": white_box, "same_tokenizer": same_vocab}
+            "white_box": white_box, "same_tokenizer": same_vocab,
+            "max_token_id": _max_token_id(table, white_box) if use_teacher_tokens else None}
     return rows, info
+
+
+def _max_token_id(table: Any, white_box: bool) -> int:
+    """The largest token id the student will be asked to score (answer or teacher top-k)."""
+    import pyarrow.compute as pc
+
+    names = ["token_ids", *(["topk_ids"] if white_box else [])]
+    highest = -1
+    for name in names:
+        values = table.column(name).combine_chunks().flatten()
+        if name == "topk_ids":
+            values = values.flatten()
+        if len(values):
+            highest = max(highest, int(pc.max(values).as_py()))
+    return highest
+
+
+def check_vocabulary(info: dict[str, Any], rows: int, student: str) -> None:
+    """Refuse teacher token ids past the student's embedding rows (a device-side assert on
+    CUDA, mid-run): tokenizers can share a fingerprint while embedding sizes differ."""
+    highest = info.get("max_token_id")
+    if highest is not None and highest >= rows:
+        raise PrimekdError(
+            f"the teacher store holds token id {highest} but the student {student} has "
+            f"{rows} embedding rows (vocab_size {rows} < {highest + 1}): trim the teacher's "
+            "top-k to the student's vocabulary, or pad the student's embeddings "
+            f"(resize_token_embeddings to at least {highest + 1})")
+
+
+def _check_tokens_match_text(table: Any, tokenizer: Any, directory: Any, sample: int = 8
+                             ) -> None:
+    """Equal fingerprints claim one vocabulary: check that the student's tokenizer turns a
+    few rows' token ids back into their responses (an edited manifest would pass otherwise)."""
+    n = min(sample, table.num_rows)
+    ids = table.column("token_ids").slice(0, n).to_pylist()
+    texts = table.column("response").slice(0, n).to_pylist()
+    squash = "".join
+    mismatched = 0
+    for token_ids, text in zip(ids, texts, strict=True):
+        target = squash((text or "").split())
+        decoded = {squash(tokenizer.decode(token_ids, skip_special_tokens=skip).split())
+                   for skip in (True, False)}
+        mismatched += target not in decoded
+    if mismatched * 2 > n:
+        raise PrimekdError(
+            f"{directory}: the manifest's tokenizer fingerprint matches the student's, but "
+            f"the student's tokenizer does not decode {mismatched} of {n} sampled rows' "
+            "token_ids to their responses: the store was made with another vocabulary")
 
 
 def _ragged_matrix(column: Any, dtype: Any) -> list[np.ndarray]:
@@ -298,12 +353,34 @@ class _HeadTap:
 
 
 def _can_tap(model: Any, trainer: Trainer) -> bool:
-    config = getattr(model, "config", None)
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
-        return False  # logits post-processed after the head: use the model's own logits
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
         return False  # sharded head weights are only whole inside the model's forward
     return isinstance(getattr(model, "get_output_embeddings", lambda: None)(), torch.nn.Module)
+
+
+def tap_matches_forward(model: Any, tap: _HeadTap, device: Any, length: int = 8) -> bool:
+    """Whether projecting the tapped hidden states gives the model's own logits on one short
+    batch. Models that scale or cap logits after the head (Gemma's softcapping, Cohere's
+    logit_scale, Granite's logits_scaling, ...) differ, and then train on full logits."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ids = (torch.arange(length, device=device) * 7 + 1).remainder(vocab).unsqueeze(0)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            full = model(input_ids=ids, use_cache=False).logits.float()
+            tap.armed = True
+            try:
+                model(input_ids=ids, use_cache=False)
+                hidden = tap.hidden
+            finally:
+                tap.armed, tap.hidden = False, None
+            tapped = tap.project(hidden).float()
+    finally:
+        model.train(was_training)
+    scale = float(full.abs().max()) or 1.0
+    return tapped.shape == full.shape and bool(
+        torch.allclose(tapped, full, rtol=1e-3, atol=1e-3 * scale))
 
 
 class KDTrainer(Trainer):
@@ -319,7 +396,15 @@ class KDTrainer(Trainer):
         unwrapped = self.accelerator.unwrap_model(self.model)
         self._tap = _HeadTap(unwrapped.get_output_embeddings()) if _can_tap(unwrapped, self) \
             else None
+        if self._tap is not None and not tap_matches_forward(unwrapped, self._tap,
+                                                             self.args.device):
+            self._tap.handle.remove()
+            self._tap = None
         self._reset_meter()
+        # Whole-run totals (loss summed over optimizer steps, input tokens), carried across
+        # --resume in each checkpoint's RUN_TOTALS file.
+        self._run_totals = torch.zeros(2, dtype=torch.float64)
+        self.resumed_totals = (0.0, 0)
 
     def _reset_meter(self) -> None:
         self._meter = torch.zeros(5, dtype=torch.float64)  # ce, kd, n_ce, n_kd, input tokens
@@ -360,11 +445,37 @@ class KDTrainer(Trainer):
             loss = parts.loss / num_items_in_batch
             if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
                 loss = loss * self.accelerator.num_processes  # DDP averages the gradients
+        if model.training and not torch.isfinite(loss.detach()).all():
+            raise PrimekdError(
+                f"step {self.state.global_step + 1}: the training loss is "
+                f"{float(loss.detach())}: stopped, no adapter saved. Likely cause: a learning "
+                "rate or --temperature too high, or float16 overflow (use bfloat16)")
         if model.training:
             tokens = int(inputs["attention_mask"].sum())
+            self._run_totals[1] += tokens
             self._meter += torch.tensor([float(parts.ce_sum.detach()), float(parts.kd_sum.detach()),
                                          parts.n_ce, parts.n_kd, tokens], dtype=torch.float64)
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def training_step(self, model: Any, inputs: dict[str, Any],
+                      num_items_in_batch: Any = None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._run_totals[0] += float(loss)
+        return loss
+
+    def run_totals(self) -> tuple[float, int]:
+        """(loss summed over optimizer steps, input tokens) of the whole run, all processes,
+        including the steps before a --resume."""
+        loss, tokens = self._reduce(self._run_totals.clone()).tolist()
+        loss /= self.accelerator.num_processes  # Trainer's step loss is the process mean
+        return self.resumed_totals[0] + loss, self.resumed_totals[1] + int(tokens)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        totals = self.run_totals()  # collective: every process is here
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        if self.is_world_process_zero() and folder.is_dir():
+            write_json(folder / RUN_TOTALS, {"loss_sum": totals[0], "tokens": totals[1]})
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: add the CE/KD parts and throughput
@@ -380,12 +491,6 @@ class KDTrainer(Trainer):
             self._reset_meter()
         super().log(logs, start_time)
 
-    def count_remaining_tokens(self) -> int:
-        """Add the tokens trained on since the last log to `tokens_seen` (all processes)."""
-        self.tokens_seen += int(self._reduce(self._meter)[4])
-        self._meter.zero_()
-        return self.tokens_seen
-
     def _reduce(self, values: torch.Tensor) -> torch.Tensor:
         if self.accelerator.num_processes == 1:
             return values
@@ -395,7 +500,7 @@ class KDTrainer(Trainer):
                  metric_key_prefix: str = "eval") -> dict[str, float]:
         """Mean per-token validation loss (and its CE and KD parts) over the held-out set."""
         loader = self.get_eval_dataloader(eval_dataset)
-        model = self.model
+        model = self._prepared_model()
         was_training = model.training
         model.eval()
         sums = torch.zeros(5, dtype=torch.float64)
@@ -420,11 +525,53 @@ class KDTrainer(Trainer):
         return metrics
 
 
-class _QuietProgress(ProgressCallback):
-    """The step progress bar, without printing every log dict to stdout."""
+    def _prepared_model(self) -> Any:
+        """The model as accelerate prepared it (FSDP/DeepSpeed place and shard it only then;
+        Trainer leaves it on the CPU until), preparing it now as Trainer's own evaluation does
+        when evaluation comes before training."""
+        model = self._wrap_model(self.model, training=False)
+        if len(self.accelerator._models) == 0 and model is self.model:
+            sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
+            if self.is_deepspeed_enabled and self.deepspeed is None:
+                from transformers.integrations.deepspeed import deepspeed_init
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any):
-        return None
+                deepspeed_init(self, num_training_steps=0, inference=True)
+            model = (self.accelerator.prepare(model) if sharded
+                     else self.accelerator.prepare_model(model, evaluation_mode=True))
+            if self.is_fsdp_enabled:
+                self.model = model
+            if model is not self.model:
+                self.model_wrapped = model
+            if self.is_deepspeed_enabled:
+                self.deepspeed = self.model_wrapped
+        return model
+
+
+class _RichProgress(TrainerCallback):
+    """The optimizer-step bar, drawn with the same rich bar every other stage uses (not
+    Trainer's tqdm), and without printing every log dict to stdout."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+        self.task: Any = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            from primekd.progress import progress_bar
+
+            self.bar = progress_bar(True)
+            self.bar.start()
+            self.task = self.bar.add_task("training", total=state.max_steps,
+                                          completed=state.global_step)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=state.global_step)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
 
 
 class TrainLogWriter(TrainerCallback):
@@ -496,6 +643,8 @@ def log_row(step: int, logs: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _torch_dtype(config: DistillConfig, device: str) -> torch.dtype:
+    if config.dtype == "float16" and config.full_finetune:
+        return torch.float32  # fp16 autocast over fp32 weights: the scaler unscales fp32 grads
     if config.dtype:
         return getattr(torch, config.dtype)
     if config.full_finetune:
@@ -503,11 +652,27 @@ def _torch_dtype(config: DistillConfig, device: str) -> torch.dtype:
     return default_dtype(device)
 
 
+def mixed_precision(config: DistillConfig, device: str) -> dict[str, bool]:
+    """Trainer's autocast flags. float16 always trains under autocast with loss scaling
+    (fp16=True): pure fp16 gradients underflow. LoRA's own weights stay float32 (peft)."""
+    on_cuda = device.startswith("cuda")
+    if config.dtype == "float16":
+        if not on_cuda:
+            raise PrimekdError("--dtype float16 needs CUDA (autocast with loss scaling); "
+                               "on CPU use float32 or bfloat16")
+        return {"fp16": True, "bf16": False}
+    bf16 = on_cuda and config.dtype in (None, "bfloat16") and torch.cuda.is_bf16_supported()
+    return {"fp16": False, "bf16": bf16}
+
+
 def build_student(config: DistillConfig, device: str) -> Any:
     from transformers import set_seed
 
     set_seed(config.seed)  # LoRA's random init
-    model = load_model(config.student, device="cpu", dtype=_torch_dtype(config, device))
+    # device None: where from_pretrained put it (meta on ranks > 0 under FSDP's
+    # cpu_ram_efficient_loading, partitioned under ZeRO-3); Trainer/accelerate place it.
+    model = load_model(config.student, device=None, dtype=_torch_dtype(config, device),
+                       keep_placement=True)
     model.config.use_cache = False
     if config.full_finetune:
         model.train()
@@ -535,14 +700,19 @@ def build_student(config: DistillConfig, device: str) -> Any:
 
 
 def trainable_parameters(model: Any) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameter counts of the whole model, also when ZeRO-3 has
+    partitioned it (`ds_numel`) or FSDP2 sharded it (DTensor `numel` is the global size).
+    Count before FSDP1 flattens the parameters (its shards hold only a slice)."""
+    def size(p: torch.nn.Parameter) -> int:
+        return int(getattr(p, "ds_numel", p.numel()))
+
+    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
+    return trainable, sum(size(p) for p in model.parameters())
 
 
 def training_arguments(config: DistillConfig, out: Path, device: str, progress: bool,
                        has_val: bool) -> TrainingArguments:
     on_cuda = device.startswith("cuda")
-    bf16 = on_cuda and config.dtype in (None, "bfloat16") and torch.cuda.is_bf16_supported()
     lr = config.lr if config.lr is not None else (2e-5 if config.full_finetune else 2e-4)
     epochs = config.epochs if config.epochs is not None else 1.0
     return TrainingArguments(
@@ -556,7 +726,7 @@ def training_arguments(config: DistillConfig, out: Path, device: str, progress: 
         weight_decay=config.weight_decay,
         optim=OPTIMIZERS[config.optimizer],
         lr_scheduler_type=config.scheduler,
-        warmup_steps=config.warmup_ratio,
+        **warmup_arguments(config.warmup_ratio),
         max_grad_norm=config.max_grad_norm,
         seed=config.seed,
         data_seed=config.seed,
@@ -572,11 +742,20 @@ def training_arguments(config: DistillConfig, out: Path, device: str, progress: 
         remove_unused_columns=False,
         label_names=["labels"],
         use_cpu=not on_cuda,
-        bf16=bf16,
+        **mixed_precision(config, device),
         **_checkpointing_args(config.gradient_checkpointing),
         ddp_find_unused_parameters=False,
         dataloader_num_workers=config.num_workers,
     )
+
+
+def warmup_arguments(ratio: float, fields: set[str] | None = None) -> dict[str, float]:
+    """transformers 4 takes the warm-up fraction as `warmup_ratio` (its `warmup_steps` is a
+    count: 0.03 would mean no warm-up); transformers 5 dropped `warmup_ratio` and reads a
+    `warmup_steps` below 1 as the fraction."""
+    fields = fields if fields is not None else {f.name for f in
+                                                dataclasses.fields(TrainingArguments)}
+    return {"warmup_ratio": ratio} if "warmup_ratio" in fields else {"warmup_steps": ratio}
 
 
 def _checkpointing_args(enabled: bool) -> dict[str, Any]:
@@ -598,11 +777,16 @@ def distill(config: DistillConfig, callbacks: list[TrainerCallback] | None = Non
     resume_from = _prepare_out(config, out)
     started = time.perf_counter()
     device = config.device or default_device()
+    mixed_precision(config, device)  # refuse float16 without CUDA before loading anything
     source = resolve(config.student)
     tokenizer = load_tokenizer(source, padding_side="right")
     data = build_datasets(config, tokenizer)
-    model = build_student(config, device)
+    check_vocabulary(data.info, _embedding_rows(source), config.student)
+    # TrainingArguments first: under ZeRO-3 it registers the config from_pretrained reads to
+    # partition the weights while loading (zero.Init) instead of loading all of them per rank.
     args = training_arguments(config, out, device, progress, bool(data.val))
+    model = build_student(config, device)
+    counts = trainable_parameters(model)
     trainer = KDTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.val or None,
         data_collator=KDCollator(tokenizer.pad_token_id), processing_class=tokenizer,
@@ -610,15 +794,80 @@ def distill(config: DistillConfig, callbacks: list[TrainerCallback] | None = Non
         kd=KDSettings(config.alpha, config.divergence, config.temperature, config.beta,
                       config.chunk_size))
     _quiet_callbacks(trainer, progress)
-    val_before = _val_before(trainer, out, resume_from) if data.val else None
-    output = trainer.train(resume_from_checkpoint=resume_from)
-    val_after = _val_after(trainer) if data.val else None
-    trainer.save_model(str(out))  # the adapter (or full model) and the tokenizer
+    trainer.resumed_totals = _resumed_totals(resume_from)
+    trainer.tokens_seen = trainer.resumed_totals[1]
+    try:
+        val_before = _val_before(trainer, out, resume_from) if data.val else None
+        output = trainer.train(resume_from_checkpoint=resume_from)
+        val_after = _val_after(trainer) if data.val else None
+    finally:
+        _stop_progress(trainer)
+    save_final_model(trainer, out)
+    if trainer.is_world_process_zero():
+        _make_portable(out, config.student, source.kind)
     summary = _summary(config, trainer, data, output, val_before, val_after,
-                       time.perf_counter() - started, device)
+                       time.perf_counter() - started, device, counts)
     if trainer.is_world_process_zero():
         write_json(out / SUMMARY_FILE, summary)
     return DistillResult(out, summary, list(trainer.state.log_history))
+
+
+def _embedding_rows(source: Any) -> int:
+    """The student's vocabulary rows from its config (no weights loaded)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source.path)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.vocab_size)
+
+
+def _stop_progress(trainer: Trainer) -> None:
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, _RichProgress) and callback.bar is not None:
+            callback.bar.stop()
+            callback.bar = None
+
+
+def save_final_model(trainer: KDTrainer, out: Path) -> None:
+    """The adapter (or full model) and tokenizer in `out`. Under FSDP the weights are
+    gathered into one full state dict first: accelerate's FSDP2 default, a sharded state dict,
+    makes `save_model` write no adapter_config.json and no loadable weights."""
+    if trainer.is_fsdp_enabled:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(out))
+    trainer.accelerator.wait_for_everyone()
+
+
+def adapter_is_saved(out: str | Path) -> bool:
+    """Whether `out` holds a loadable final adapter or full model (config and weights)."""
+    out = Path(out)
+    weights = [*out.glob("*.safetensors"), *out.glob("*.bin")]
+    configs = [out / "adapter_config.json", out / "config.json"]
+    return any(c.exists() for c in configs) and any(
+        w.name != "training_args.bin" for w in weights)
+
+
+def _make_portable(out: Path, reference: str, kind: str) -> None:
+    """Record the base model as the user named it (the bundled GGUF as the hub id it came
+    from), not the machine-local conversion cache, and give the weights the mode of their
+    siblings (safetensors writes them 0600)."""
+    adapter_config = out / "adapter_config.json"
+    if adapter_config.exists():
+        values = json.loads(adapter_config.read_text(encoding="utf-8"))
+        values["base_model_name_or_path"] = BUNDLED_HUB_ID if kind == "bundled" else reference
+        write_json(adapter_config, values)
+    reference_file = adapter_config if adapter_config.exists() else out / "config.json"
+    if reference_file.exists():
+        mode = reference_file.stat().st_mode & 0o777
+        for weights in out.glob("*.safetensors"):
+            weights.chmod(mode)
+
+
+def _resumed_totals(resume_from: str | None) -> tuple[float, int]:
+    if resume_from is None or not (Path(resume_from) / RUN_TOTALS).exists():
+        return 0.0, 0
+    totals = json.loads((Path(resume_from) / RUN_TOTALS).read_text(encoding="utf-8"))
+    return float(totals["loss_sum"]), int(totals["tokens"])
 
 
 def _prepare_out(config: DistillConfig, out: Path) -> str | None:
@@ -670,7 +919,7 @@ def _quiet_callbacks(trainer: Trainer, progress: bool) -> None:
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     if progress:
-        trainer.add_callback(_QuietProgress())
+        trainer.add_callback(_RichProgress())
 
 
 def _val_before(trainer: KDTrainer, out: Path, resume_from: str | None) -> float | None:
@@ -693,11 +942,12 @@ def _val_after(trainer: KDTrainer) -> float:
 
 def _summary(config: DistillConfig, trainer: KDTrainer, data: Datasets, output: Any,
              val_before: float | None, val_after: float | None, wall: float,
-             device: str) -> dict[str, Any]:
+             device: str, counts: tuple[int, int]) -> dict[str, Any]:
     history = trainer.state.log_history
     train_logs = [h for h in history if "loss" in h]
-    trainable, total = trainable_parameters(trainer.model)
-    trainer.count_remaining_tokens()
+    trainable, total = counts
+    loss_sum, tokens = trainer.run_totals()  # the whole run, across a --resume
+    session_tokens = tokens - trainer.resumed_totals[1]
     train_time = output.metrics.get("train_runtime") or wall
     return {
         "out": str(config.out),
@@ -706,15 +956,15 @@ def _summary(config: DistillConfig, trainer: KDTrainer, data: Datasets, output: 
         "divergence": config.divergence if data.info.get("white_box") else None,
         "adapter": not config.full_finetune,
         "final_train_loss": train_logs[-1]["loss"] if train_logs else None,
-        "mean_train_loss": output.training_loss,
+        "mean_train_loss": loss_sum / max(trainer.state.global_step, 1),
         "val_loss_before": val_before,
         "val_loss_after": val_after,
         "val_improvement": (val_before - val_after) if val_before is not None
         and val_after is not None else None,
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
-        "tokens": trainer.tokens_seen,
-        "tokens_per_s": trainer.tokens_seen / train_time if train_time else None,
+        "tokens": tokens,
+        "tokens_per_s": session_tokens / train_time if train_time else None,
         "train_runtime_s": train_time,
         "wall_time_s": round(wall, 3),
         "trainable_params": trainable,
@@ -727,7 +977,11 @@ def _summary(config: DistillConfig, trainer: KDTrainer, data: Datasets, output: 
 
 
 def remove_checkpoints(out: str | Path) -> None:
-    """Delete the resumable checkpoints of a finished run (the adapter stays)."""
+    """Delete the resumable checkpoints of a finished run, only once the final adapter (or
+    model) is safely in `out`: the checkpoints may be the only copy of the weights."""
+    if not adapter_is_saved(out):
+        raise PrimekdError(f"{out} holds no saved adapter or model: keeping its checkpoints "
+                           "(rerun with --resume to finish and save)")
     shutil.rmtree(Path(out) / CHECKPOINTS, ignore_errors=True)
 
 

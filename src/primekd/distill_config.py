@@ -7,6 +7,7 @@ and validate configs without importing torch and transformers (seconds of start-
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ class DistillConfig:
 
     out: str = ""
     student: str = BUNDLED_ALIAS
-    teacher_store: str | None = None
+    teacher_store: str | list[str] | None = None  # a directory, several shards, or a glob
     objective: str = "kd"  # kd: teacher store (CE + divergence); sft: CE only
     data: str | None = None  # sft without a store: bundled split or JSONL (default: train)
     limit: int | None = None  # use only the first N questions (store or data)
@@ -113,14 +114,26 @@ def check_config(config: DistillConfig) -> None:
             "GSM8K references instead use --objective sft --data train")
     if config.teacher_store and config.data:
         bad("give either --teacher-store or --data, not both")
-    if config.teacher_store and not Path(config.teacher_store).is_dir():
-        bad(f"teacher store {config.teacher_store} does not exist (run `primekd teach` first)")
+    if config.teacher_store:
+        from primekd.store import store_directories
+
+        store_directories(config.teacher_store)  # each exists; a glob matches something
     if config.divergence not in DIVERGENCES:
         bad(f"--divergence must be one of {', '.join(DIVERGENCES)}, not {config.divergence!r}")
     try:
         resolve_beta(config.divergence, config.beta)
     except ValueError as e:
         bad(f"--beta: {e}")
+    for name in ("alpha", "temperature", "beta", "lora_dropout", "lr", "weight_decay",
+                 "warmup_ratio", "epochs", "max_grad_norm"):
+        value = getattr(config, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                  or not math.isfinite(value)):
+            bad(f"--{name.replace('_', '-')} must be a finite number, not {value!r}")
+    if not 0.0 <= config.warmup_ratio <= 1.0:
+        bad(f"--warmup-ratio must be in [0, 1], got {config.warmup_ratio}")
+    if config.weight_decay < 0 or config.max_grad_norm < 0:
+        bad("--weight-decay and --max-grad-norm must not be negative")
     if not 0.0 <= config.alpha <= 1.0:
         bad(f"--alpha must be in [0, 1], got {config.alpha}")
     if config.temperature <= 0:

@@ -156,8 +156,10 @@ def load_model(
     dtype: Any = None,
     attn_implementation: str | None = None,
     trainable_adapter: bool = False,
+    keep_placement: bool = False,
 ) -> Any:
-    """Load a causal LM (plus an optional PEFT adapter) in eval mode on `device`."""
+    """Load a causal LM (plus an optional PEFT adapter) in eval mode on `device`
+    (`keep_placement`: leave it where from_pretrained put it, for a trainer to place)."""
     from transformers import AutoModelForCausalLM
 
     source = reference if isinstance(reference, ModelSource) else resolve(reference)
@@ -171,7 +173,8 @@ def load_model(
         raise _hub_error(source, e) from e
     if adapter is not None:
         model = apply_adapter(model, adapter, trainable=trainable_adapter)
-    model.to(device)
+    if not keep_placement:
+        model.to(device)
     model.eval()
     return model
 

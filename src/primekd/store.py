@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  pa.compute
 import pyarrow.parquet as pq
 
 from primekd.errors import PrimekdError
@@ -218,14 +219,59 @@ def load_store(
             if not m.get("complete"):
                 raise PrimekdError(f"teacher store {d} is incomplete: rerun its teach command")
     _check_columns(columns)
-    tables = [pq.read_table(p, columns=columns) for d in dirs
-              for p in part_files(d)]
+    read = None if columns is None else \
+        [*columns, *(c for c in ("id", "sample") if c not in columns)]
+    tables = []
+    for d, manifest in zip(dirs, manifests, strict=True):
+        parts = [_read_part(p, read) for p in part_files(d)]
+        _check_count(d, manifest, sum(t.num_rows for t in parts))
+        tables += parts
     if not tables:
         return SCHEMA.empty_table().select(list(columns or COLUMNS))
     table = pa.concat_tables(tables).replace_schema_metadata(None)
-    if len(dirs) > 1 and (columns is None or {"id", "sample"} <= set(columns)):
-        _check_unique(table, dirs)
-    return table
+    _check_unique(table, dirs)
+    return table if columns is None else table.select(list(columns))
+
+
+def store_directories(spec: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The store directories a `--teacher-store` value names: one directory, several
+    (the shards of one `teach --shard i/n` run), or a glob such as `teacher/shard-*`."""
+    import glob
+
+    specs = [spec] if isinstance(spec, str | Path) else list(spec)
+    if not specs:
+        raise PrimekdError("no teacher store directories given")
+    dirs: list[Path] = []
+    for item in map(str, specs):
+        if glob.has_magic(item):
+            matches = sorted(Path(m) for m in glob.glob(item) if Path(m).is_dir())
+            if not matches:
+                raise PrimekdError(f"teacher store pattern {item} matches no directory")
+            dirs += matches
+        else:
+            dirs.append(Path(item))
+    for d in dirs:
+        if not d.is_dir():
+            raise PrimekdError(f"teacher store {d} does not exist (run `primekd teach` first)")
+    return list(dict.fromkeys(dirs))
+
+
+def _read_part(path: Path, columns: Sequence[str] | None) -> pa.Table:
+    try:
+        return pq.read_table(path, columns=columns)
+    except (OSError, pa.ArrowException) as e:
+        raise PrimekdError(f"{path} is not a readable Parquet part (truncated or corrupt: "
+                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                           "delete it and rerun the teach command to redo its batch") from None
+
+
+def _check_count(directory: Path, manifest: dict[str, Any], rows: int) -> None:
+    """A complete store's parts hold exactly the rows its manifest counted (a part lost or
+    copied in twice changes that)."""
+    kept = (manifest.get("counts") or {}).get("kept")
+    if manifest.get("complete") and kept is not None and kept != rows:
+        raise PrimekdError(f"{directory / MANIFEST} counts {kept} rows but the parts in "
+                           f"{directory} hold {rows}: a part is missing or duplicated")
 
 
 def iter_store_rows(
@@ -289,9 +335,12 @@ def _unsharded_params(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_unique(table: pa.Table, dirs: Sequence[Path]) -> None:
-    keys = list(zip(table["id"].to_pylist(), table["sample"].to_pylist(), strict=True))
-    if len(set(keys)) != len(keys):
-        raise PrimekdError("duplicate (id, sample) rows across " + ", ".join(map(str, dirs)))
+    counts = table.group_by(["id", "sample"]).aggregate([([], "count_all")])
+    if counts.num_rows != table.num_rows:
+        first = counts.filter(pa.compute.greater(counts["count_all"], 1)).slice(0, 1)
+        key = (first["id"][0].as_py(), first["sample"][0].as_py())
+        raise PrimekdError(f"duplicate (id, sample) rows, e.g. {key}, in "
+                           + ", ".join(map(str, dirs)) + ": a part was copied in twice")
 
 
 def _check_columns(columns: Sequence[str] | None) -> None:

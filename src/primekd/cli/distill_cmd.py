@@ -25,8 +25,10 @@ def distill_command(
                              "(snake_case, e.g. lora_r); options given here override it."),
     student: str = _opt("--student", "-m", help="Student model: the bundled alias, a HF "
                         f"directory, a .gguf file or a hub id (default: {_D.student})."),
-    teacher_store: str = _opt("--teacher-store", "-s", help="Teacher store directory "
-                              "written by `primekd teach`."),
+    teacher_store: list[str] = _opt("--teacher-store", "-s", help="Teacher store directory "
+                                    "written by `primekd teach`; repeat it for the shards "
+                                    "of a `teach --shard i/n` run, or give a glob "
+                                    "(quoted: 'teacher/shard-*'): the shards are merged."),
     out: str = _opt("--out", "-o", help="Output directory: adapter, distill_config.yaml, "
                     "train_log.jsonl/.csv, summary.json, checkpoints/."),
     objective: str = _opt("--objective", help="kd: CE on the teacher's answer tokens plus a "
@@ -108,6 +110,9 @@ def distill_command(
     """
     given = {k: v for k, v in locals().items()
              if v is not None and k not in ("config_file", "as_json", "quiet")}
+    stores = given.get("teacher_store")
+    if isinstance(stores, list):
+        given["teacher_store"] = stores[0] if len(stores) == 1 else stores
     if isinstance(given.get("target_modules"), str):
         given["target_modules"] = [m.strip() for m in given["target_modules"].split(",")
                                    if m.strip()]
