@@ -8,6 +8,7 @@ prompt ends.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 
@@ -18,14 +19,24 @@ class ChatPrompt:
     prefill: str = ""  # start of the assistant's reply, written for the model (response priming)
 
 
-def render(tokenizer: Any, prompt: ChatPrompt) -> str:
-    """The exact text fed to the model, ending where the assistant's answer starts."""
+def chat_date(when: datetime | None = None) -> str:
+    """Today's date as Llama 3.x templates write it ("26 Jul 2024"), for `date_string`."""
+    return (when or datetime.now(UTC)).strftime("%d %b %Y")
+
+
+def render(tokenizer: Any, prompt: ChatPrompt, date_string: str | None = None) -> str:
+    """The exact text fed to the model, ending where the assistant's answer starts.
+
+    `date_string` pins the date that templates such as Llama 3.2/3.3's insert (they read
+    today's otherwise), so that a store resumed on another day keeps one prompt."""
     messages = []
     if prompt.system:
         messages.append({"role": "system", "content": prompt.system})
     messages.append({"role": "user", "content": prompt.user})
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        extra = {"date_string": date_string} if date_string else {}
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                             tokenize=False, **extra)
     else:  # base models without a template: a plain, readable layout
         system = f"{prompt.system}\n\n" if prompt.system else ""
         text = f"{system}Question: {prompt.user}\nAnswer: "

@@ -526,25 +526,26 @@ class KDTrainer(Trainer):
 
 
     def _prepared_model(self) -> Any:
-        """The model as accelerate prepared it (FSDP/DeepSpeed place and shard it only then;
-        Trainer leaves it on the CPU until), preparing it now as Trainer's own evaluation does
-        when evaluation comes before training."""
-        model = self._wrap_model(self.model, training=False)
-        if len(self.accelerator._models) == 0 and model is self.model:
-            sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
-            if self.is_deepspeed_enabled and self.deepspeed is None:
-                from transformers.integrations.deepspeed import deepspeed_init
+        """The model as accelerate prepared it. FSDP and DeepSpeed place and shard it only in
+        `train()` (until then Trainer leaves it on the CPU), so under them the validation
+        before training runs at `on_train_begin` (`_ValidateAtStart`), never before."""
+        if not self.accelerator._models:
+            if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+                raise PrimekdError("internal: validation before the sharded model is prepared")
+            self.model_wrapped = self.accelerator.prepare_model(self.model, evaluation_mode=True)
+        return self._wrap_model(self.model, training=False)
 
-                deepspeed_init(self, num_training_steps=0, inference=True)
-            model = (self.accelerator.prepare(model) if sharded
-                     else self.accelerator.prepare_model(model, evaluation_mode=True))
-            if self.is_fsdp_enabled:
-                self.model = model
-            if model is not self.model:
-                self.model_wrapped = model
-            if self.is_deepspeed_enabled:
-                self.deepspeed = self.model_wrapped
-        return model
+
+class _ValidateAtStart(TrainerCallback):
+    """The validation loss before the first step, computed once `train()` has prepared
+    (placed, sharded) the model: the only point where that works under FSDP and DeepSpeed."""
+
+    def __init__(self, trainer: KDTrainer):
+        self.trainer, self.loss = trainer, None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.loss is None:
+            self.loss = self.trainer.evaluate()["eval_loss"]
 
 
 class _RichProgress(TrainerCallback):
@@ -796,9 +797,12 @@ def distill(config: DistillConfig, callbacks: list[TrainerCallback] | None = Non
     _quiet_callbacks(trainer, progress)
     trainer.resumed_totals = _resumed_totals(resume_from)
     trainer.tokens_seen = trainer.resumed_totals[1]
+    at_start = _ValidateAtStart(trainer)
+    if data.val and resume_from is None:
+        trainer.add_callback(at_start)
     try:
-        val_before = _val_before(trainer, out, resume_from) if data.val else None
         output = trainer.train(resume_from_checkpoint=resume_from)
+        val_before = at_start.loss if resume_from is None else _val_before(out)
         val_after = _val_after(trainer) if data.val else None
     finally:
         _stop_progress(trainer)
@@ -922,9 +926,8 @@ def _quiet_callbacks(trainer: Trainer, progress: bool) -> None:
         trainer.add_callback(_RichProgress())
 
 
-def _val_before(trainer: KDTrainer, out: Path, resume_from: str | None) -> float | None:
-    if resume_from is None:
-        return trainer.evaluate()["eval_loss"]
+def _val_before(out: Path) -> float | None:
+    """A resumed run's validation loss before training, from its train log."""
     summary_rows = [json.loads(line) for line in
                     (out / LOG_JSONL).read_text(encoding="utf-8").splitlines()
                     if line.strip()] if (out / LOG_JSONL).exists() else []

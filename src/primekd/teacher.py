@@ -15,6 +15,7 @@ import json
 import re
 import time
 import zlib
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -84,6 +85,7 @@ def teach(config: TeachConfig, progress: bool = True) -> dict[str, Any]:
     out = Path(config.out)
     with store.locked(out):
         existing = _existing_manifest(out, params)
+        date = _chat_date(existing)
         store.clean_temp_files(out)
         done = store.done_keys(out)
         totals = store.summed_stats(out)  # then kept up to date here, not re-read per batch
@@ -93,6 +95,7 @@ def teach(config: TeachConfig, progress: bool = True) -> dict[str, Any]:
         def save() -> dict[str, Any]:
             manifest = _manifest(config, params, existing, totals, len(examples), len(units),
                                  started)
+            manifest["chat_date"] = date
             store.write_manifest(out, manifest)
             return manifest
 
@@ -101,7 +104,7 @@ def teach(config: TeachConfig, progress: bool = True) -> dict[str, Any]:
             backend = make_backend(config, source)
             with _progress_bar(progress, len(units), len(units) - len(todo)) as advance:
                 for batch in _chunks(todo, config.batch_size):
-                    rows, stats = run_batch(backend, config, strategy, batch)
+                    rows, stats = run_batch(backend, config, strategy, batch, date)
                     kept = [r for r in rows if config.keep == "all" or r["correct"]]
                     store.write_part(out, kept, [u.key for u in batch], stats)
                     for key, value in stats.items():
@@ -115,13 +118,15 @@ def teach(config: TeachConfig, progress: bool = True) -> dict[str, Any]:
 
 
 def run_batch(
-    backend: Any, config: TeachConfig, strategy: Strategy, batch: Sequence[Unit]
+    backend: Any, config: TeachConfig, strategy: Strategy, batch: Sequence[Unit],
+    date_string: str | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Answer, score and grade one batch; return its rows (all of them) and counts."""
+    """Answer, score and grade one batch; return its rows (all of them) and counts.
+    `date_string`: the store's pinned date for templates that insert today's."""
     tokenizer = backend.tokenizer
     chats = [strategy.render(u.example.question, u.example.answer, answer_text(u.example))
              for u in batch]
-    texts = [render(tokenizer, chat) for chat in chats]
+    texts = [render(tokenizer, chat, date_string) for chat in chats]
     prompts = encode_prompts(tokenizer, texts)
     started = time.perf_counter()
     if config.target == "generated":
@@ -247,6 +252,11 @@ def select_examples(config: TeachConfig) -> list[Example]:
     examples = load_examples(config.data, limit=config.limit, offset=config.offset,
                              sample=config.sample, seed=config.seed)
     examples = sorted(examples, key=lambda e: e.id)
+    repeated = sorted(i for i, n in Counter(e.id for e in examples).items() if n > 1)
+    if repeated:
+        raise PrimekdError(f"{config.data}: question id {repeated[0]!r} appears more than "
+                           f"once ({len(repeated)} repeated ids); ids must be unique, a store "
+                           "keys its rows by (id, sample)")
     shard = parse_shard(config.shard)
     if shard is not None:
         examples = examples[shard[0]::shard[1]]
@@ -299,6 +309,18 @@ def identity(config: TeachConfig, strategy: Strategy, tokenizer: Any) -> dict[st
 def _shard_dict(shard: str | None) -> dict[str, int] | None:
     parsed = parse_shard(shard)
     return None if parsed is None else {"index": parsed[0], "count": parsed[1]}
+
+
+def _chat_date(existing: dict[str, Any] | None) -> str:
+    """The date chat templates see: the store's own (a resume on another day keeps it),
+    else the day the store was created, else today."""
+    from primekd.chat import chat_date
+
+    if existing and existing.get("chat_date"):
+        return existing["chat_date"]
+    if existing and existing.get("created_at"):
+        return chat_date(datetime.fromisoformat(existing["created_at"]))
+    return chat_date()
 
 
 def _existing_manifest(out: Path, params: dict[str, Any]) -> dict[str, Any] | None:
