@@ -44,6 +44,14 @@ def shards(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return root
 
 
+@pytest.fixture(scope="module")
+def whole(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One unsharded store of 6 questions."""
+    out = tmp_path_factory.mktemp("whole") / "store"
+    _teach(tiny_model_dir, out)
+    return out
+
+
 def _copy_store(source: Path, target: Path) -> Path:
     shutil.copytree(source, target)
     (target / ".lock").unlink(missing_ok=True)
@@ -276,7 +284,7 @@ class _Kill(Exception):
     pass
 
 
-def test_resumed_summary_covers_the_whole_run(tiny_model_dir, shards, tmp_path):
+def test_resumed_summary_covers_the_whole_run(tiny_model_dir, whole, tmp_path):
     from transformers import TrainerCallback
 
     class KillAtStep3(TrainerCallback):
@@ -284,7 +292,7 @@ def test_resumed_summary_covers_the_whole_run(tiny_model_dir, shards, tmp_path):
             if state.global_step == 3:
                 raise _Kill
 
-    stores = str(shards / "shard-*")
+    stores = str(whole)
     options = dict(max_steps=4, save_steps=2, batch_size=1)
     whole = distill(_config(tiny_model_dir, stores, tmp_path / "whole", **options),
                     progress=False).summary
@@ -375,7 +383,7 @@ def test_chat_date_pinned_and_kept_on_resume(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp2_on_two_cpu_processes_saves_an_adapter_plain_peft_loads(tiny_model_dir, shards,
+def test_fsdp2_on_two_cpu_processes_saves_an_adapter_plain_peft_loads(tiny_model_dir, whole,
                                                                      tmp_path):
     """`accelerate launch --use_fsdp --fsdp_version 2` with 2 gloo processes and a
     validation set: the final adapter (full state dict, adapter_config.json) loads in plain
@@ -394,7 +402,7 @@ def test_fsdp2_on_two_cpu_processes_saves_an_adapter_plain_peft_loads(tiny_model
            "TRANSFORMER_BASED_WRAP", "--fsdp_transformer_layer_cls_to_wrap",
            "LlamaDecoderLayer", "--fsdp_cpu_ram_efficient_loading", "true",
            str(HERE / "fsdp_cpu_launch.py"), "distill", "--student", str(tiny_model_dir),
-           "--teacher-store", str(shards / "shard-*"), "--out", str(out), "--max-steps", "3",
+           "--teacher-store", str(whole), "--out", str(out), "--max-steps", "3",
            "--batch-size", "1", "--val-size", "2", "--eval-steps", "2", "--lr", "1e-2",
            "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
