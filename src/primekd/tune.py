@@ -24,6 +24,7 @@ import json
 import os
 import random
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -715,9 +716,31 @@ def _pruning_callback(trial: optuna.Trial, sign: float) -> Any:
 def _distill(distill_config: Any, pruning: Any, progress: bool) -> Any:
     from primekd.distill import distill, remove_checkpoints
 
-    result = distill(distill_config, callbacks=[pruning], progress=progress)
+    try:
+        result = distill(distill_config, callbacks=[pruning], progress=progress)
+    except BaseException as error:
+        # the traceback's frames hold the trial's model and optimizer for as long as the
+        # error is kept (optuna keeps it while it records the failed trial)
+        traceback.clear_frames(error.__traceback__)
+        release_memory()
+        raise
+    release_memory()
     remove_checkpoints(distill_config.out)  # a trial is never resumed; keep the disk free
     return result
+
+
+def release_memory() -> None:
+    """Give a finished (or failed) trial's model, optimizer state and activations back before
+    the next trial of this process: collect reference cycles, then return the cached CUDA
+    blocks, which would otherwise stay reserved by PyTorch's allocator."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
 
 
 def _score(config: TuneConfig, distill_config: Any, pruning: Any) -> float:
