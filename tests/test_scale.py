@@ -391,8 +391,13 @@ def test_fsdp2_on_two_cpu_processes_saves_an_adapter_plain_peft_loads(tiny_model
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from primekd.distill import KDCollator, KDSettings, KDTrainer, build_datasets
-    from primekd.distill import training_arguments
+    from primekd.distill import (
+        KDCollator,
+        KDSettings,
+        KDTrainer,
+        build_datasets,
+        training_arguments,
+    )
     from primekd.models import load_tokenizer
 
     out = tmp_path / "fsdp"
@@ -401,7 +406,8 @@ def test_fsdp2_on_two_cpu_processes_saves_an_adapter_plain_peft_loads(tiny_model
            "29533", "--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy",
            "TRANSFORMER_BASED_WRAP", "--fsdp_transformer_layer_cls_to_wrap",
            "LlamaDecoderLayer", "--fsdp_cpu_ram_efficient_loading", "true",
-           str(HERE / "fsdp_cpu_launch.py"), "distill", "--student", str(tiny_model_dir),
+           str(HERE.parent / "bench" / "fsdp_cpu_launch.py"), "distill", "--student",
+           str(tiny_model_dir),
            "--teacher-store", str(whole), "--out", str(out), "--max-steps", "3",
            "--batch-size", "1", "--val-size", "2", "--eval-steps", "2", "--lr", "1e-2",
            "--quiet"]

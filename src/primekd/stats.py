@@ -6,6 +6,7 @@ Paired comparisons take two equally long sequences of per-question correctness f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,13 +14,21 @@ import numpy as np
 
 
 def wilson_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval of the accuracy `correct / n`; (0, 1) when n is 0."""
-    from statsmodels.stats.proportion import proportion_confint
+    """Wilson score interval of the accuracy `correct / n`; (0, 1) when n is 0.
+
+    The closed form (as statsmodels' `proportion_confint(method="wilson")` computes it, which
+    the tests check), so that `eval` needs no scipy/statsmodels: a GPU box with only torch
+    and transformers runs it (bench/gpu_check.sh)."""
+    from statistics import NormalDist
 
     if n == 0:
         return (0.0, 1.0)
-    lo, hi = proportion_confint(correct, n, alpha=1 - confidence, method="wilson")
-    return (float(lo), float(hi))
+    z = NormalDist().inv_cdf(1 - (1 - confidence) / 2)
+    p = correct / n
+    denominator = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return (max(0.0, center - half), min(1.0, center + half))
 
 
 def summarize(correct_flags: Sequence[bool], no_answer: int = 0) -> dict[str, Any]:

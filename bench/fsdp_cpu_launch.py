@@ -2,7 +2,8 @@
 
 accelerate turns FSDP on only for accelerator devices (a MULTI_CPU run silently becomes plain
 DDP); torch's FSDP itself runs on CPU with gloo, so this launcher switches it on after
-accelerate has set up the process group. For tests only.
+accelerate has set up the process group. For tests and bench/gpu_check.sh --device cpu;
+on GPUs it changes nothing (accelerate enables FSDP itself).
 """
 import os
 import sys
