@@ -329,6 +329,9 @@ def test_bundled_teach_distill_eval(tmp_path, monkeypatch, capsys):
     assert code == 0, err
     summary = json.loads(stdout)
     assert summary["data"]["white_box"] and summary["val_loss_after"] is not None
+    # portable: the hub id the bundled GGUF comes from, not this machine's cache path
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     code, stdout, err = _cli(monkeypatch, capsys, "eval", "--model", BUNDLED_ALIAS,
                              "--adapter", str(out), "--limit", "2", "--max-new-tokens", "16",
                              "--out", str(ev), "--device", "cpu")

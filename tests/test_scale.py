@@ -474,3 +474,15 @@ def test_a_failed_tune_trial_releases_its_model(tiny_model_dir, whole, tmp_path)
         assert refs and refs[0]() is None
     else:
         pytest.fail("the trial should have failed")
+
+
+def test_tune_refuses_a_store_with_a_missing_part(tiny_model_dir, whole, tmp_path):
+    from primekd.tune import TuneConfig, tune
+
+    broken = _copy_store(whole, tmp_path / "broken")
+    store.part_files(broken)[0].unlink()
+    config = TuneConfig(str(broken), str(tiny_model_dir), str(tmp_path / "t"), val_size=2,
+                        trials=1, max_steps=1)
+    with pytest.raises(PrimekdError, match="a part is missing or duplicated"):
+        tune(config, progress=False)
+    assert not list((tmp_path / "t").glob("trials/*/adapter_model.safetensors"))
