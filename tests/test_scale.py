@@ -486,3 +486,14 @@ def test_tune_refuses_a_store_with_a_missing_part(tiny_model_dir, whole, tmp_pat
     with pytest.raises(PrimekdError, match="a part is missing or duplicated"):
         tune(config, progress=False)
     assert not list((tmp_path / "t").glob("trials/*/adapter_model.safetensors"))
+
+
+def test_lora_targets_checked_before_the_weights_load(tiny_model_dir, whole, tmp_path):
+    """A student directory without its weights file: the target-module error comes first,
+    so it cannot have needed the weights."""
+    skeleton = tmp_path / "no-weights"
+    shutil.copytree(tiny_model_dir, skeleton)
+    (skeleton / "model.safetensors").unlink()
+    with pytest.raises(PrimekdError, match="LoRA target modules nope not found"):
+        distill(_config(skeleton, str(whole), tmp_path / "o", target_modules=["nope"]),
+                progress=False)

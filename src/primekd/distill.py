@@ -689,8 +689,7 @@ def build_student(config: DistillConfig, device: str) -> Any:
     try:
         model = get_peft_model(model, lora)
     except ValueError as e:
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                        if isinstance(m, torch.nn.Linear)})
+        names = _linear_names(model)
         raise PrimekdError(f"LoRA target modules {config.target_modules} not found in "
                            f"{config.student} ({e}); its linear layers: {', '.join(names)}; "
                            "pass them with --target-modules") from None
@@ -783,6 +782,8 @@ def distill(config: DistillConfig, callbacks: list[TrainerCallback] | None = Non
     tokenizer = load_tokenizer(source, padding_side="right")
     data = build_datasets(config, tokenizer)
     check_vocabulary(data.info, _embedding_rows(source), config.student)
+    if not config.full_finetune:
+        _check_target_modules(config, source)
     # TrainingArguments first: under ZeRO-3 it registers the config from_pretrained reads to
     # partition the weights while loading (zero.Init) instead of loading all of them per rank.
     args = training_arguments(config, out, device, progress, bool(data.val))
@@ -823,6 +824,29 @@ def _embedding_rows(source: Any) -> int:
     config = AutoConfig.from_pretrained(source.path)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(text.vocab_size)
+
+
+def _linear_names(model: torch.nn.Module) -> list[str]:
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear)})
+
+
+def _check_target_modules(config: DistillConfig, source: Any) -> None:
+    """Refuse LoRA targets the student does not have before its weights load, from the
+    architecture built on the meta device (no memory, well under a second)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if config.target_modules == ["all-linear"]:
+        return
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source.path))
+    names = _linear_names(skeleton)
+    missing = [m for m in config.target_modules if m not in names]
+    if missing:
+        raise PrimekdError(f"LoRA target modules {', '.join(missing)} not found in "
+                           f"{config.student}; its linear layers: {', '.join(names)}; "
+                           "pass them with --target-modules")
 
 
 def _stop_progress(trainer: Trainer) -> None:
