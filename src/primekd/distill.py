@@ -17,6 +17,7 @@ import csv
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import random
 import shutil
@@ -445,17 +446,35 @@ class KDTrainer(Trainer):
             loss = parts.loss / num_items_in_batch
             if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
                 loss = loss * self.accelerator.num_processes  # DDP averages the gradients
-        if model.training and not torch.isfinite(loss.detach()).all():
-            raise PrimekdError(
-                f"step {self.state.global_step + 1}: the training loss is "
-                f"{float(loss.detach())}: stopped, no adapter saved. Likely cause: a learning "
-                "rate or --temperature too high, or float16 overflow (use bfloat16)")
+        if model.training:
+            self._stop_if_not_finite(loss.detach())
         if model.training:
             tokens = int(inputs["attention_mask"].sum())
             self._run_totals[1] += tokens
             self._meter += torch.tensor([float(parts.ce_sum.detach()), float(parts.kd_sum.detach()),
                                          parts.n_ce, parts.n_kd, tokens], dtype=torch.float64)
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _stop_if_not_finite(self, loss: torch.Tensor) -> None:
+        """Stop on a NaN/inf loss, on every process at once (one process alone raising
+        would leave the others waiting in the next collective)."""
+        bad = torch.tensor([float(not torch.isfinite(loss).all())], dtype=torch.float64)
+        if self._reduce(bad)[0] > 0:
+            raise PrimekdError(
+                f"step {self.state.global_step + 1}: the training loss is {float(loss)} "
+                "(on this or another process): stopped, no adapter saved. Likely cause: a "
+                "learning rate or --temperature too high, or float16 overflow (use bfloat16)")
+
+    def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
+        """Trainer's global gradient norm (the same on every process), checked: a NaN/inf
+        gradient stops training. Not under fp16, whose loss scaler skips such steps."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if grad_norm is not None and not self.args.fp16 and not math.isfinite(float(grad_norm)):
+            raise PrimekdError(
+                f"step {self.state.global_step + 1}: the gradient norm is {float(grad_norm)}: "
+                "stopped, no adapter saved. Likely cause: a learning rate too high, or a "
+                "numerical overflow in the model (try float32 or a smaller --lr)")
+        return grad_norm
 
     def training_step(self, model: Any, inputs: dict[str, Any],
                       num_items_in_batch: Any = None) -> torch.Tensor:
