@@ -361,8 +361,11 @@ def _wait_for_running_trial(db: Path, timeout: float = 60) -> None:
     while time.monotonic() < deadline:
         if db.exists():
             try:
-                # Sampled parameters mean the trial's heartbeat thread is already beating.
-                if any(t.params for t in _study(db).get_trials(states=(TrialState.RUNNING,))):
+                # Sampled parameters mean the trial's heartbeat thread is already beating;
+                # wait for all of them, or the retry's parameters cannot match (a race).
+                names = {p.name for p in default_search_space().params}
+                running = _study(db).get_trials(states=(TrialState.RUNNING,))
+                if any(set(t.params) == names for t in running):
                     return
             except Exception:  # noqa: BLE001 - the study may not exist yet
                 pass
