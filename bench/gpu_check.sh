@@ -7,7 +7,8 @@
 #
 # The GPU box needs only torch, transformers, peft and accelerate: primekd runs from src/
 # (no install), and its other imports (pyarrow, rich, typer) come from the packed wheels
-# (about 45 MiB; the limit is 64 MiB). Writes OUT/gpu_check.json: what passed, the figures.
+# (58 MiB measured with pyarrow 26, tokenizer included; the limit is 64 MiB).
+# Writes OUT/gpu_check.json: what passed, and the figures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -16,7 +17,12 @@ CARRY=(pyarrow rich typer click shellingham markdown-it-py mdurl pygments)
 if [[ "${1:-}" == "--pack" ]]; then
     dir=${2:?--pack DIR}
     mkdir -p "$dir/wheels" "$dir/tokenizer"
-    "$PY" -m pip download --quiet --only-binary=:all: --no-deps -d "$dir/wheels" "${CARRY[@]}"
+    # wheels for this Python; for another one on the GPU box set PACK_PYTHON_VERSION=3.12
+    target=()
+    [[ -n "${PACK_PYTHON_VERSION:-}" ]] && target=(--python-version "$PACK_PYTHON_VERSION"
+        --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64)
+    "$PY" -m pip download --quiet --only-binary=:all: --no-deps "${target[@]}" \
+        -d "$dir/wheels" "${CARRY[@]}"
     "$PY" - "$dir/tokenizer" <<'PYEOF'
 import sys
 sys.path.insert(0, "src")
