@@ -15,7 +15,8 @@ from primekd.models import load
 from primekd.prompts import DEFAULT_TEMPLATE, load_template, worked_solution
 
 RESULT_FIELDS = {"id", "question", "reference", "gold", "response", "extracted", "correct",
-                 "n_tokens", "finish_reason"}
+                 "n_tokens", "finish_reason", "found_by", "no_answer", "truncated",
+                 "correct_strict", "correct_flexible"}
 
 
 # --- prompt templates ------------------------------------------------------------------------
@@ -212,7 +213,8 @@ def test_cli_eval_on_bundled_model(tmp_path: Path) -> None:
     assert all(r["finish_reason"] in {"stop", "length"} for r in rows)
     summary = read_json(out / "summary.json")
     assert summary == printed
-    for key in ("n", "correct", "accuracy", "ci95", "no_answer", "model", "adapter",
+    for key in ("n", "correct", "accuracy", "ci95", "no_answer", "accuracy_strict",
+                "accuracy_flexible", "truncated", "no_number", "grading", "model", "adapter",
                 "prompt_template", "generation", "wall_time_s", "tokens_per_s",
                 "tokenizer_fingerprint", "primekd_version"):
         assert key in summary

@@ -17,6 +17,8 @@ def _row(id_: str, sample: int = 0, n: int = 3, k: int = 2) -> dict:
         "topk_ids": [[t, t + 1][:k] for t in range(n)],
         "topk_logprobs": [[-0.1, -3.0][:k] for _ in range(n)],
         "finish_reason": "stop", "extracted": 1.0, "correct": True,
+        "found_by": "fallback", "no_answer": None, "truncated": False, "correct_strict": False,
+        "correct_flexible": True,
     }
 
 
@@ -124,3 +126,21 @@ def test_identity_changes_name_the_nested_key() -> None:
     new = {"generation": {"temperature": 0.7, "max_new_tokens": 8}, "top_k": 20}
     assert store.identity_changes(old, new) == ["generation.temperature: 0.0 -> 0.7"]
     assert store.identity_changes(old, old) == []
+
+
+GRADING_COLUMNS = ["found_by", "no_answer", "truncated", "correct_strict", "correct_flexible"]
+
+
+def test_parts_written_before_the_grading_columns_still_load(tmp_path) -> None:
+    import pyarrow.parquet as pq
+
+    old = store.write_part(tmp_path, [_row("a")], [("a", 0)], {"rows": 1, "kept": 1})
+    table = pq.read_table(old)
+    pq.write_table(table.drop_columns(GRADING_COLUMNS), old)  # keeps the batch metadata
+    store.write_part(tmp_path, [_row("b")], [("b", 0)], {"rows": 1, "kept": 1})
+    store.write_manifest(tmp_path, _manifest(kept=2, complete=True))
+    loaded = store.load_store(tmp_path)
+    assert loaded.schema.equals(store.SCHEMA)
+    assert loaded["found_by"].to_pylist() == [None, "fallback"]
+    assert store.load_store(tmp_path, columns=["correct_strict"])[
+        "correct_strict"].to_pylist() == [None, False]

@@ -27,7 +27,7 @@ from primekd import __version__
 from primekd.data import BUNDLED_SPLITS, Example, load_examples, resolve_data_path
 from primekd.errors import PrimekdError
 from primekd.generation import Generation, SamplingParams, iter_generate
-from primekd.grading import check_extractor, grade
+from primekd.grading import check_extractor, grade, grade_fields, summarize_grades
 from primekd.io import (
     append_jsonl,
     atomic_write_text,
@@ -38,7 +38,6 @@ from primekd.io import (
 )
 from primekd.progress import progress_bar
 from primekd.prompts import PromptTemplate, load_template
-from primekd.stats import summarize
 
 RESULTS, SUMMARY, CONFIG = "results.jsonl", "summary.json", "eval_config.json"
 CPU_BATCH_SIZE, GPU_BATCH_SIZE = 16, 64
@@ -62,9 +61,12 @@ class EvalConfig:
     few_shot: int = 0
     extractor: str = "default"
     device: str | None = None  # None: cuda if available, else cpu
+    lenient: bool = False  # grade as harnesses do: a truncated answer's last number counts
+    stop_at_answer: bool = False  # end generation at the end of the final-answer line
 
     def sampling(self, stop: tuple[str, ...] = ()) -> SamplingParams:
-        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.seed, stop)
+        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.seed, stop,
+                              self.stop_at_answer)
 
 
 def evaluate(config: EvalConfig, progress: bool = True, loaded: tuple[Any, Any] | None = None,
@@ -93,7 +95,7 @@ def evaluate(config: EvalConfig, progress: bool = True, loaded: tuple[Any, Any] 
     else:
         tokenizer = loaded[1] if loaded else _load_tokenizer(config)
         run = _previous_run(out / SUMMARY, config)
-    rows = finalize_results(out / RESULTS, config.data, config.extractor)
+    rows = finalize_results(out / RESULTS, config.data, config.extractor, config.lenient)
     summary = build_summary(config, template, rows, run, tokenizer)
     write_json(out / SUMMARY, summary)
     return summary
@@ -130,6 +132,8 @@ def run_identity(config: EvalConfig, template: PromptTemplate) -> dict[str, Any]
         "temperature": config.temperature,
         "top_p": config.top_p,
         "seed": config.seed if config.temperature > 0 else None,
+        # only when set, so directories written before the option still resume
+        **({"stop_at_answer": True} if config.stop_at_answer else {}),
     }
 
 
@@ -205,7 +209,7 @@ def _generate_into(path: Path, model: Any, tokenizer: Any, template: PromptTempl
     n_tokens, started = 0, time.perf_counter()
     with _progress_bar(progress, len(todo)) as advance:
         for pairs in batches:
-            rows = [result_row(todo[i], g, config.extractor) for i, g in pairs]
+            rows = [result_row(todo[i], g, config.extractor, config.lenient) for i, g in pairs]
             append_jsonl(path, rows)
             n_tokens += sum(g.n_tokens for _, g in pairs)
             advance(len(rows), n_tokens)
@@ -224,38 +228,42 @@ def _previous_run(summary_path: Path, config: EvalConfig) -> dict[str, Any]:
                                                  "generated_this_run": 0}
 
 
-def result_row(example: Example, generation: Generation, extractor: str) -> dict[str, Any]:
-    graded = grade(generation.text, example.answer, extractor)
+def result_row(example: Example, generation: Generation, extractor: str,
+               lenient: bool = False) -> dict[str, Any]:
+    graded = grade(generation.text, example.answer, extractor, generation.finish_reason,
+                   lenient)
     return {
         "id": example.id,
         "question": example.question,
         "reference": example.answer,
         "gold": example.gold,
         "response": generation.text,
-        "extracted": graded.extracted,
-        "correct": graded.correct,
+        **grade_fields(graded),
         "n_tokens": generation.n_tokens,
         "finish_reason": generation.finish_reason,
     }
 
 
-def finalize_results(path: Path, data: str, extractor: str) -> list[dict[str, Any]]:
-    """Rewrite results in data order, one row per id, graded with `extractor`."""
+def finalize_results(path: Path, data: str, extractor: str, lenient: bool = False
+                     ) -> list[dict[str, Any]]:
+    """Rewrite results in data order, one row per id, graded with `extractor` (truncated
+    answers without a marker are not correct unless `lenient`)."""
     rows: dict[str, dict[str, Any]] = {}
     for row in read_jsonl(path) if path.exists() else []:
         rows.setdefault(str(row["id"]), row)
     position = {e.id: i for i, e in enumerate(load_examples(data))}
     ordered = sorted(rows.values(), key=lambda r: position.get(str(r["id"]), len(position)))
     for row in ordered:
-        graded = grade(row["response"], row["reference"], extractor)
-        row["extracted"], row["correct"] = graded.extracted, graded.correct
+        graded = grade(row["response"], row["reference"], extractor, row.get("finish_reason"),
+                       lenient)
+        row.update(grade_fields(graded))
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
     return ordered
 
 
 def accuracy_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    flags = [bool(r["correct"]) for r in rows]
-    return summarize(flags, no_answer=sum(r["extracted"] is None for r in rows))
+    """Accuracy (the grading rule's), strict and flexible accuracy, truncation counts."""
+    return summarize_grades(rows)
 
 
 def build_summary(config: EvalConfig, template: PromptTemplate, rows: list[dict[str, Any]],
@@ -266,7 +274,7 @@ def build_summary(config: EvalConfig, template: PromptTemplate, rows: list[dict[
                    "generated_this_run")
     return {
         **accuracy_summary(rows),
-        "truncated": sum(r.get("finish_reason") == "length" for r in rows),
+        "grading": "lenient" if config.lenient else "default",
         "mean_tokens": sum(r["n_tokens"] for r in rows) / len(rows) if rows else 0.0,
         "model": config.model,
         "adapter": config.adapter,

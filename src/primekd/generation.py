@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from primekd import answer_stop
 from primekd.chat import ChatPrompt, encode_prompts, left_pad, render
 from primekd.errors import PrimekdError
 
@@ -26,6 +27,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int = 0  # seeds sampling; unused when greedy
     stop: tuple[str, ...] = ()  # strings that end an answer too (cut from the text)
+    stop_at_answer: bool = False  # end at the final-answer line (see primekd.answer_stop)
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -84,10 +86,16 @@ def _generate_encoded(
         kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
     if params.stop:
         kwargs.update(stop_strings=list(params.stop), tokenizer=tokenizer)
+    if params.stop_at_answer:
+        kwargs["stopping_criteria"] = answer_stop.stopping_criteria(
+            tokenizer, batch["input_ids"].shape[1])
     with torch.inference_mode():
         output = model.generate(**batch, **kwargs, eos_token_id=stops, pad_token_id=pad_id)
     new_tokens = output[:, batch["input_ids"].shape[1]:].tolist()
-    return [_finish(tokenizer, row, set(stops), params.stop) for row in new_tokens]
+    finished = [_finish(tokenizer, row, set(stops), params.stop) for row in new_tokens]
+    if params.stop_at_answer:  # the one hook of --stop-at-answer
+        finished = [answer_stop.cut_generation(tokenizer, g) for g in finished]
+    return finished
 
 
 def _finish(tokenizer: Any, row: list[int], stops: set[int], stop_strings: tuple[str, ...]

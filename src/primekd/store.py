@@ -51,7 +51,13 @@ SCHEMA = pa.schema(
         ("topk_logprobs", pa.list_(pa.list_(pa.float32()))),
         ("finish_reason", pa.string()),  # stop | length | reference
         ("extracted", pa.float64()),
-        ("correct", pa.bool_()),
+        ("correct", pa.bool_()),  # under the store's grading rule (see grading.grade)
+        # how the answer was graded; stores written before these columns read them as null
+        ("found_by", pa.string()),  # marker kind, "fallback", or null (no number)
+        ("no_answer", pa.string()),  # "no_number" | "truncated" | null
+        ("truncated", pa.bool_()),  # null for reference targets
+        ("correct_strict", pa.bool_()),
+        ("correct_flexible", pa.bool_()),
     ]
 )
 COLUMNS = tuple(SCHEMA.names)
@@ -228,7 +234,8 @@ def load_store(
         tables += parts
     if not tables:
         return SCHEMA.empty_table().select(list(columns or COLUMNS))
-    table = pa.concat_tables(tables).replace_schema_metadata(None)
+    table = _with_all_columns(pa.concat_tables(tables, promote_options="default"),
+                              columns).replace_schema_metadata(None)
     _check_unique(table, dirs)
     return table if columns is None else table.select(list(columns))
 
@@ -258,6 +265,9 @@ def store_directories(spec: str | Path | Sequence[str | Path]) -> list[Path]:
 
 def _read_part(path: Path, columns: Sequence[str] | None) -> pa.Table:
     try:
+        if columns is not None:  # a part written before a column existed lacks it
+            present = set(pq.read_schema(path).names)
+            columns = [c for c in columns if c in present]
         return pq.read_table(path, columns=columns)
     except (OSError, pa.ArrowException) as e:
         raise PrimekdError(f"{path} is not a readable Parquet part (truncated or corrupt: "
@@ -341,6 +351,15 @@ def _check_unique(table: pa.Table, dirs: Sequence[Path]) -> None:
         key = (first["id"][0].as_py(), first["sample"][0].as_py())
         raise PrimekdError(f"duplicate (id, sample) rows, e.g. {key}, in "
                            + ", ".join(map(str, dirs)) + ": a part was copied in twice")
+
+
+def _with_all_columns(table: pa.Table, columns: Sequence[str] | None) -> pa.Table:
+    """Parts written before a column existed lack it: add it as nulls."""
+    for name in columns or COLUMNS:
+        if name not in table.column_names:
+            table = table.append_column(SCHEMA.field(name), pa.nulls(table.num_rows,
+                                                                     SCHEMA.field(name).type))
+    return table
 
 
 def _check_columns(columns: Sequence[str] | None) -> None:

@@ -27,7 +27,8 @@ from primekd import __version__, store
 from primekd.chat import encode_prompts, render
 from primekd.data import Example, load_examples, resolve_data_path
 from primekd.errors import PrimekdError
-from primekd.grading import EXTRACTORS, grade
+from primekd.answer_stop import cut_generation
+from primekd.grading import EXTRACTORS, grade, grade_fields
 from primekd.models import load_tokenizer, resolve, tokenizer_fingerprint
 from primekd.priming import Strategy, get_strategy
 from primekd.progress import progress_bar
@@ -61,6 +62,8 @@ class TeachConfig:
     batch_size: int = 8
     device: str | None = None
     extractor: str = "default"
+    lenient: bool = False  # a truncated answer's last number counts (harness-style grading)
+    stop_at_answer: bool = False  # end each answer at its final-answer line
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,12 @@ def run_batch(
     started = time.perf_counter()
     if config.target == "generated":
         seed = zlib.crc32(f"{config.seed}:{batch[0].example.id}:{batch[0].sample}".encode())
-        generations = backend.generate(prompts, config.max_new_tokens, config.temperature, seed)
+        early = {"stop_at_answer": True} if config.stop_at_answer and backend.name == "hf" else {}
+        generations = backend.generate(prompts, config.max_new_tokens, config.temperature, seed,
+                                       **early)
+        if config.stop_at_answer:
+            generations = [cut_generation(tokenizer, g, tokenizer.eos_token_id)
+                           for g in generations]
         answers = [g.token_ids for g in generations]
         finish = [g.finish_reason for g in generations]
     else:
@@ -144,7 +152,8 @@ def run_batch(
         batch, chats, texts, answers, finish, scores, strict=True
     ):
         response = tokenizer.decode(answer, skip_special_tokens=True)
-        graded = grade(chat.prefill + response, unit.example.answer, config.extractor)
+        graded = grade(chat.prefill + response, unit.example.answer, config.extractor,
+                       None if reason == "reference" else reason, config.lenient)
         rows.append({
             "id": unit.example.id,
             "sample": unit.sample,
@@ -157,8 +166,7 @@ def run_batch(
             "topk_ids": topk.ids.tolist(),
             "topk_logprobs": topk.logprobs.tolist(),
             "finish_reason": reason,
-            "extracted": graded.extracted,
-            "correct": graded.correct,
+            **grade_fields(graded),
         })
     stats = _batch_stats(rows, config, generation_seconds, time.perf_counter() - started)
     return rows, stats
@@ -172,6 +180,10 @@ def _batch_stats(rows: list[dict[str, Any]], config: TeachConfig, generation_s: 
         "rows": len(rows),
         "kept": len(kept),
         "correct": sum(r["correct"] for r in rows),
+        "correct_strict": sum(r["correct_strict"] for r in rows),
+        "correct_flexible": sum(r["correct_flexible"] for r in rows),
+        "truncated": sum(r["finish_reason"] == "length" for r in rows),
+        "no_number": sum(r["extracted"] is None for r in rows),
         "answer_tokens": tokens,
         "kept_answer_tokens": sum(len(r["token_ids"]) for r in kept),
         "generated_tokens": tokens if config.target == "generated" else 0,
@@ -297,10 +309,13 @@ def identity(config: TeachConfig, strategy: Strategy, tokenizer: Any) -> dict[st
             "temperature": config.temperature if generated else None,
             "max_new_tokens": config.max_new_tokens if generated else None,
             "seed": config.seed,
+            # only when set, so stores written before the option still resume
+            **({"stop_at_answer": True} if config.stop_at_answer and generated else {}),
         },
         "top_k": config.top_k,
         "keep": config.keep,
         "extractor": config.extractor,
+        **({"grading": "lenient"} if config.lenient else {}),
         "backend": config.backend,
         "shard": _shard_dict(config.shard),
     }
@@ -377,6 +392,12 @@ def _manifest(
             "correct": int(totals.get("correct", 0)),
         },
         "teacher_accuracy": totals["correct"] / rows if rows and generated else None,
+        "grading": "lenient" if config.lenient else "default",
+        "teacher_accuracy_strict": _share(totals, "correct_strict", rows, generated),
+        "teacher_accuracy_flexible": _share(totals, "correct_flexible", rows, generated),
+        "truncated": int(totals.get("truncated", 0)),
+        "truncation_rate": _share(totals, "truncated", rows, generated),
+        "no_number": int(totals.get("no_number", 0)),
         "mean_answer_tokens": totals["answer_tokens"] / rows if rows else None,
         "compute_seconds": round(totals.get("seconds", 0.0), 3),
         "generation_tokens_per_s": _rate(totals, "generated_tokens", "generation_seconds"),
@@ -390,6 +411,14 @@ def _manifest(
         "params": params,
         "params_hash": hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest(),
     }
+
+
+def _share(totals: dict[str, float], key: str, rows: int, generated: bool) -> float | None:
+    """A count over the rows as a fraction; None for reference targets or stores written
+    before the count was kept."""
+    if not rows or not generated or key not in totals:
+        return None
+    return totals[key] / rows
 
 
 def _rate(totals: dict[str, float], tokens: str, seconds: str) -> float | None:

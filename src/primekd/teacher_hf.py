@@ -50,6 +50,7 @@ class HFTeacher:
         max_new_tokens: int,
         temperature: float,
         seed: int,
+        stop_at_answer: bool = False,
     ) -> list[Generation]:
         import torch
 
@@ -58,6 +59,11 @@ class HFTeacher:
             sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
         else:
             sampling = {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
+        if stop_at_answer:  # rows end early; teacher.run_batch cuts the tokens
+            from primekd.answer_stop import stopping_criteria
+
+            sampling["stopping_criteria"] = stopping_criteria(self.tokenizer,
+                                                              batch["input_ids"].shape[1])
         torch.manual_seed(seed)
         with torch.inference_mode():
             output = self.model.generate(
