@@ -514,14 +514,11 @@ def cross_check(rows: Sequence[dict[str, Any]], extractors: Iterable[str] = EXTR
                       if x.correct and not y.correct]
             only_b = [k for k, (x, y) in enumerate(zip(graded[a], graded[b], strict=True))
                       if y.correct and not x.correct]
-            pairs.append({
-                "a": a, "b": b, "disagree": len(only_a) + len(only_b),
-                "only_a_correct": len(only_a), "only_b_correct": len(only_b),
-                "examples": {
-                    "only_a_correct": [_example(rows[k], graded, a, b, k) for k in only_a[:examples]],
-                    "only_b_correct": [_example(rows[k], graded, a, b, k) for k in only_b[:examples]],
-                },
-            })
+            shown = {kind: [_example(rows[k], graded, a, b, k) for k in keys[:examples]]
+                     for kind, keys in (("only_a_correct", only_a), ("only_b_correct", only_b))}
+            pairs.append({"a": a, "b": b, "disagree": len(only_a) + len(only_b),
+                          "only_a_correct": len(only_a), "only_b_correct": len(only_b),
+                          "examples": shown})
     n = len(rows)
     return {"n": n, "extractors": extractors,
             "accuracy": {name: sum(g.correct for g in graded[name]) / n if n else 0.0

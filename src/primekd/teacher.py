@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from primekd import __version__, store
+from primekd.answer_stop import cut_generation
 from primekd.chat import encode_prompts, render
 from primekd.data import Example, load_examples, resolve_data_path
 from primekd.errors import PrimekdError
-from primekd.answer_stop import cut_generation
 from primekd.grading import EXTRACTORS, grade, grade_fields
 from primekd.models import load_tokenizer, resolve, tokenizer_fingerprint
 from primekd.priming import Strategy, get_strategy

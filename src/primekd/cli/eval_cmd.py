@@ -74,7 +74,18 @@ def eval_command(
     extractor: str = typer.Option(
         "default", "--extractor",
         help="How to find the final answer: `default` (boxed, ####, 'the answer is', "
-        "'Answer:', last number) or `paper` (the precedence of Goyal et al. 2024).",
+        "'Answer:', last number), `paper` (the precedence of Goyal et al. 2024) or "
+        "`math-verify` (Hugging Face's Math-Verify).",
+    ),
+    lenient: bool = typer.Option(
+        False, "--lenient",
+        help="Count a truncated answer's last number (harness-style flexible grading). By "
+        "default an answer cut at --max-new-tokens without a stated answer is wrong.",
+    ),
+    stop_at_answer: bool = typer.Option(
+        False, "--stop-at-answer",
+        help="End each answer at the end of its final-answer line ('The answer is N.', "
+        "'#### N', a closed \\boxed{}): saves tokens and keeps rambling out of the grade.",
     ),
     device: str | None = typer.Option(
         None, "--device", help="cpu, cuda, cuda:1, mps, ... (default: cuda if available, else cpu)."
@@ -88,7 +99,8 @@ def eval_command(
         model=model, out=out, adapter=str(adapter) if adapter else None, data=data,
         limit=limit, offset=offset, sample=sample, seed=seed, batch_size=batch_size,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, prompt=prompt,
-        few_shot=few_shot, extractor=extractor, device=device,
+        few_shot=few_shot, extractor=extractor, device=device, lenient=lenient,
+        stop_at_answer=stop_at_answer,
     )
     summary = evaluate(config, progress=True)
     if json_output:
@@ -108,5 +120,9 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
         f"--max-new-tokens{speed}",
         highlight=False,
     )
+    console.print(
+        f"strict (stated answer only) {100 * summary['accuracy_strict']:.1f}%, flexible "
+        f"(last number anywhere) {100 * summary['accuracy_flexible']:.1f}%, grading "
+        f"{summary['grading']}", highlight=False)
     console.print(f"results in {out / 'results.jsonl'}, summary in {out / 'summary.json'}",
                   highlight=False)

@@ -61,6 +61,12 @@ def teach_command(
                                    "each finished batch is saved as one part."),
     device: str = typer.Option(None, "--device", help="Torch device for --backend hf "
                                "(default: cuda if available, else cpu)."),
+    stop_at_answer: bool = typer.Option(False, "--stop-at-answer", help="End each answer "
+                                        "at its final-answer line ('The answer is N.', "
+                                        "'#### N'), followed by the end-of-turn token."),
+    lenient: bool = typer.Option(False, "--lenient", help="Grade a truncated answer by its "
+                                 "last number (by default it is wrong without a stated "
+                                 "answer); affects `correct` and --keep correct."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Run a teacher under a priming strategy and write a teacher store (resumable)."""
@@ -76,7 +82,7 @@ def teach_command(
         samples_per_question=samples_per_question, temperature=temperature,
         max_new_tokens=max_new_tokens, top_k=top_k, target=target, keep=keep,
         backend=backend, tensor_parallel_size=tensor_parallel_size, shard=shard,
-        batch_size=batch_size, device=device,
+        batch_size=batch_size, device=device, stop_at_answer=stop_at_answer, lenient=lenient,
     )
     manifest = teach(config, progress=True)
     if as_json:
