@@ -80,12 +80,12 @@ def test_every_stage_and_report_section(run_dir: Path) -> None:
     assert tuple(headings) == SECTIONS
     results = md.split("## Results", 1)[1].split("## Teachers", 1)[0]
     for name in EXPERIMENTS:
-        assert f"| **{name}** |" in results
+        assert f"| `{name}` |" in results
     assert "95% CI (Wilson)" in results and "Δ vs kd-none" in results
     assert "Δ vs base" in results and "p (Holm)" in results and "rel. gain" in results
     assert "Small sample" in results
     teachers = md.split("## Teachers", 1)[1].split("## Training", 1)[0]
-    assert "| **none** |" in teachers and "| **ground_truth** |" in teachers
+    assert "| `none` |" in teachers and "| `ground_truth` |" in teachers
     for name in ("sft", "kd-none", "kd-ground_truth"):
         assert (run_dir / "report_files" / f"curves-{name}.png").stat().st_size > 1000
     assert (run_dir / "report_files" / "accuracy.png").stat().st_size > 1000
