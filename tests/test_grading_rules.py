@@ -234,3 +234,30 @@ def test_cross_check_lists_disagreements_of_each_kind() -> None:
 def test_cross_check_unknown_extractor_is_an_error() -> None:
     with pytest.raises(PrimekdError, match="choose one of"):
         cross_check([], ["default", "regex"])
+
+
+# --- eval applies the rule when it regrades ----------------------------------------------------
+
+
+def test_eval_regrade_marks_a_truncated_ramble_wrong(tmp_path) -> None:
+    """What `eval` (and so `tune`'s val_accuracy) counts: issue 11's 3/20 came from rows
+    like these."""
+    import json
+
+    from primekd.evaluate import accuracy_summary, finalize_results
+
+    rows = [
+        {"id": "test-00000", "reference": "#### 18", "response": "She sells 18 eggs and then",
+         "finish_reason": "length", "n_tokens": 160},
+        {"id": "test-00001", "reference": "#### 3", "response": "So 3 bolts.\nThe answer is 3.",
+         "finish_reason": "stop", "n_tokens": 20},
+    ]
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    graded = finalize_results(path, "test", "default")
+    assert [r["correct"] for r in graded] == [False, True]
+    assert [r["no_answer"] for r in graded] == ["truncated", None]
+    summary = accuracy_summary(graded)
+    assert (summary["correct"], summary["correct_flexible"], summary["truncated"]) == (1, 2, 1)
+    lenient = finalize_results(path, "test", "default", lenient=True)
+    assert [r["correct"] for r in lenient] == [True, True]
