@@ -261,3 +261,11 @@ def test_eval_regrade_marks_a_truncated_ramble_wrong(tmp_path) -> None:
     assert (summary["correct"], summary["correct_flexible"], summary["truncated"]) == (1, 2, 1)
     lenient = finalize_results(path, "test", "default", lenient=True)
     assert [r["correct"] for r in lenient] == [True, True]
+
+
+def test_answer_line_end_scans_a_bounded_window_after_each_marker() -> None:
+    """10,000 markers without numbers: an unbounded search after each would read ~10^9
+    characters (minutes); the bounded one reads ~10^6."""
+    text = "The answer is unclear. " * 5000 + "#### " * 5000 + "\n"
+    assert answer_line_end(text) is None
+    assert answer_line_end("The answer is " + "x" * 200 + " 5.\n") is None  # too far away

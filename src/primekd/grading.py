@@ -184,7 +184,8 @@ def answer_line_end(text: str) -> int | None:
     ends = []
     for pattern in (_HASHES, _ANSWER_IS, _ANSWER_COLON):
         for phrase in pattern.finditer(text):
-            number = _NUMBER.search(text, phrase.end())
+            # bounded window: many markers without numbers must not make this quadratic
+            number = _NUMBER.search(text, phrase.end(), phrase.end() + 120)
             if number and _MARKER_GAP.fullmatch(text, phrase.end(), number.start()):
                 ends.append(number.end())
                 break
