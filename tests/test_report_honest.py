@@ -80,3 +80,13 @@ def test_truncation_is_shown_and_warned_about_first(tmp_path: Path) -> None:
     assert "| truncated |" in results and "25% (5)" in results and "5% (1)" in results
     teachers = markdown.split("## Teachers", 1)[1].split("## Training", 1)[0]
     assert "| strict | truncated |" in teachers and "75% (12)" in teachers
+
+
+def test_teacher_kept_answers_count_against_rows_not_questions(tmp_path: Path) -> None:
+    _results(tmp_path / "eval" / "base", [False] * 4)
+    path = tmp_path / "teacher" / "none"
+    path.mkdir(parents=True)
+    (path / "manifest.json").write_text(json.dumps(
+        {"counts": {"questions": 64, "rows": 256, "kept": 200}}))  # 4 samples per question
+    teachers = _markdown(tmp_path).split("## Teachers", 1)[1].split("## Training", 1)[0]
+    assert "200/256" in teachers and "200/64" not in teachers

@@ -346,7 +346,8 @@ def _teacher_truncation(manifest: dict[str, Any]) -> str:
 
 def _kept(manifest: dict[str, Any]) -> str:
     kept = _pick(manifest, "counts.kept", "kept", "counts.rows")
-    total = _pick(manifest, "counts.answers", "counts.total", "counts.generated",
+    # answers, not questions: with several samples per question the rows outnumber them
+    total = _pick(manifest, "counts.rows", "counts.answers", "counts.total",
                   "counts.questions")
     if kept is None:
         return "–"
