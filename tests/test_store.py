@@ -124,3 +124,22 @@ def test_identity_changes_name_the_nested_key() -> None:
     new = {"generation": {"temperature": 0.7, "max_new_tokens": 8}, "top_k": 20}
     assert store.identity_changes(old, new) == ["generation.temperature: 0.0 -> 0.7"]
     assert store.identity_changes(old, old) == []
+
+
+def test_a_missing_shard_is_refused_and_shards_merge_their_manifests(tmp_path) -> None:
+    dirs = [tmp_path / f"s{i}" for i in range(3)]
+    for i, d in enumerate(dirs):
+        _store(d, [_row(f"q{i}"), _row(f"r{i}")], shard={"index": i, "count": 3})
+        manifest = json.loads((d / store.MANIFEST).read_text())
+        manifest["counts"] |= {"rows": 2, "correct": i, "questions": 2}
+        manifest |= {"mean_answer_tokens": 10.0 * (i + 1), "compute_seconds": 1.0,
+                     "teacher_accuracy": i / 2}
+        store.write_manifest(d, manifest)
+    with pytest.raises(PrimekdError, match=r"shard\(s\) 1/3 of this 3-shard teach run"):
+        store.load_store([dirs[0], dirs[2]])
+    merged = store.merged_manifest(dirs)
+    assert merged["counts"] == {"kept": 6, "rows": 6, "correct": 3, "questions": 6}
+    assert merged["teacher_accuracy"] == 0.5
+    assert merged["mean_answer_tokens"] == pytest.approx(20.0)
+    assert merged["tokens_per_s"] == pytest.approx(40.0)  # 120 tokens in 3 s
+    assert merged["complete"] and "shard" not in merged["params"]

@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import difflib
 import fcntl
+import fnmatch
 import hashlib
 import importlib
 import json
@@ -112,6 +113,9 @@ class ExperimentConfig:
         default_factory=lambda: {"none": StrategySpec(), "ground_truth": StrategySpec()}
     )
     controls: list[str] = field(default_factory=lambda: list(CONTROLS))
+    # teacher stages per strategy, each answering every n-th question (`teach --shard i/n`);
+    # the students train on all of them. Run shards in parallel with `primekd run --only`.
+    teacher_shards: int = 1
     teacher: dict[str, Any] = field(default_factory=dict)
     distill: dict[str, Any] = field(default_factory=dict)
     sft: dict[str, Any] = field(default_factory=dict)
@@ -473,6 +477,8 @@ def _check_semantics(config: ExperimentConfig) -> None:
             raise PrimekdError(f"config key `{key}.offset` must not be negative")
     if config.report.examples < 0:
         raise PrimekdError("config key `report.examples` must not be negative")
+    if config.teacher_shards < 1:
+        raise PrimekdError("config key `teacher_shards` must be at least 1")
 
 
 def _check_strategy_name(name: str, spec: StrategySpec) -> None:
@@ -584,7 +590,7 @@ def plan(config: ExperimentConfig, out: str | Path) -> list[Stage]:
     out = Path(out)
     stages: list[Stage] = []
     for name, spec in config.strategies.items():
-        stages.append(teacher_stage(config, out, name, spec))
+        stages += teacher_stages(config, out, name, spec)
     for experiment in config.experiments:
         if experiment != "base":
             stages.append(student_stage(config, out, experiment))
@@ -621,18 +627,44 @@ def _with_seed(kind: str, values: dict[str, Any], seed: int) -> dict[str, Any]:
 # Params whose key starts with `_` are hashed but not passed to the stage's config.
 
 
-def teacher_stage(config: ExperimentConfig, out: Path, name: str, spec: StrategySpec) -> Stage:
+def teacher_stages(
+    config: ExperimentConfig, out: Path, name: str, spec: StrategySpec
+) -> list[Stage]:
+    """One teacher stage per strategy, or one per shard with `teacher_shards` > 1."""
     params = _with_seed("teacher", {**config.teacher, **spec.teacher}, config.seed)
     params |= {"teacher": config.models.teacher, "strategy": name,
                "_transfer": _slice(config.data.transfer)}
-    directory = out / "teacher" / name
-    paths: dict[str, Any] = {"out": directory, "data": data_file(out, "transfer")}
+    paths: dict[str, Any] = {"data": data_file(out, "transfer")}
     if spec.custom:
         params["_strategy_spec"] = {
             "description": spec.description or f"custom strategy {name}",
             "user": spec.user, "system": spec.system, "prefill": spec.prefill or ""}
         paths["strategies_file"] = out / RECORDS / "strategies" / f"{name}.yaml"
-    return Stage(f"teacher/{name}", "teacher", directory, params, paths)
+    shards = config.teacher_shards
+    if shards == 1:
+        directory = out / "teacher" / name
+        return [Stage(f"teacher/{name}", "teacher", directory, params,
+                      {**paths, "out": directory})]
+    stages = []
+    for index in range(shards):
+        shard = shard_name(index, shards)
+        directory = out / "teacher" / name / shard
+        stages.append(Stage(f"teacher/{name}/{shard}", "teacher", directory,
+                            {**params, "shard": f"{index}/{shards}"},
+                            {**paths, "out": directory}))
+    return stages
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"shard-{index}-of-{count}"
+
+
+def teacher_store_dirs(config: ExperimentConfig, out: Path, strategy: str) -> list[Path]:
+    """The store directories of one strategy's teacher: one, or one per shard."""
+    root = out / "teacher" / strategy
+    if config.teacher_shards == 1:
+        return [root]
+    return [root / shard_name(i, config.teacher_shards) for i in range(config.teacher_shards)]
 
 
 def student_stage(config: ExperimentConfig, out: Path, experiment: str) -> Stage:
@@ -648,9 +680,11 @@ def student_stage(config: ExperimentConfig, out: Path, experiment: str) -> Stage
     params = {**config.distill, **config.strategies[strategy].distill}
     params = _with_seed("distill", params, config.seed)
     params |= {"student": config.models.student, "objective": "kd"}
-    paths["teacher_store"] = out / "teacher" / strategy
+    stores = teacher_store_dirs(config, out, strategy)
+    paths["teacher_store"] = stores[0] if len(stores) == 1 else stores
+    upstream = tuple(f"teacher/{d.relative_to(out / 'teacher').as_posix()}" for d in stores)
     return Stage(f"students/{experiment}", "distill", directory, params, paths,
-                 upstream=(f"teacher/{strategy}",))
+                 upstream=upstream)
 
 
 def eval_stage(config: ExperimentConfig, out: Path, experiment: str) -> Stage:
@@ -688,7 +722,7 @@ def report_stage(config: ExperimentConfig, out: Path, stages: list[Stage]) -> St
               "config": _plain(config.to_dict())}
     layout = report.Layout(
         run_dir=out,
-        teachers={s.name.split("/", 1)[1]: s.directory for s in stages if s.kind == "teacher"},
+        teachers={name: out / "teacher" / name for name in config.strategies},
         students={s.name.split("/", 1)[1]: s.directory for s in stages if s.kind == "distill"},
         evals={s.name.split("/", 1)[1]: s.directory for s in stages if s.kind == "eval"},
         attention=next((s.directory for s in stages if s.kind == "attention"), None),
@@ -741,6 +775,8 @@ def _path_value(value: Any) -> Any:
         return str(value)
     if isinstance(value, dict):
         return {k: _path_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_path_value(v) for v in value]
     return value
 
 
@@ -822,19 +858,25 @@ def run_experiment(
     progress: bool = True,
     callback: Callback | None = None,
     stage_functions: dict[str, StageFunction] | None = None,
+    only: list[str] | None = None,
 ) -> RunSummary:
-    """Run every stage that is not cached, in order; returns what ran and what was cached."""
+    """Run every stage that is not cached, in order; returns what ran and what was cached.
+    `only` (stage names or globs such as `teacher/none/shard-*`) runs just those stages, whose
+    upstream stages must be complete: several `run --only` processes (one per teacher shard,
+    say) can share a run directory."""
     out = Path(out or Path("runs") / config.name)
     functions = {**STAGE_FUNCTIONS, **(stage_functions or {})}
     stages = plan(config, out)
     start = time.perf_counter()
     outcomes = []
-    with run_lock(out):
+    selected = select_stages(stages, only)
+    with run_lock(out, only_stages=[s.name for s in selected] if only else None):
         write_config(config, out)
         write_data_files(config, out)
-        for index, stage in enumerate(stages, start=1):
+        clear_stale_teachers(stages, out)
+        for index, stage in enumerate(selected, start=1):
             outcomes.append(run_stage(stage, functions[stage.kind], progress, callback,
-                                      index, len(stages)))
+                                      index, len(selected)))
     return RunSummary(str(out), outcomes, time.perf_counter() - start,
                       str(out / "report.md"), str(out / "report.html"))
 
@@ -936,27 +978,85 @@ def _summary_of(result: Any) -> Any:
         return str(result)
 
 
+def select_stages(stages: list[Stage], only: list[str] | None) -> list[Stage]:
+    """The stages `--only` names (all of them without it); their upstream must be complete."""
+    if not only:
+        return stages
+    selected = [s for s in stages if any(fnmatch.fnmatchcase(s.name, p) for p in only)]
+    unmatched = [p for p in only if not any(fnmatch.fnmatchcase(s.name, p) for s in stages)]
+    if unmatched:
+        raise PrimekdError(f"--only {unmatched[0]} names no stage of this run; "
+                           "`primekd run --dry-run` lists them")
+    chosen = {s.name for s in selected}
+    by_name = {s.name: s for s in stages}
+    for stage in selected:
+        for name in stage.upstream:
+            if name not in chosen and by_name[name].state() != "cached":
+                raise PrimekdError(f"{stage.name} needs {name}, which is not complete: "
+                                   "run it first (or include it in --only)")
+    return selected
+
+
+STORE_FILES = ("manifest.json", "part-*.parquet", "part-*.empty.json", ".lock", ".*.tmp")
+
+
+def clear_stale_teachers(stages: list[Stage], out: Path) -> None:
+    """After `teacher_shards` changed, remove the teacher stores made under the other layout
+    (their records say primekd made them), so a strategy's directory holds one layout only."""
+    planned = {s.name for s in stages if s.kind == "teacher"}
+    records = out / RECORDS
+    if not records.is_dir():
+        return
+    for path in sorted(records.glob("teacher--*.json")):
+        try:
+            name = read_json(path)["stage"]
+        except (PrimekdError, KeyError, TypeError):
+            continue
+        if name in planned:
+            continue
+        parts = name.split("/")
+        strategy_dir = out / "teacher" / parts[1]
+        if len(parts) == 3:  # a shard of the old layout
+            shutil.rmtree(strategy_dir / parts[2], ignore_errors=True)
+        elif strategy_dir.is_dir():  # the old unsharded store's files, nothing else
+            for pattern in STORE_FILES:
+                for item in strategy_dir.glob(pattern):
+                    item.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)  # another `run --only` may have cleared it first
+
+
 @contextmanager
-def run_lock(out: Path) -> Iterator[None]:
-    """One `primekd run` per run directory at a time."""
+def run_lock(out: Path, only_stages: list[str] | None = None) -> Iterator[None]:
+    """One `primekd run` per run directory at a time. `run --only` processes share the
+    directory (a shared lock) and each holds its own stages (one lock file per stage), so that
+    teacher shards can run in parallel, on several machines over a shared file system."""
     out.mkdir(parents=True, exist_ok=True)
-    handle = (out / ".lock").open("a+")
+    busy = f"another `primekd run` is using {out}; wait for it or choose another --out"
+    handles = [(out / ".lock").open("a+")]
+    stage_locks = [record_path(out, n).with_suffix(".lock") for n in only_stages or []]
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise PrimekdError(
-            f"another `primekd run` is using {out}; wait for it or choose another --out"
-        ) from None
-    try:
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
+        _flock(handles[0], fcntl.LOCK_SH if only_stages else fcntl.LOCK_EX, busy)
+        if not only_stages:
+            handles[0].seek(0)
+            handles[0].truncate()
+            handles[0].write(str(os.getpid()))
+            handles[0].flush()
+        for name, path in zip(only_stages or [], stage_locks, strict=True):
+            path.parent.mkdir(exist_ok=True)
+            handles.append(path.open("a+"))
+            _flock(handles[-1], fcntl.LOCK_EX,
+                   f"another `primekd run --only` is running {name} in {out}")
         yield
     finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
+        for handle in handles:
+            handle.close()  # closing releases the lock; the files stay (unlinking would race)
+
+
+def _flock(handle: Any, mode: int, message: str) -> None:
+    try:
+        fcntl.flock(handle, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise PrimekdError(message) from None
 
 
 # --- helpers ------------------------------------------------------------------------------------

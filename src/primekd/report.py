@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from primekd import stats
+from primekd import stats, store
 from primekd.errors import PrimekdError
 from primekd.experiment import record_path
 from primekd.io import atomic_write_text, read_json, read_jsonl
@@ -275,7 +275,7 @@ def section_teachers(layout: Layout) -> str:
         return "## Teachers\n\nNo teacher stage in this run.\n"
     body = []
     for name, directory in layout.teachers.items():
-        m = _read_optional(directory / "manifest.json")
+        m = _teacher_manifest(directory)
         body.append([
             f"**{name}**",
             _pct(_pick(m, "teacher_accuracy", "accuracy", "counts.accuracy")),
@@ -291,6 +291,18 @@ def section_teachers(layout: Layout) -> str:
     return ("## Teachers\n\nThe teacher answered the transfer set once under each priming "
             "strategy; the student later sees only the bare question.\n\n"
             + _table(headers, body) + "\n")
+
+
+def _teacher_manifest(directory: Path) -> dict[str, Any]:
+    """A teacher stage's manifest; for a sharded teacher (`teacher_shards`), its shards'
+    manifests merged."""
+    shards = sorted(p for p in directory.glob("shard-*") if (p / "manifest.json").exists())
+    if (directory / "manifest.json").exists() or not shards:
+        return _read_optional(directory / "manifest.json")
+    try:
+        return store.merged_manifest(shards)
+    except PrimekdError:
+        return {}
 
 
 def _kept(manifest: dict[str, Any]) -> str:

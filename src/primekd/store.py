@@ -305,6 +305,21 @@ def check_compatible(dirs: Sequence[Path], manifests: Sequence[dict[str, Any]]) 
     shards = [json.dumps(m["params"].get("shard")) for m in manifests]
     if len(set(shards)) != len(shards):
         raise PrimekdError("the same shard was given twice: " + ", ".join(map(str, dirs)))
+    _check_all_shards(manifests)
+
+
+def _check_all_shards(manifests: Sequence[dict[str, Any]]) -> None:
+    """Shards of a teach run load together only all of them: a missing shard would silently
+    drop every n-th question."""
+    shards = [m["params"].get("shard") for m in manifests]
+    if any(s is None for s in shards):
+        return
+    count = shards[0]["count"]
+    missing = sorted(set(range(count)) - {s["index"] for s in shards})
+    if missing:
+        names = ", ".join(f"{i}/{count}" for i in missing)
+        raise PrimekdError(f"shard(s) {names} of this {count}-shard teach run are missing: "
+                           "give every shard directory (or a glob that matches them all)")
 
 
 def validate_store(directory: str | Path) -> dict[str, Any]:
@@ -326,6 +341,36 @@ def validate_store(directory: str | Path) -> dict[str, Any]:
         raise PrimekdError(f"{directory}: manifest counts {manifest['counts']['kept']} kept "
                            f"rows but the parts hold {len(keys)}")
     return manifest
+
+
+def merged_manifest(directories: Sequence[str | Path]) -> dict[str, Any]:
+    """One manifest for the shards of a teach run: counts and compute summed, rates and
+    accuracy recomputed over all rows. A single directory's manifest is returned unchanged."""
+    dirs = [Path(d) for d in directories]
+    manifests = [read_manifest(d) for d in dirs]
+    if len(manifests) == 1:
+        return manifests[0]
+    check_compatible(dirs, manifests)
+    merged = {k: v for k, v in manifests[0].items() if k != "shard"}
+    merged["params"] = _unsharded_params(manifests[0])
+    counts: dict[str, int] = {}
+    for manifest in manifests:
+        for key, value in manifest.get("counts", {}).items():
+            if isinstance(value, int):
+                counts[key] = counts.get(key, 0) + value
+    merged["counts"] = counts
+    rows = counts.get("rows", 0)
+    tokens = sum((m.get("mean_answer_tokens") or 0) * m["counts"].get("rows", 0)
+                 for m in manifests)
+    seconds = sum(m.get("compute_seconds") or 0 for m in manifests)
+    merged["mean_answer_tokens"] = tokens / rows if rows else None
+    merged["compute_seconds"] = round(seconds, 3)
+    merged["tokens_per_s"] = round(tokens / seconds, 2) if seconds else None
+    if manifests[0].get("teacher_accuracy") is not None:
+        merged["teacher_accuracy"] = counts.get("correct", 0) / rows if rows else None
+    merged["complete"] = all(m.get("complete") for m in manifests)
+    merged["shards"] = [str(d) for d in dirs]
+    return merged
 
 
 def _unsharded_params(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -58,6 +58,12 @@ def run_command(
         False, "--json", help="Print one JSON object (stages, wall times, report paths) "
         "instead of progress and tables.",
     ),
+    only: list[str] = typer.Option(
+        [], "--only", help="Run only this stage (a name from --dry-run, or a glob such as "
+        "'teacher/none/shard-*'); its upstream stages must be complete. Repeatable. Several "
+        "`run --only` processes can share the run directory, e.g. one per teacher shard.",
+        show_default=False,
+    ),
 ) -> None:
     """Run the experiment: teachers per priming strategy, students, evaluation, attention
     analysis and the report. Finished stages are cached: rerunning resumes or skips them."""
@@ -80,7 +86,7 @@ def run_command(
         return
     summary = experiment.run_experiment(
         resolved, run_dir, progress=not json_output,
-        callback=None if json_output else _announce,
+        callback=None if json_output else _announce, only=only or None,
     )
     if json_output:
         typer.echo(json.dumps(summary.to_dict(), indent=2))
@@ -134,8 +140,10 @@ def _print_summary(summary: RunSummary) -> None:
         table.add_row(outcome.name, status, f"{outcome.wall_time_s:.1f}")
     console.print(table)
     ran = sum(o.ran for o in summary.stages)
+    reported = any(o.name == "report" for o in summary.stages)
     console.print(
         f"{ran} stage(s) ran, {len(summary.stages) - ran} cached, "
-        f"{summary.wall_time_s:.1f} s. Report: {summary.report_html}",
+        f"{summary.wall_time_s:.1f} s. "
+        + (f"Report: {summary.report_html}" if reported else "No report (--only)."),
         highlight=False,
     )
