@@ -793,6 +793,24 @@ def distill(config: DistillConfig, callbacks: list[TrainerCallback] | None = Non
     """Train a student adapter (or full model) as `config` says; write everything to `out`."""
     check_config(config)
     out = Path(config.out)
+    with _claimed(out, config.force):
+        return _distill(config, out, callbacks, progress)
+
+
+def _claimed(out: Path, force: bool) -> Any:
+    """The output directory checked, locked and marked (by the first process only: under
+    `accelerate launch` every rank writes into the same --out)."""
+    from contextlib import nullcontext
+
+    from primekd import outdir
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return nullcontext(out)
+    return outdir.claimed(out, "distill", force)
+
+
+def _distill(config: DistillConfig, out: Path, callbacks: list[TrainerCallback] | None,
+             progress: bool) -> DistillResult:
     resume_from = _prepare_out(config, out)
     started = time.perf_counter()
     device = config.device or default_device()

@@ -61,6 +61,9 @@ def teach_command(
                                    "each finished batch is saved as one part."),
     device: str = typer.Option(None, "--device", help="Torch device for --backend hf "
                                "(default: cuda if available, else cpu)."),
+    force: bool = typer.Option(False, "--force", help="Write into a non-empty --out that "
+                               "primekd did not make, beside the files there (never "
+                               "overwriting or deleting them)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Run a teacher under a priming strategy and write a teacher store (resumable)."""
@@ -76,7 +79,7 @@ def teach_command(
         samples_per_question=samples_per_question, temperature=temperature,
         max_new_tokens=max_new_tokens, top_k=top_k, target=target, keep=keep,
         backend=backend, tensor_parallel_size=tensor_parallel_size, shard=shard,
-        batch_size=batch_size, device=device,
+        batch_size=batch_size, device=device, force=force,
     )
     manifest = teach(config, progress=True)
     if as_json:
