@@ -24,12 +24,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import fcntl
 import hashlib
 import importlib
 import json
-import os
-import shutil
 import time
 import types
 import typing
@@ -172,15 +169,16 @@ STAGE_KINDS: dict[str, StageKind] = {
     "teacher": StageKind(
         "teacher", "primekd.teacher", "TeachConfig",
         ("teacher", "strategy", "strategies_file", "data", "limit", "offset", "sample", "out",
-         "shard"),
+         "shard", "force"),
     ),
     "distill": StageKind(
         "distill", "primekd.distill_config", "DistillConfig",
-        ("student", "teacher_store", "data", "objective", "out", "resume", "limit"),
+        ("student", "teacher_store", "data", "objective", "out", "resume", "limit",
+         "force"),
     ),
     "eval": StageKind(
         "eval", "primekd.evaluate", "EvalConfig",
-        ("model", "adapter", "data", "limit", "offset", "sample", "out"),
+        ("model", "adapter", "data", "limit", "offset", "sample", "out", "force"),
     ),
     "attention": StageKind(
         "attention", "primekd.attention", "AttentionConfig",
@@ -822,14 +820,21 @@ def run_experiment(
     progress: bool = True,
     callback: Callback | None = None,
     stage_functions: dict[str, StageFunction] | None = None,
+    force: bool = False,
 ) -> RunSummary:
-    """Run every stage that is not cached, in order; returns what ran and what was cached."""
+    """Run every stage that is not cached, in order; returns what ran and what was cached.
+
+    `force`: run in a non-empty directory primekd did not make, beside the files there."""
+    from primekd import outdir
+
     out = Path(out or Path("runs") / config.name)
     functions = {**STAGE_FUNCTIONS, **(stage_functions or {})}
     stages = plan(config, out)
+    for stage in stages:
+        precheck(stage)
     start = time.perf_counter()
     outcomes = []
-    with run_lock(out):
+    with outdir.claimed(out, "run", force):
         write_config(config, out)
         write_data_files(config, out)
         for index, stage in enumerate(stages, start=1):
@@ -897,13 +902,47 @@ def run_stage(
     return StageOutcome(stage.name, state, True, wall, str(stage.directory))
 
 
+_COMMANDS = {"teacher": "teach", "distill": "distill", "eval": "eval",
+             "attention": "attention", "report": "report"}
+
+
+def precheck(stage: Stage) -> None:
+    """The stage's options checked (types, finiteness, ranges) before any stage runs."""
+    from primekd import validate
+
+    if stage.kind not in ("teacher", "distill", "eval"):
+        return
+    config = stage_config(stage)
+    try:
+        if stage.kind == "teacher":
+            from primekd.teacher import check_config
+
+            check_config(config)
+        elif stage.kind == "distill":
+            validate.check_distill_types(config)
+        else:
+            validate.check_eval(config)
+    except PrimekdError as e:
+        raise PrimekdError(f"{stage.name}: {e}") from None
+
+
 def clear_stage_dir(stage: Stage) -> None:
-    """Remove a stage's outputs made under another hash (stale, never mixed with new ones)."""
+    """Remove a stage's outputs made under another hash (stale, never mixed with new ones).
+
+    Only what primekd wrote goes (by the directory's marker, or, for a stage this run
+    recorded, the stage's output names); anything else stops the run with one line."""
+    from primekd import outdir
+
     if stage.kind == "report":
         for name in ("report.md", "report.html"):
             (stage.paths["out"] / name).unlink(missing_ok=True)
-    if stage.directory.is_dir():
-        shutil.rmtree(stage.directory)
+    trusted = _COMMANDS[stage.kind] if stage.record() is not None else None
+    kept = outdir.remove_owned(stage.directory, trust=trusted)
+    if kept:
+        names = ", ".join(kept[:3]) + (f" and {len(kept) - 3} more" if len(kept) > 3 else "")
+        raise PrimekdError(f"{stage.directory} holds files primekd did not write ({names}); "
+                           "the stage must be redone there: move them, or choose another "
+                           "--out")
     stage.record_path.unlink(missing_ok=True)
 
 
@@ -938,25 +977,11 @@ def _summary_of(result: Any) -> Any:
 
 @contextmanager
 def run_lock(out: Path) -> Iterator[None]:
-    """One `primekd run` per run directory at a time."""
-    out.mkdir(parents=True, exist_ok=True)
-    handle = (out / ".lock").open("a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise PrimekdError(
-            f"another `primekd run` is using {out}; wait for it or choose another --out"
-        ) from None
-    try:
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
+    """One `primekd run` per run directory at a time (a lock on the directory itself)."""
+    from primekd.outdir import locked
+
+    with locked(out, "run"):
         yield
-    finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
 
 
 # --- helpers ------------------------------------------------------------------------------------

@@ -54,6 +54,11 @@ def run_command(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="List the stages and whether each is cached, run nothing.",
     ),
+    force: bool = typer.Option(
+        False, "--force",
+        help="Run in a non-empty --out that primekd did not make, beside the files there "
+        "(never overwriting or deleting them).",
+    ),
     json_output: bool = typer.Option(
         False, "--json", help="Print one JSON object (stages, wall times, report paths) "
         "instead of progress and tables.",
@@ -80,7 +85,7 @@ def run_command(
         return
     summary = experiment.run_experiment(
         resolved, run_dir, progress=not json_output,
-        callback=None if json_output else _announce,
+        callback=None if json_output else _announce, force=force,
     )
     if json_output:
         typer.echo(json.dumps(summary.to_dict(), indent=2))
