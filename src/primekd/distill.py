@@ -44,7 +44,7 @@ from primekd.distill_config import (  # noqa: F401  re-exported: primekd.distill
     load_distill_config,
 )
 from primekd.errors import PrimekdError
-from primekd.io import write_json
+from primekd.io import dumps, write_json
 from primekd.kd_loss import kd_loss_parts
 from primekd.models import (
     default_device,
@@ -615,7 +615,7 @@ class TrainLogWriter(TrainerCallback):
         if row is None:
             return
         with self.jsonl.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(dumps(row) + "\n")
         new = not self.csv.exists()
         with self.csv.open("a", encoding="utf-8", newline="") as f:
             writer = csv.DictWriter(f, LOG_COLUMNS, extrasaction="ignore")

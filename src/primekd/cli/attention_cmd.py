@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
 from primekd.cli.app import app, console
 from primekd.errors import PrimekdError
+from primekd.io import dumps
 
 
 def parse_named(values: list[str], option: str) -> dict[str, str]:
@@ -100,7 +100,7 @@ def attention_command(
     )
     result = analyse(config, progress=True)
     if as_json:
-        print(json.dumps(result.summary, indent=2, default=str))
+        print(dumps(result.summary, indent=2, default=str))
         return
     _print_summary(result.summary, out)
 

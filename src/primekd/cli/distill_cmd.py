@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ from rich.table import Table
 
 from primekd.cli.app import app, console
 from primekd.distill_config import DistillConfig, config_from_dict, load_distill_config
+from primekd.io import dumps
 
 _D = DistillConfig()
 
@@ -130,7 +130,7 @@ def distill_command(
 
     result = distill(config, progress=not quiet)
     if as_json:
-        print(json.dumps(result.summary, indent=2, default=str))
+        print(dumps(result.summary, indent=2, default=str))
         return
     _print_summary(result.summary)
 

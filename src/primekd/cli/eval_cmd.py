@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +9,7 @@ import typer
 
 from primekd.cli.app import app, console
 from primekd.evaluate import EvalConfig, evaluate
+from primekd.io import dumps
 from primekd.models import BUNDLED_ALIAS
 
 
@@ -97,7 +97,7 @@ def eval_command(
     )
     summary = evaluate(config, progress=True)
     if json_output:
-        print(json.dumps(summary))
+        print(dumps(summary))
     else:
         _print_summary(summary, out)
 

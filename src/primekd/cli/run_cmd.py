@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from primekd import experiment
 from primekd.cli.app import app, console
 from primekd.errors import PrimekdError
 from primekd.experiment import RunSummary, Stage
+from primekd.io import dumps
 
 _STATE_TEXT = {
     "cached": "[green]cached[/]",
@@ -88,7 +88,7 @@ def run_command(
         callback=None if json_output else _announce, force=force,
     )
     if json_output:
-        typer.echo(json.dumps(summary.to_dict(), indent=2))
+        typer.echo(dumps(summary.to_dict(), indent=2))
         return
     _print_summary(summary)
 
@@ -116,7 +116,7 @@ def _print_plan(stages: list[Stage], json_output: bool) -> None:
     rows = [{"stage": s.name, "state": s.state(), "hash": s.hash, "directory": str(s.directory),
              "upstream": list(s.upstream)} for s in stages]
     if json_output:
-        typer.echo(json.dumps({"stages": rows}, indent=2))
+        typer.echo(dumps({"stages": rows}, indent=2))
         return
     table = Table(title="stages (--dry-run: nothing runs)")
     for header in ("stage", "would", "hash", "needs"):

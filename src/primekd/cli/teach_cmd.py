@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -10,6 +9,7 @@ from rich.table import Table
 
 from primekd.cli.app import app, console
 from primekd.errors import PrimekdError
+from primekd.io import dumps
 from primekd.priming import all_strategies
 from primekd.teacher import TeachConfig, teach
 
@@ -83,7 +83,7 @@ def teach_command(
     )
     manifest = teach(config, progress=True)
     if as_json:
-        print(json.dumps(manifest, indent=2, ensure_ascii=False))
+        print(dumps(manifest, indent=2, ensure_ascii=False))
     else:
         _print_summary(manifest, out)
 
@@ -91,7 +91,7 @@ def teach_command(
 def _print_strategies(strategies_file: Path | None, as_json: bool) -> None:
     strategies = all_strategies(strategies_file)
     if as_json:
-        print(json.dumps([s.to_dict() for s in strategies.values()], indent=2,
+        print(dumps([s.to_dict() for s in strategies.values()], indent=2,
                          ensure_ascii=False))
         return
     for s in strategies.values():
