@@ -182,7 +182,7 @@ STAGE_KINDS: dict[str, StageKind] = {
     ),
     "attention": StageKind(
         "attention", "primekd.attention", "AttentionConfig",
-        ("model", "adapters", "results", "out", "data", "base_name"),
+        ("model", "adapters", "results", "out", "data", "base_name", "force"),
     ),
 }
 # config section -> stage kind whose fields it takes

@@ -71,6 +71,9 @@ def attention_command(
     no_plots: bool = typer.Option(False, "--no-plots", help="Write the tables only."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
     out: Path = typer.Option(..., "--out", help="Output directory (created if missing)."),
+    force: bool = typer.Option(False, "--force", help="Write into a non-empty --out that "
+                               "primekd did not make, beside the files there (never "
+                               "overwriting or deleting them)."),
 ) -> None:
     """Per-head attention metrics of a model and its adapters, compared on identical tokens.
 
@@ -97,6 +100,7 @@ def attention_command(
         results=parse_named(results, "--results"),
         device=device,
         plots=not no_plots,
+        force=force,
     )
     result = analyse(config, progress=True)
     if as_json:
