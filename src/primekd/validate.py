@@ -78,7 +78,7 @@ def device(value: Any) -> str | None:
 def data_slice(config: Any) -> None:
     """limit / offset / sample / seed, shared by eval, teach and run's data sections."""
     integer("limit", config.limit, 1, optional=True)
-    integer("offset", config.offset, 0)
+    integer("offset", getattr(config, "offset", 0), 0)
     integer("sample", config.sample, 1, optional=True)
     integer("seed", config.seed)
 
