@@ -217,8 +217,11 @@ class _Writer:
 
     def __call__(self, stage: experiment.Stage, progress: bool) -> dict:
         self.calls += 1
+        from primekd.outdir import write_marker
+
         stage.directory.mkdir(parents=True, exist_ok=True)
         (stage.directory / f"part-{self.calls}.txt").write_text(stage.hash)
+        write_marker(stage.directory, "report", set())  # real stages mark what they wrote
         if self.kill:
             raise KeyboardInterrupt
         return {"tokens": 10 * self.calls}
@@ -354,7 +357,7 @@ def _fake_functions(calls: list[str]) -> dict:
     def fn(stage: experiment.Stage, progress: bool) -> dict:
         calls.append(stage.name)
         stage.directory.mkdir(parents=True, exist_ok=True)
-        (stage.directory / ("manifest.json" if stage.kind == "teacher" else "out.txt")
+        (stage.directory / ("manifest.json" if stage.kind == "teacher" else "summary.json")
          ).write_text(stage.hash)
         return {}
     return dict.fromkeys(("teacher", "distill", "eval", "attention", "report"), fn)

@@ -61,8 +61,11 @@ def load_examples(
     if sample is not None:
         if sample < 1:
             raise PrimekdError("--sample must be at least 1")
+        if sample > len(examples):
+            raise PrimekdError(f"--sample {sample} is more than the {len(examples)} questions "
+                               f"in {spec!r}; give at most {len(examples)}, or no --sample")
         rng = random.Random(seed)
-        examples = rng.sample(examples, min(sample, len(examples)))
+        examples = rng.sample(examples, sample)
     if offset < 0:
         raise PrimekdError("--offset must not be negative")
     if limit is not None and limit < 1:
@@ -74,10 +77,17 @@ def load_examples(
     return selected
 
 
+def _brief(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
 def _to_example(row: dict[str, Any], index: int, prefix: str, path: Path) -> Example:
     if "question" not in row or "answer" not in row:
         raise PrimekdError(f"{path}: row {index + 1} needs `question` and `answer` fields")
     answer = str(row["answer"])
+    if reference_number(row["answer"]) is None:
+        raise PrimekdError(f"{path}:{index + 1}: `answer` {_brief(answer)} holds no number to "
+                           "grade against (write a solution ending `#### N`, or a number)")
     return Example(
         id=str(row.get("id", f"{prefix}-{index:05d}")),
         question=str(row["question"]),

@@ -44,7 +44,7 @@ from primekd.distill_config import (  # noqa: F401  re-exported: primekd.distill
     load_distill_config,
 )
 from primekd.errors import PrimekdError
-from primekd.io import write_json
+from primekd.io import dumps, write_json
 from primekd.kd_loss import kd_loss_parts
 from primekd.models import (
     default_device,
@@ -615,7 +615,7 @@ class TrainLogWriter(TrainerCallback):
         if row is None:
             return
         with self.jsonl.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(dumps(row) + "\n")
         new = not self.csv.exists()
         with self.csv.open("a", encoding="utf-8", newline="") as f:
             writer = csv.DictWriter(f, LOG_COLUMNS, extrasaction="ignore")
@@ -793,6 +793,24 @@ def distill(config: DistillConfig, callbacks: list[TrainerCallback] | None = Non
     """Train a student adapter (or full model) as `config` says; write everything to `out`."""
     check_config(config)
     out = Path(config.out)
+    with _claimed(out, config.force):
+        return _distill(config, out, callbacks, progress)
+
+
+def _claimed(out: Path, force: bool) -> Any:
+    """The output directory checked, locked and marked (by the first process only: under
+    `accelerate launch` every rank writes into the same --out)."""
+    from contextlib import nullcontext
+
+    from primekd import outdir
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return nullcontext(out)
+    return outdir.claimed(out, "distill", force)
+
+
+def _distill(config: DistillConfig, out: Path, callbacks: list[TrainerCallback] | None,
+             progress: bool) -> DistillResult:
     resume_from = _prepare_out(config, out)
     started = time.perf_counter()
     device = config.device or default_device()

@@ -29,8 +29,6 @@ import fnmatch
 import hashlib
 import importlib
 import json
-import os
-import shutil
 import time
 import types
 import typing
@@ -176,19 +174,20 @@ STAGE_KINDS: dict[str, StageKind] = {
     "teacher": StageKind(
         "teacher", "primekd.teacher", "TeachConfig",
         ("teacher", "strategy", "strategies_file", "data", "limit", "offset", "sample", "out",
-         "shard"),
+         "shard", "force"),
     ),
     "distill": StageKind(
         "distill", "primekd.distill_config", "DistillConfig",
-        ("student", "teacher_store", "data", "objective", "out", "resume", "limit"),
+        ("student", "teacher_store", "data", "objective", "out", "resume", "limit",
+         "force"),
     ),
     "eval": StageKind(
         "eval", "primekd.evaluate", "EvalConfig",
-        ("model", "adapter", "data", "limit", "offset", "sample", "out"),
+        ("model", "adapter", "data", "limit", "offset", "sample", "out", "force"),
     ),
     "attention": StageKind(
         "attention", "primekd.attention", "AttentionConfig",
-        ("model", "adapters", "results", "out", "data", "base_name"),
+        ("model", "adapters", "results", "out", "data", "base_name", "force"),
     ),
 }
 # config section -> stage kind whose fields it takes
@@ -858,19 +857,27 @@ def run_experiment(
     progress: bool = True,
     callback: Callback | None = None,
     stage_functions: dict[str, StageFunction] | None = None,
+    force: bool = False,
     only: list[str] | None = None,
 ) -> RunSummary:
     """Run every stage that is not cached, in order; returns what ran and what was cached.
+
+    `force`: run in a non-empty directory primekd did not make, beside the files there.
     `only` (stage names or globs such as `teacher/none/shard-*`) runs just those stages, whose
     upstream stages must be complete: several `run --only` processes (one per teacher shard,
     say) can share a run directory."""
+    from primekd import outdir
+
     out = Path(out or Path("runs") / config.name)
     functions = {**STAGE_FUNCTIONS, **(stage_functions or {})}
     stages = plan(config, out)
+    for stage in stages:
+        precheck(stage)
     start = time.perf_counter()
     outcomes = []
     selected = select_stages(stages, only)
-    with run_lock(out, only_stages=[s.name for s in selected] if only else None):
+    with outdir.claimed(out, "run", force, shared=bool(only)), \
+            stage_locks(out, [s.name for s in selected] if only else []):
         write_config(config, out)
         write_data_files(config, out)
         clear_stale_teachers(stages, out)
@@ -939,13 +946,47 @@ def run_stage(
     return StageOutcome(stage.name, state, True, wall, str(stage.directory))
 
 
+_COMMANDS = {"teacher": "teach", "distill": "distill", "eval": "eval",
+             "attention": "attention", "report": "report"}
+
+
+def precheck(stage: Stage) -> None:
+    """The stage's options checked (types, finiteness, ranges) before any stage runs."""
+    from primekd import validate
+
+    if stage.kind not in ("teacher", "distill", "eval"):
+        return
+    config = stage_config(stage)
+    try:
+        if stage.kind == "teacher":
+            from primekd.teacher import check_config
+
+            check_config(config)
+        elif stage.kind == "distill":
+            validate.check_distill_types(config)
+        else:
+            validate.check_eval(config)
+    except PrimekdError as e:
+        raise PrimekdError(f"{stage.name}: {e}") from None
+
+
 def clear_stage_dir(stage: Stage) -> None:
-    """Remove a stage's outputs made under another hash (stale, never mixed with new ones)."""
+    """Remove a stage's outputs made under another hash (stale, never mixed with new ones).
+
+    Only what primekd wrote goes (by the directory's marker, or, for a stage this run
+    recorded, the stage's output names); anything else stops the run with one line."""
+    from primekd import outdir
+
     if stage.kind == "report":
         for name in ("report.md", "report.html"):
             (stage.paths["out"] / name).unlink(missing_ok=True)
-    if stage.directory.is_dir():
-        shutil.rmtree(stage.directory)
+    trusted = _COMMANDS[stage.kind] if stage.record() is not None else None
+    kept = outdir.remove_owned(stage.directory, trust=trusted)
+    if kept:
+        names = ", ".join(kept[:3]) + (f" and {len(kept) - 3} more" if len(kept) > 3 else "")
+        raise PrimekdError(f"{stage.directory} holds files primekd did not write ({names}); "
+                           "the stage must be redone there: move them, or choose another "
+                           "--out")
     stage.record_path.unlink(missing_ok=True)
 
 
@@ -997,12 +1038,11 @@ def select_stages(stages: list[Stage], only: list[str] | None) -> list[Stage]:
     return selected
 
 
-STORE_FILES = ("manifest.json", "part-*.parquet", "part-*.empty.json", ".lock", ".*.tmp")
-
-
 def clear_stale_teachers(stages: list[Stage], out: Path) -> None:
     """After `teacher_shards` changed, remove the teacher stores made under the other layout
     (their records say primekd made them), so a strategy's directory holds one layout only."""
+    from primekd import outdir
+
     planned = {s.name for s in stages if s.kind == "teacher"}
     records = out / RECORDS
     if not records.is_dir():
@@ -1014,49 +1054,42 @@ def clear_stale_teachers(stages: list[Stage], out: Path) -> None:
             continue
         if name in planned:
             continue
-        parts = name.split("/")
-        strategy_dir = out / "teacher" / parts[1]
-        if len(parts) == 3:  # a shard of the old layout
-            shutil.rmtree(strategy_dir / parts[2], ignore_errors=True)
-        elif strategy_dir.is_dir():  # the old unsharded store's files, nothing else
-            for pattern in STORE_FILES:
-                for item in strategy_dir.glob(pattern):
-                    item.unlink(missing_ok=True)
+        directory = out / "teacher" / name.removeprefix("teacher/")
+        # only the old store's own files go: new shard directories and the user's files stay
+        if not outdir.remove_owned(directory, trust="teach") and directory.is_dir():
+            directory.rmdir()
         path.unlink(missing_ok=True)  # another `run --only` may have cleared it first
 
 
 @contextmanager
 def run_lock(out: Path, only_stages: list[str] | None = None) -> Iterator[None]:
-    """One `primekd run` per run directory at a time. `run --only` processes share the
-    directory (a shared lock) and each holds its own stages (one lock file per stage), so that
-    teacher shards can run in parallel, on several machines over a shared file system."""
-    out.mkdir(parents=True, exist_ok=True)
-    busy = f"another `primekd run` is using {out}; wait for it or choose another --out"
-    handles = [(out / ".lock").open("a+")]
-    stage_locks = [record_path(out, n).with_suffix(".lock") for n in only_stages or []]
+    """One `primekd run` per run directory at a time (a lock on the directory itself).
+    `run --only` processes share the directory (a shared lock) and each holds its own stages,
+    so that teacher shards can run in parallel, on several machines over a shared file system."""
+    from primekd.outdir import locked
+
+    with locked(out, "run", shared=only_stages is not None), stage_locks(out, only_stages or []):
+        yield
+
+
+@contextmanager
+def stage_locks(out: Path, names: list[str]) -> Iterator[None]:
+    """An exclusive lock per stage, on a file beside the stage's record in `.stages/`."""
+    handles = []
     try:
-        _flock(handles[0], fcntl.LOCK_SH if only_stages else fcntl.LOCK_EX, busy)
-        if not only_stages:
-            handles[0].seek(0)
-            handles[0].truncate()
-            handles[0].write(str(os.getpid()))
-            handles[0].flush()
-        for name, path in zip(only_stages or [], stage_locks, strict=True):
-            path.parent.mkdir(exist_ok=True)
+        for name in names:
+            path = record_path(out, name).with_suffix(".lock")
+            path.parent.mkdir(parents=True, exist_ok=True)
             handles.append(path.open("a+"))
-            _flock(handles[-1], fcntl.LOCK_EX,
-                   f"another `primekd run --only` is running {name} in {out}")
+            try:
+                fcntl.flock(handles[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise PrimekdError(
+                    f"another `primekd run --only` is running {name} in {out}") from None
         yield
     finally:
         for handle in handles:
             handle.close()  # closing releases the lock; the files stay (unlinking would race)
-
-
-def _flock(handle: Any, mode: int, message: str) -> None:
-    try:
-        fcntl.flock(handle, mode | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise PrimekdError(message) from None
 
 
 # --- helpers ------------------------------------------------------------------------------------

@@ -60,7 +60,9 @@ def _read_template(prompt: str) -> str:
     if "{" not in prompt and "\n" not in prompt and len(prompt) < 4096:
         path = Path(prompt).expanduser()
         if path.is_file():
-            return path.read_text(encoding="utf-8")
+            from primekd.io import read_text
+
+            return read_text(path, "prompt template file")
         if path.suffix in {".txt", ".md", ".jinja", ".tmpl", ".prompt"}:
             raise PrimekdError(f"prompt template file {prompt} does not exist")
     return prompt

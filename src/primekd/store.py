@@ -15,7 +15,6 @@ from them.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -63,20 +62,10 @@ COLUMNS = tuple(SCHEMA.names)
 @contextmanager
 def locked(directory: str | Path) -> Iterator[None]:
     """Hold an exclusive lock on a store directory (released by the OS if we are killed)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PrimekdError(
-                f"{directory} is being written by another `primekd teach` process; "
-                "wait for it, or use another --out"
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    from primekd.outdir import locked as locked_directory
+
+    with locked_directory(directory, "teach"):
+        yield
 
 
 def part_files(directory: str | Path) -> list[Path]:

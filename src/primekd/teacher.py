@@ -61,6 +61,7 @@ class TeachConfig:
     batch_size: int = 8
     device: str | None = None
     extractor: str = "default"
+    force: bool = False  # write into a non-empty --out of someone else's (never overwriting)
 
 
 @dataclass(frozen=True)
@@ -81,9 +82,12 @@ def teach(config: TeachConfig, progress: bool = True) -> dict[str, Any]:
     examples = select_examples(config)
     source = resolve(config.teacher)
     tokenizer = load_tokenizer(source)
+    _check_fits(config, strategy, examples, source, tokenizer)
     params = identity(config, strategy, tokenizer)
     out = Path(config.out)
-    with store.locked(out):
+    from primekd import outdir
+
+    with outdir.claimed(out, "teach", config.force):
         existing = _existing_manifest(out, params)
         date = _chat_date(existing)
         store.clean_temp_files(out)
@@ -112,6 +116,22 @@ def teach(config: TeachConfig, progress: bool = True) -> dict[str, Any]:
                     save()
                     advance(len(batch))
         return save()
+
+
+def _check_fits(config: TeachConfig, strategy: Strategy, examples: Sequence[Example],
+                source: Any, tokenizer: Any) -> None:
+    """--top-k within the vocabulary, and every primed prompt (plus the answer budget)
+    within the teacher's context, checked before the model loads or a file is written."""
+    from primekd.validate import model_context, prompts_fit
+
+    if config.top_k > len(tokenizer):
+        raise PrimekdError(f"--top-k {config.top_k} exceeds the teacher's vocabulary of "
+                           f"{len(tokenizer)} tokens")
+    texts = [render(tokenizer, strategy.render(e.question, e.answer, answer_text(e)))
+             for e in examples]
+    budget = config.max_new_tokens if config.target == "generated" else 0
+    prompts_fit(tokenizer, texts, model_context(source.path), budget,
+                "the primed prompt of question")
 
 
 # ---------------------------------------------------------------- one batch
@@ -204,8 +224,12 @@ def reference_tokens(tokenizer: Any, example: Example) -> list[int]:
 
 
 def check_config(config: TeachConfig) -> None:
+    from primekd.validate import check_teach
+
     def bad(message: str) -> None:
         raise PrimekdError(message)
+
+    check_teach(config)
 
     if config.target not in TARGETS:
         bad(f"--target must be one of {', '.join(TARGETS)}, not {config.target!r}")
@@ -335,7 +359,10 @@ def _existing_manifest(out: Path, params: dict[str, Any]) -> dict[str, Any] | No
                 "or choose a new --out"
             )
         return manifest
-    strays = [p.name for p in out.iterdir() if p.name != ".lock"]
+    from primekd.outdir import MARKER, is_ours
+
+    strays = [p.name for p in out.iterdir()
+              if p.name not in (".lock", MARKER) and is_ours(p.name, "teach")]
     if strays:
         raise PrimekdError(f"{out} is not empty and holds no teacher store "
                            f"({', '.join(sorted(strays)[:3])}...); choose a new --out")

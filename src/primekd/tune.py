@@ -21,6 +21,7 @@ import datetime
 import difflib
 import hashlib
 import json
+import math
 import os
 import random
 import time
@@ -231,7 +232,21 @@ def _parse_choices(name: str, spec: dict[str, Any]) -> Param:
             raise PrimekdError(
                 f"search space: {name}: choice {choice!r} must be a string, number or boolean"
             )
+        _check_choice_type(name, choice)
     return Param(name, "categorical", choices=tuple(choices))
+
+
+def _check_choice_type(name: str, choice: Any) -> None:
+    """A choice must have the type of its distill option (`lora_r: [4, "eight"]` fails)."""
+    from primekd.distill_config import DistillConfig
+    from primekd.validate import check_distill_types
+
+    try:
+        check_distill_types(DistillConfig(**{name: choice}))
+    except PrimekdError as e:
+        raise PrimekdError(f"search space: {name}: choice {choice!r}: {e}") from None
+    except TypeError:
+        return  # not a distill field; _check_field reports that
 
 
 def _infer_kind(spec: dict[str, Any], default: Any) -> str:
@@ -245,12 +260,13 @@ def _number(name: str, key: str, value: Any) -> float:
     """A number from YAML; accepts `1e-5`, which PyYAML reads as a string."""
     if isinstance(value, bool):
         raise PrimekdError(f"search space: {name}.{key} must be a number, not {value!r}")
-    if isinstance(value, (int, float)):
-        return value
     try:
-        return float(value)
+        number = value if isinstance(value, (int, float)) else float(value)
     except (TypeError, ValueError):
         raise PrimekdError(f"search space: {name}.{key} must be a number, not {value!r}") from None
+    if not math.isfinite(number):
+        raise PrimekdError(f"search space: {name}.{key} must be a finite number, not {value!r}")
+    return number
 
 
 def _check_range(
@@ -508,8 +524,13 @@ def tune(config: TuneConfig, progress: bool = True) -> TuneResult:
     """
     import optuna
 
+    from primekd import outdir
+
     start = time.monotonic()
+    # no lock: several tune workers may share one --out
+    foreign = outdir.check_out(config.out, "tune")
     Path(config.out).mkdir(parents=True, exist_ok=True)
+    outdir.write_marker(Path(config.out), "tune", foreign)
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:

@@ -48,6 +48,7 @@ class AttentionConfig:
     base_name: str = "base"
     device: str | None = None
     plots: bool = True
+    force: bool = False  # write into a non-empty --out of someone else's (never overwriting)
 
 
 @dataclass
@@ -67,7 +68,15 @@ class _Prompt:
 
 def analyse(config: AttentionConfig, progress: bool = True) -> AttentionResult:
     """Run the analysis and write every output into `config.out`."""
+    from primekd import outdir
+
     validate(config)
+    outdir.check_out(config.out, "attention", config.force)  # before minutes of computing
+    with outdir.claimed(config.out, "attention", config.force):
+        return _analyse(config, progress)
+
+
+def _analyse(config: AttentionConfig, progress: bool) -> AttentionResult:
     started = time.time()
     out_dir = Path(config.out)
     accuracies = {name: accuracy(path) for name, path in config.results.items()}
@@ -97,6 +106,14 @@ def analyse(config: AttentionConfig, progress: bool = True) -> AttentionResult:
 
 
 def validate(config: AttentionConfig) -> None:
+    from primekd import validate as checks
+
+    checks.data_slice(config)
+    checks.integer("max_length", config.max_length)
+    checks.number("threshold", config.threshold)
+    checks.integer("top_k", config.top_k)
+    checks.integer("heads_top", config.heads_top)
+    checks.device(config.device)
     if config.max_length < 2:
         raise PrimekdError("--max-length must be at least 2 tokens")
     if not 0 < config.threshold <= 1:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +9,7 @@ import typer
 
 from primekd.cli.app import app, console
 from primekd.evaluate import EvalConfig, evaluate
+from primekd.io import dumps
 from primekd.models import BUNDLED_ALIAS
 
 
@@ -82,17 +82,22 @@ def eval_command(
     json_output: bool = typer.Option(
         False, "--json", help="Print summary.json to stdout instead of a table."
     ),
+    force: bool = typer.Option(
+        False, "--force",
+        help="Write into a non-empty --out that primekd did not make, beside the files "
+        "there (never overwriting or deleting them).",
+    ),
 ) -> None:
     """Answer questions with a model (+ adapter), grade them, and write results + summary."""
     config = EvalConfig(
         model=model, out=out, adapter=str(adapter) if adapter else None, data=data,
         limit=limit, offset=offset, sample=sample, seed=seed, batch_size=batch_size,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, prompt=prompt,
-        few_shot=few_shot, extractor=extractor, device=device,
+        few_shot=few_shot, extractor=extractor, device=device, force=force,
     )
     summary = evaluate(config, progress=True)
     if json_output:
-        print(json.dumps(summary))
+        print(dumps(summary))
     else:
         _print_summary(summary, out)
 

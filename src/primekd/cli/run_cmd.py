@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from primekd import experiment
 from primekd.cli.app import app, console
 from primekd.errors import PrimekdError
 from primekd.experiment import RunSummary, Stage
+from primekd.io import dumps
 
 _STATE_TEXT = {
     "cached": "[green]cached[/]",
@@ -54,6 +54,11 @@ def run_command(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="List the stages and whether each is cached, run nothing.",
     ),
+    force: bool = typer.Option(
+        False, "--force",
+        help="Run in a non-empty --out that primekd did not make, beside the files there "
+        "(never overwriting or deleting them).",
+    ),
     json_output: bool = typer.Option(
         False, "--json", help="Print one JSON object (stages, wall times, report paths) "
         "instead of progress and tables.",
@@ -86,10 +91,10 @@ def run_command(
         return
     summary = experiment.run_experiment(
         resolved, run_dir, progress=not json_output,
-        callback=None if json_output else _announce, only=only or None,
+        callback=None if json_output else _announce, force=force, only=only or None,
     )
     if json_output:
-        typer.echo(json.dumps(summary.to_dict(), indent=2))
+        typer.echo(dumps(summary.to_dict(), indent=2))
         return
     _print_summary(summary)
 
@@ -117,7 +122,7 @@ def _print_plan(stages: list[Stage], json_output: bool) -> None:
     rows = [{"stage": s.name, "state": s.state(), "hash": s.hash, "directory": str(s.directory),
              "upstream": list(s.upstream)} for s in stages]
     if json_output:
-        typer.echo(json.dumps({"stages": rows}, indent=2))
+        typer.echo(dumps({"stages": rows}, indent=2))
         return
     table = Table(title="stages (--dry-run: nothing runs)")
     for header in ("stage", "would", "hash", "needs"):

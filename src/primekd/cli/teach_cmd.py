@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -10,6 +9,7 @@ from rich.table import Table
 
 from primekd.cli.app import app, console
 from primekd.errors import PrimekdError
+from primekd.io import dumps
 from primekd.priming import all_strategies
 from primekd.teacher import TeachConfig, teach
 
@@ -61,6 +61,9 @@ def teach_command(
                                    "each finished batch is saved as one part."),
     device: str = typer.Option(None, "--device", help="Torch device for --backend hf "
                                "(default: cuda if available, else cpu)."),
+    force: bool = typer.Option(False, "--force", help="Write into a non-empty --out that "
+                               "primekd did not make, beside the files there (never "
+                               "overwriting or deleting them)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Run a teacher under a priming strategy and write a teacher store (resumable)."""
@@ -76,11 +79,11 @@ def teach_command(
         samples_per_question=samples_per_question, temperature=temperature,
         max_new_tokens=max_new_tokens, top_k=top_k, target=target, keep=keep,
         backend=backend, tensor_parallel_size=tensor_parallel_size, shard=shard,
-        batch_size=batch_size, device=device,
+        batch_size=batch_size, device=device, force=force,
     )
     manifest = teach(config, progress=True)
     if as_json:
-        print(json.dumps(manifest, indent=2, ensure_ascii=False))
+        print(dumps(manifest, indent=2, ensure_ascii=False))
     else:
         _print_summary(manifest, out)
 
@@ -88,7 +91,7 @@ def teach_command(
 def _print_strategies(strategies_file: Path | None, as_json: bool) -> None:
     strategies = all_strategies(strategies_file)
     if as_json:
-        print(json.dumps([s.to_dict() for s in strategies.values()], indent=2,
+        print(dumps([s.to_dict() for s in strategies.values()], indent=2,
                          ensure_ascii=False))
         return
     for s in strategies.values():
