@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import fcntl
 import hashlib
 import importlib
@@ -43,7 +42,7 @@ from typing import Any
 
 import yaml
 
-from primekd.errors import PrimekdError
+from primekd.errors import PrimekdError, did_you_mean
 from primekd.io import read_json, read_yaml, write_json
 
 PRESETS = ("quick", "paper")
@@ -360,10 +359,9 @@ def _build_strategies(value: Any) -> dict[str, StrategySpec]:
 
 def unknown_key_error(key: str, known: typing.Iterable[str]) -> PrimekdError:
     leaf = key.rsplit(".", 1)[-1]
-    close = difflib.get_close_matches(leaf, list(known), n=1)
-    hint = f"did you mean `{close[0]}`? " if close else ""
     return PrimekdError(
-        f"unknown config key `{key}`: {hint}valid keys here: {', '.join(sorted(known))}"
+        f"unknown config key `{key}`{did_you_mean(leaf, known)}; "
+        f"valid keys here: {', '.join(sorted(known))}"
     )
 
 

@@ -24,7 +24,7 @@ import jinja2
 import jinja2.meta
 
 from primekd.chat import ChatPrompt
-from primekd.errors import PrimekdError
+from primekd.errors import PrimekdError, did_you_mean
 from primekd.io import read_yaml
 
 VARIABLES = ("question", "reference", "answer")
@@ -126,7 +126,8 @@ def get_strategy(name: str, strategies_file: str | Path | None = None) -> Strate
     available = all_strategies(strategies_file)
     if name not in available:
         raise PrimekdError(
-            f"unknown strategy {name!r}; choose one of {', '.join(available)} "
+            f"unknown strategy {name!r}{did_you_mean(name, available)}; "
+            f"choose one of {', '.join(available)} "
             "(see `primekd teach --list-strategies`)"
         )
     return available[name]
@@ -169,7 +170,8 @@ def _parse_strategy(path: Path, name: str, spec: Any) -> Strategy:
     for key in spec:
         if key not in allowed:
             raise PrimekdError(
-                f"{where}: unknown field {key!r}; allowed fields: {', '.join(sorted(allowed))}"
+                f"{where}: unknown field {key!r}{did_you_mean(key, allowed)}; "
+                f"allowed fields: {', '.join(sorted(allowed))}"
             )
     if not isinstance(spec.get("user"), str) or not spec["user"].strip():
         raise PrimekdError(f"{where}, field 'user': required, a non-empty template string")

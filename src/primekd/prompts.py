@@ -8,12 +8,12 @@ asked to write, so the model sees the format it should follow.
 
 from __future__ import annotations
 
-import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
 
 from primekd.chat import ChatPrompt
+from primekd.data import load_examples, strip_calculator
 from primekd.errors import PrimekdError
 
 DEFAULT_TEMPLATE = (
@@ -23,7 +23,6 @@ DEFAULT_TEMPLATE = (
 )
 PLACEHOLDERS = ("question",)
 FEW_SHOT_STOP = "\nQuestion:"
-_CALCULATOR = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations, e.g. <<48/2=24>>
 
 
 @dataclass(frozen=True)
@@ -88,14 +87,12 @@ def check_template(text: str) -> None:
 def worked_solution(answer: str) -> str:
     """A GSM8K reference rewritten as the reply we ask for: steps, then `The answer is N.`."""
     steps, _, final = answer.rpartition("####")
-    steps = _CALCULATOR.sub("", steps).strip()
+    steps = strip_calculator(steps).strip()
     return f"{steps}\nThe answer is {final.strip()}."
 
 
 def few_shot_block(k: int) -> str:
     """The first k GSM8K train problems with worked solutions (fixed, so runs compare)."""
-    from primekd.data import load_examples
-
     shots = load_examples("train", limit=k)
     parts = [f"Question: {e.question}\nSolution: {worked_solution(e.answer)}" for e in shots]
     return "Here are some solved examples.\n\n" + "\n\n".join(parts)

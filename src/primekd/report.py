@@ -25,7 +25,7 @@ from typing import Any
 from primekd import stats
 from primekd.errors import PrimekdError
 from primekd.experiment import record_path
-from primekd.io import atomic_write_text, read_json, read_jsonl
+from primekd.io import atomic_write, atomic_write_text, read_json, read_jsonl
 
 FORMAT_VERSION = 1
 ASSETS = "report_files"
@@ -555,9 +555,8 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     _pyplot().close(fig)
     return path
 

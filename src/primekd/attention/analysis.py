@@ -22,7 +22,7 @@ from primekd.attention.metrics import JS_METRIC, METRIC_LABELS, METRICS
 from primekd.chat import ChatPrompt, encode_prompts, render
 from primekd.data import Example, load_examples
 from primekd.errors import PrimekdError
-from primekd.io import read_jsonl, write_json
+from primekd.io import atomic_write, read_jsonl, write_json
 from primekd.progress import progress_bar
 
 DEFAULT_LIMIT = 32
@@ -350,20 +350,14 @@ def capture_maps(
 def _write_tables(
     out_dir: Path, table: pd.DataFrame, ranking: pd.DataFrame, correlation: pd.DataFrame
 ) -> None:
-    _atomic(out_dir / "head_metrics.parquet", lambda path: table.to_parquet(path, index=False))
-    _atomic(out_dir / "head_metrics.csv", lambda path: table.to_csv(path, index=False))
-    _atomic(out_dir / "head_ranking.csv", lambda path: ranking.to_csv(path, index=False))
+    atomic_write(out_dir / "head_metrics.parquet", lambda path: table.to_parquet(path, index=False))
+    atomic_write(out_dir / "head_metrics.csv", lambda path: table.to_csv(path, index=False))
+    atomic_write(out_dir / "head_ranking.csv", lambda path: ranking.to_csv(path, index=False))
     correlation_path = out_dir / "accuracy_correlation.csv"
     if len(correlation):
-        _atomic(correlation_path, lambda path: correlation.to_csv(path, index=False))
+        atomic_write(correlation_path, lambda path: correlation.to_csv(path, index=False))
     else:
         correlation_path.unlink(missing_ok=True)
-
-
-def _atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    tmp.replace(path)
 
 
 def _write_plots(
