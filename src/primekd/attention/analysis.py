@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from scipy.stats import pearsonr, spearmanr
 
 from primekd.attention.hooks import AttentionCollector, ModelBank
 from primekd.attention.metrics import JS_METRIC, METRIC_LABELS, METRICS
@@ -306,17 +307,9 @@ def accuracy_correlation(table: pd.DataFrame, accuracies: dict[str, float]) -> p
 def _correlations(values: np.ndarray, target: np.ndarray) -> tuple[int, float, float]:
     keep = ~np.isnan(values)
     x, y = values[keep], target[keep]
-    if len(x) < 2:
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:  # undefined: nan, without a warning
         return len(x), float("nan"), float("nan")
-    from scipy.stats import rankdata
-
-    return len(x), _pearson(x, y), _pearson(rankdata(x), rankdata(y))
-
-
-def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-    dx, dy = x - x.mean(), y - y.mean()
-    denominator = np.sqrt((dx**2).sum() * (dy**2).sum())
-    return float((dx * dy).sum() / denominator) if denominator > 0 else float("nan")
+    return len(x), float(pearsonr(x, y).statistic), float(spearmanr(x, y).statistic)
 
 
 def _plot_heads(ranking: pd.DataFrame, table: pd.DataFrame, count: int) -> list[tuple[int, int]]:
