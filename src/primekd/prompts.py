@@ -1,17 +1,17 @@
 """Evaluation prompt templates: zero-shot, few-shot, or the user's own.
 
-A template is the user turn of the chat, with a `{question}` placeholder (write `{{` and
-`}}` for literal braces). Few-shot examples are worked GSM8K train solutions placed before
-the template's text in the same user turn, each ending with the answer line the model is
-asked to write, so the model sees the format it should follow.
+A template is the user turn of the chat: a Jinja template (the language strategies use
+too) with a `{{ question }}` placeholder. Few-shot examples are worked GSM8K train solutions
+placed before the template's text in the same user turn, each ending with the answer line
+the model is asked to write, so the model sees the format it should follow.
 """
 
 from __future__ import annotations
 
-import string
 from dataclasses import dataclass
 from pathlib import Path
 
+from primekd import templates
 from primekd.chat import ChatPrompt
 from primekd.data import load_examples, strip_calculator
 from primekd.errors import PrimekdError
@@ -19,7 +19,7 @@ from primekd.errors import PrimekdError
 DEFAULT_TEMPLATE = (
     "Solve the following math problem. Think step by step, then write the final answer "
     'on its own last line in the form "The answer is N", where N is a number.\n\n'
-    "Question: {question}"
+    "Question: {{ question }}"
 )
 PLACEHOLDERS = ("question",)
 FEW_SHOT_STOP = "\nQuestion:"
@@ -39,7 +39,7 @@ class PromptTemplate:
         return (FEW_SHOT_STOP,) if self.examples_text else ()
 
     def build(self, question: str) -> ChatPrompt:
-        body = self.text.format(question=question)
+        body = templates.render(self.text, {"question": question}, "prompt template")
         if self.examples_text:
             body = f"{self.examples_text}\n\n{body}"
         return ChatPrompt(user=body)
@@ -55,7 +55,7 @@ def load_template(prompt: str | None = None, few_shot: int = 0) -> PromptTemplat
 
 
 def _read_template(prompt: str) -> str:
-    # A template holds `{question}`; a short string without braces naming a file is a path.
+    # A template holds `{{ question }}`; a short string without braces naming a file is a path.
     if "{" not in prompt and "\n" not in prompt and len(prompt) < 4096:
         path = Path(prompt).expanduser()
         if path.is_file():
@@ -66,22 +66,10 @@ def _read_template(prompt: str) -> str:
 
 
 def check_template(text: str) -> None:
-    """Reject templates with unknown or malformed placeholders, or no `{question}`."""
-    try:
-        fields = [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
-    except ValueError as e:
-        raise PrimekdError(
-            f"prompt template is malformed ({e}); write literal braces as {{{{ and }}}}"
-        ) from None
-    unknown = sorted({f for f in fields if f not in PLACEHOLDERS})
-    if unknown:
-        names = ", ".join("{" + u + "}" for u in unknown)
-        raise PrimekdError(
-            f"prompt template has unknown placeholder(s) {names}; the only placeholder is "
-            "{question} (write literal braces as {{ and }})"
-        )
-    if "question" not in fields:
-        raise PrimekdError("prompt template has no {question} placeholder: where does it go?")
+    """Reject templates with unknown or malformed placeholders, or no `{{ question }}`."""
+    where = "prompt template"
+    templates.require(templates.check(text, PLACEHOLDERS, where, {"question": "?"}),
+                      "question", where)
 
 
 def worked_solution(answer: str) -> str:
