@@ -24,7 +24,6 @@ from typing import Any
 
 from primekd import stats
 from primekd.errors import PrimekdError
-from primekd.experiment import record_path
 from primekd.io import atomic_write, atomic_write_text, read_json, read_jsonl
 
 FORMAT_VERSION = 1
@@ -32,6 +31,12 @@ ASSETS = "report_files"
 PACKAGES = ("primekd", "torch", "transformers", "peft", "accelerate", "datasets", "numpy",
             "pyarrow", "scipy", "statsmodels", "matplotlib")
 SMALL_SAMPLE = 200  # below this many test questions the report warns about the intervals
+RECORDS = ".stages"  # <run>/.stages/<stage name, / as -->.json: what each stage of `run` did
+
+
+def record_path(run_dir: str | Path, stage_name: str) -> Path:
+    """A stage's run record (wall and CPU time, summary), written by `primekd run`."""
+    return Path(run_dir) / RECORDS / (stage_name.replace("/", "--") + ".json")
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -421,14 +426,12 @@ def section_compute(layout: Layout) -> str:
 def _stage_tokens(name: str, directory: Path, record: dict[str, Any]) -> int | None:
     summary = record.get("summary") if isinstance(record.get("summary"), dict) else {}
     if name.startswith("teacher/"):
-        m = _read_optional(directory / "manifest.json")
-        value = _pick(m, "counts.answer_tokens", "answer_tokens")
+        m = _read_optional(directory / "manifest.json")  # what teacher.py's manifest holds
         mean, rows = _pick(m, "mean_answer_tokens"), _pick(m, "counts.rows")
-        if value is None and mean is not None and rows is not None:
-            value = round(mean * rows)
+        value = round(mean * rows) if mean is not None and rows is not None else None
     elif name.startswith("students/"):
         s = _read_optional(directory / "summary.json") or summary
-        value = _pick(s, "tokens", "train_tokens", "tokens_processed", "total_tokens")
+        value = _pick(s, "tokens")  # distill's summary.json
     elif name.startswith("eval/"):
         results = directory / "results.jsonl"
         value = sum(int(r.get("n_tokens") or 0) for r in read_jsonl(results)) \
