@@ -63,10 +63,10 @@ def test_print_config_is_the_commented_preset() -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("distill.alhpa=0.3", "unknown config key `distill.alhpa`: did you mean `alpha`"),
+        ("distill.alhpa=0.3", "unknown config key `distill.alhpa` (did you mean 'alpha'?)"),
         ("distill.alpha=high", "config key `distill.alpha` is 'high'; expected a number"),
         ("eval.model=other", "`eval.model` is set by the experiment itself"),
-        ("data.test.sampel=3", "unknown config key `data.test.sampel`: did you mean `sample`"),
+        ("data.test.sampel=3", "unknown config key `data.test.sampel` (did you mean 'sample'?)"),
         ("data.test.sample=0", "`data.test.sample` must be at least 1"),
         ("controls=[base,teacher]", "`controls` has 'teacher'"),
         ("strategies=[none,nonsense]", "unknown strategy `nonsense`"),

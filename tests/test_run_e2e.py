@@ -111,7 +111,6 @@ def test_second_run_is_all_cached(run_dir: Path) -> None:
     summary = _primekd(str(run_dir / "config.yaml"), "--out", str(run_dir))
     assert [s["state"] for s in summary["stages"]] == ["cached"] * len(summary["stages"])
     assert not any(s["ran"] for s in summary["stages"])
-    assert summary["wall_time_s"] < 5
     assert (run_dir / "report.html").stat().st_mtime_ns == before
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import asdict, dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -13,6 +14,7 @@ from primekd.grading import reference_number
 from primekd.io import iter_jsonl
 
 BUNDLED_SPLITS = ("train", "test", "test_socratic")
+_CALCULATOR = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations, e.g. <<48/2=24>>
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,11 @@ class Example:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def strip_calculator(text: str) -> str:
+    """GSM8K's `<<48/2=24>>` annotations removed: dataset markup, not language."""
+    return _CALCULATOR.sub("", text)
 
 
 def bundled_path(split: str) -> Path:

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from primekd.errors import PrimekdError
+from primekd.errors import PrimekdError, did_you_mean
 from primekd.io import read_yaml
 from primekd.models import BUNDLED_ALIAS
 
@@ -89,8 +89,8 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> DistillC
     values = {k.replace("-", "_"): v for k, v in values.items()}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise PrimekdError(f"{source}: unknown distill option(s) {', '.join(unknown)}; "
-                           f"known: {', '.join(sorted(names))}")
+        raise PrimekdError(f"{source}: unknown distill option(s) {', '.join(unknown)}"
+                           f"{did_you_mean(unknown[0], names)}; known: {', '.join(sorted(names))}")
     if isinstance(values.get("target_modules"), str):
         values["target_modules"] = _split_modules(values["target_modules"])
     return DistillConfig(**values)

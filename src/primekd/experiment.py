@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import fcntl
 import fnmatch
 import hashlib
@@ -42,12 +41,13 @@ from typing import Any
 
 import yaml
 
-from primekd.errors import PrimekdError
+from primekd import report
+from primekd.errors import PrimekdError, did_you_mean
 from primekd.io import read_json, read_yaml, write_json
+from primekd.report import RECORDS, record_path
 
 PRESETS = ("quick", "paper")
 CONTROLS = ("base", "sft")
-RECORDS = ".stages"  # <run>/.stages/<stage name, / as -->.json
 CACHE_VERSION = 1  # bump to invalidate every cached stage after a format change
 
 # --- config schema ----------------------------------------------------------------------------
@@ -363,10 +363,9 @@ def _build_strategies(value: Any) -> dict[str, StrategySpec]:
 
 def unknown_key_error(key: str, known: typing.Iterable[str]) -> PrimekdError:
     leaf = key.rsplit(".", 1)[-1]
-    close = difflib.get_close_matches(leaf, list(known), n=1)
-    hint = f"did you mean `{close[0]}`? " if close else ""
     return PrimekdError(
-        f"unknown config key `{key}`: {hint}valid keys here: {', '.join(sorted(known))}"
+        f"unknown config key `{key}`{did_you_mean(leaf, known)}; "
+        f"valid keys here: {', '.join(sorted(known))}"
     )
 
 
@@ -567,10 +566,6 @@ class Stage:
         return "cached" if record.get("status") == "complete" else "resume"
 
 
-def record_path(run_dir: str | Path, stage_name: str) -> Path:
-    return Path(run_dir) / RECORDS / (stage_name.replace("/", "--") + ".json")
-
-
 def _has_content(directory: Path) -> bool:
     return directory.is_dir() and any(directory.iterdir())
 
@@ -715,8 +710,6 @@ def attention_stage(config: ExperimentConfig, out: Path) -> Stage:
 
 
 def report_stage(config: ExperimentConfig, out: Path, stages: list[Stage]) -> Stage:
-    from primekd import report
-
     params = {"report": dataclasses.asdict(config.report), "format": report.FORMAT_VERSION,
               "config": _plain(config.to_dict())}
     layout = report.Layout(
@@ -815,8 +808,6 @@ def run_attention(stage: Stage, progress: bool) -> Any:
 
 
 def run_report(stage: Stage, progress: bool) -> Any:
-    from primekd import report
-
     options = stage.params["report"]
     return report.write_report(stage.paths["out"], stage.paths["layout"], **options)
 

@@ -16,7 +16,6 @@ from them.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,7 +26,7 @@ import pyarrow.compute  # noqa: F401  pa.compute
 import pyarrow.parquet as pq
 
 from primekd.errors import PrimekdError
-from primekd.io import read_json, write_json
+from primekd.io import atomic_write, read_json, write_json
 
 FORMAT = "primekd-teacher-store"
 FORMAT_VERSION = 1
@@ -74,7 +73,7 @@ def part_files(directory: str | Path) -> list[Path]:
 
 def clean_temp_files(directory: str | Path) -> None:
     """Remove half-written parts left by a killed writer."""
-    for pattern in (".part-*.tmp", f".{MANIFEST}.*.tmp"):
+    for pattern in (".part-*.tmp*", f".{MANIFEST}.*.tmp*"):
         for tmp in Path(directory).glob(pattern):
             tmp.unlink(missing_ok=True)
 
@@ -101,15 +100,7 @@ def write_part(
         return empty
     table = pa.Table.from_pylist(list(rows), schema=SCHEMA)
     table = table.replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
     return path
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from primekd import __version__, store
 from primekd.chat import encode_prompts, render
-from primekd.data import Example, load_examples, resolve_data_path
+from primekd.data import Example, load_examples, resolve_data_path, strip_calculator
 from primekd.errors import PrimekdError
 from primekd.grading import EXTRACTORS, grade
 from primekd.models import load_tokenizer, resolve, tokenizer_fingerprint
@@ -35,7 +35,6 @@ from primekd.progress import progress_bar
 TARGETS = ("generated", "reference")
 KEEP = ("all", "correct")
 BACKENDS = ("hf", "vllm")
-_CALCULATOR = re.compile(r"<<[^<>]*>>")
 
 
 @dataclass
@@ -213,7 +212,7 @@ def reference_tokens(tokenizer: Any, example: Example) -> list[int]:
     """The reference solution as the teacher reads it: calculator annotations removed
     (GSM8K's `<<48/2=24>>` is dataset markup, not language), ending with the EOS token so the
     student learns where an answer stops."""
-    text = _CALCULATOR.sub("", example.answer).strip()
+    text = strip_calculator(example.answer).strip()
     if not text:
         raise PrimekdError(f"question {example.id} has an empty reference solution")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -18,11 +18,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import difflib
 import hashlib
 import json
 import math
-import os
 import random
 import time
 import traceback
@@ -34,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from primekd.errors import PrimekdError
-from primekd.io import atomic_write_text, read_yaml, write_json
+from primekd.errors import PrimekdError, did_you_mean
+from primekd.io import atomic_write, atomic_write_text, read_yaml, write_json
 
 if TYPE_CHECKING:
     import optuna
@@ -189,10 +187,8 @@ def _check_field(name: str, known: dict[str, Any]) -> None:
             "(use its command-line options), not by the search space"
         )
     if name not in known:
-        close = difflib.get_close_matches(name, list(known), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise PrimekdError(
-            f"search space: {name!r} is not a DistillConfig field{hint}; "
+            f"search space: {name!r} is not a DistillConfig field{did_you_mean(name, known)}; "
             f"fields: {', '.join(sorted(set(known) - set(RESERVED_FIELDS)))}"
         )
 
@@ -1009,7 +1005,5 @@ def _save(axes: Any, path: Path) -> None:
     figure = axes.get_figure()
     figure.set_size_inches(7, 4.5)
     figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=110, bbox_inches="tight"))
     plt.close(figure)

@@ -41,8 +41,9 @@ def distill_command(
     limit: int = _opt("--limit", help="Use only the first N questions (by id)."),
     val_size: int = _opt("--val-size", help="Questions held out of training for the "
                          f"validation loss, every --eval-steps (default: {_D.val_size})."),
-    prompt: str = _opt("--prompt", help="Student prompt template (text with {question}, or "
-                       "a file); default: the zero-shot template `primekd eval` uses."),
+    prompt: str = _opt("--prompt", help="Student prompt template (Jinja text with "
+                       "{{ question }}, or a file); default: the zero-shot template "
+                       "`primekd eval` uses."),
     divergence: str = _opt("--divergence", help="forward_kl, reverse_kl, jsd, skew_kl or tvd "
                            f" (default: {_D.divergence})."),
     alpha: float = _opt("--alpha", help="Weight of CE; the divergence gets 1 - alpha. 1 = "

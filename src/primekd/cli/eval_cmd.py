@@ -64,8 +64,8 @@ def eval_command(
     prompt: str | None = typer.Option(
         None, "--prompt",
         help="Custom prompt template (the user turn), as text or a path to a file; "
-        "`{question}` marks where the question goes. Default: zero-shot, step by step, "
-        "ending with 'The answer is N'.",
+        "a Jinja template, `{{ question }}` marks where the question goes. Default: "
+        "zero-shot, step by step, ending with 'The answer is N'.",
     ),
     few_shot: int = typer.Option(
         0, "--few-shot",
