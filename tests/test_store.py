@@ -128,6 +128,25 @@ def test_identity_changes_name_the_nested_key() -> None:
     assert store.identity_changes(old, old) == []
 
 
+def test_a_missing_shard_is_refused_and_shards_merge_their_manifests(tmp_path) -> None:
+    dirs = [tmp_path / f"s{i}" for i in range(3)]
+    for i, d in enumerate(dirs):
+        _store(d, [_row(f"q{i}"), _row(f"r{i}")], shard={"index": i, "count": 3})
+        manifest = json.loads((d / store.MANIFEST).read_text())
+        manifest["counts"] |= {"rows": 2, "correct": i, "questions": 2}
+        manifest |= {"mean_answer_tokens": 10.0 * (i + 1), "compute_seconds": 1.0,
+                     "teacher_accuracy": i / 2}
+        store.write_manifest(d, manifest)
+    with pytest.raises(PrimekdError, match=r"shard\(s\) 1/3 of this 3-shard teach run"):
+        store.load_store([dirs[0], dirs[2]])
+    merged = store.merged_manifest(dirs)
+    assert merged["counts"] == {"kept": 6, "rows": 6, "correct": 3, "questions": 6}
+    assert merged["teacher_accuracy"] == 0.5
+    assert merged["mean_answer_tokens"] == pytest.approx(20.0)
+    assert merged["tokens_per_s"] == pytest.approx(40.0)  # 120 tokens in 3 s
+    assert merged["complete"] and "shard" not in merged["params"]
+
+
 GRADING_COLUMNS = ["found_by", "no_answer", "truncated", "correct_strict", "correct_flexible"]
 
 
@@ -144,3 +163,19 @@ def test_parts_written_before_the_grading_columns_still_load(tmp_path) -> None:
     assert loaded["found_by"].to_pylist() == [None, "fallback"]
     assert store.load_store(tmp_path, columns=["correct_strict"])[
         "correct_strict"].to_pylist() == [None, False]
+
+
+def test_merged_shard_manifests_sum_truncation_and_weigh_strict_accuracy(tmp_path) -> None:
+    dirs = [tmp_path / f"s{i}" for i in range(2)]
+    for i, d in enumerate(dirs):
+        _store(d, [_row(f"q{i}"), _row(f"r{i}")], shard={"index": i, "count": 2})
+        manifest = json.loads((d / store.MANIFEST).read_text())
+        manifest["counts"] |= {"rows": 2 + 2 * i}
+        manifest |= {"truncated": i + 1, "no_number": i, "truncation_rate": (i + 1) / (2 + 2 * i),
+                     "teacher_accuracy_strict": 0.5 * i, "teacher_accuracy_flexible": 1.0}
+        store.write_manifest(d, manifest)
+    merged = store.merged_manifest(dirs)
+    assert (merged["truncated"], merged["no_number"]) == (3, 1)
+    assert merged["truncation_rate"] == pytest.approx(3 / 6)
+    assert merged["teacher_accuracy_strict"] == pytest.approx(2 / 6)
+    assert merged["teacher_accuracy_flexible"] == pytest.approx(1.0)

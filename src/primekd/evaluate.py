@@ -63,6 +63,7 @@ class EvalConfig:
     device: str | None = None  # None: cuda if available, else cpu
     lenient: bool = False  # grade as harnesses do: a truncated answer's last number counts
     stop_at_answer: bool = False  # end generation at the end of the final-answer line
+    force: bool = False  # write into a non-empty --out of someone else's (never overwriting)
 
     def sampling(self, stop: tuple[str, ...] = ()) -> SamplingParams:
         return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.seed, stop,
@@ -75,7 +76,10 @@ def evaluate(config: EvalConfig, progress: bool = True, loaded: tuple[Any, Any] 
 
     `loaded` is an already loaded (model, tokenizer) for `config.model`, to skip loading.
     """
+    from primekd import outdir, validate
+
     started = time.perf_counter()
+    validate.check_eval(config)
     check_extractor(config.extractor)
     config.sampling().validate()
     template = load_template(config.prompt, config.few_shot)
@@ -83,7 +87,31 @@ def evaluate(config: EvalConfig, progress: bool = True, loaded: tuple[Any, Any] 
     _check_unique_ids(examples, config.data)
     if loaded is None:
         _check_model(config)  # before claiming the directory for a model that cannot load
+    _check_prompts_fit(config, template, examples, loaded)
     out = Path(config.out)
+    with outdir.claimed(out, "eval", config.force):
+        return _run(config, template, examples, out, progress, loaded, started)
+
+
+def _check_prompts_fit(config: EvalConfig, template: PromptTemplate, examples: list[Example],
+                       loaded: tuple[Any, Any] | None) -> None:
+    """A prompt longer than the model's context is refused before anything is generated."""
+    from primekd.chat import render
+    from primekd.validate import model_context, prompts_fit
+
+    tokenizer = loaded[1] if loaded else _load_tokenizer(config)
+    if loaded:
+        context = model_context(loaded[0])
+    else:
+        from primekd.models import resolve
+
+        context = model_context(resolve(config.model).path)
+    texts = [render(tokenizer, template.build(e.question)) for e in examples]
+    prompts_fit(tokenizer, texts, context, config.max_new_tokens, "the prompt of question")
+
+
+def _run(config: EvalConfig, template: PromptTemplate, examples: list[Example], out: Path,
+         progress: bool, loaded: tuple[Any, Any] | None, started: float) -> dict[str, Any]:
     claim_directory(out, run_identity(config, template))
 
     done = _done_ids(out / RESULTS)

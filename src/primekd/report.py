@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from primekd import stats
+from primekd import stats, store
 from primekd.errors import PrimekdError
-from primekd.experiment import record_path
-from primekd.io import atomic_write_text, read_json, read_jsonl
+from primekd.io import atomic_write, atomic_write_text, read_json, read_jsonl
 
 FORMAT_VERSION = 1
 ASSETS = "report_files"
@@ -34,6 +33,12 @@ PACKAGES = ("primekd", "torch", "transformers", "peft", "accelerate", "datasets"
 SMALL_SAMPLE = 200  # below this many test questions the report warns about the intervals
 ALPHA = 0.05  # significance level of the Holm-adjusted paired tests
 TRUNCATION_WARNING = 0.10  # above this share of answers cut at the token limit, warn first
+RECORDS = ".stages"  # <run>/.stages/<stage name, / as -->.json: what each stage of `run` did
+
+
+def record_path(run_dir: str | Path, stage_name: str) -> Path:
+    """A stage's run record (wall and CPU time, summary), written by `primekd run`."""
+    return Path(run_dir) / RECORDS / (stage_name.replace("/", "--") + ".json")
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -316,7 +321,7 @@ def section_teachers(layout: Layout) -> str:
         return "## Teachers\n\nNo teacher stage in this run.\n"
     body = []
     for name, directory in layout.teachers.items():
-        m = _read_optional(directory / "manifest.json")
+        m = _teacher_manifest(directory)
         body.append([
             f"`{name}`",
             _pct(_pick(m, "teacher_accuracy", "accuracy", "counts.accuracy")),
@@ -342,6 +347,18 @@ def _teacher_truncation(manifest: dict[str, Any]) -> str:
     if rate is None:
         return "–"
     return f"{_pct(rate, 0)} ({count})"
+
+
+def _teacher_manifest(directory: Path) -> dict[str, Any]:
+    """A teacher stage's manifest; for a sharded teacher (`teacher_shards`), its shards'
+    manifests merged."""
+    shards = sorted(p for p in directory.glob("shard-*") if (p / "manifest.json").exists())
+    if (directory / "manifest.json").exists() or not shards:
+        return _read_optional(directory / "manifest.json")
+    try:
+        return store.merged_manifest(shards)
+    except PrimekdError:
+        return {}
 
 
 def _kept(manifest: dict[str, Any]) -> str:
@@ -476,14 +493,12 @@ def section_compute(layout: Layout) -> str:
 def _stage_tokens(name: str, directory: Path, record: dict[str, Any]) -> int | None:
     summary = record.get("summary") if isinstance(record.get("summary"), dict) else {}
     if name.startswith("teacher/"):
-        m = _read_optional(directory / "manifest.json")
-        value = _pick(m, "counts.answer_tokens", "answer_tokens")
+        m = _read_optional(directory / "manifest.json")  # what teacher.py's manifest holds
         mean, rows = _pick(m, "mean_answer_tokens"), _pick(m, "counts.rows")
-        if value is None and mean is not None and rows is not None:
-            value = round(mean * rows)
+        value = round(mean * rows) if mean is not None and rows is not None else None
     elif name.startswith("students/"):
         s = _read_optional(directory / "summary.json") or summary
-        value = _pick(s, "tokens", "train_tokens", "tokens_processed", "total_tokens")
+        value = _pick(s, "tokens")  # distill's summary.json
     elif name.startswith("eval/"):
         results = directory / "results.jsonl"
         value = sum(int(r.get("n_tokens") or 0) for r in read_jsonl(results)) \
@@ -610,7 +625,7 @@ def truncation_warnings(layout: Layout, runs: dict[str, EvalRun]) -> list[str]:
                 f"(now {cap if cap is not None else '?'}) or set `eval.stop_at_answer: true`; "
                 "truncated answers without a stated answer are graded wrong.")
     for name, directory in layout.teachers.items():
-        m = _read_optional(directory / "manifest.json")
+        m = _teacher_manifest(directory)
         rate = _pick(m, "truncation_rate")
         if rate is not None and rate > TRUNCATION_WARNING:
             cap = _pick(m, "generation.max_new_tokens")
@@ -683,17 +698,14 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     _pyplot().close(fig)
     return path
 
 
 # --- Markdown -> self-contained HTML ------------------------------------------------------------
 
-_IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
-_LINK = re.compile(r"(?<!!)\[([^\]]+)\]\(([^)\s]+)\)")
 _CSS = """
 body{font:15px/1.5 -apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:#1f2328;
 max-width:1100px;margin:2rem auto;padding:0 1.2rem}
@@ -714,7 +726,7 @@ img{max-width:100%;height:auto;display:block;margin:.8rem 0}
 
 def markdown_to_html(markdown: str, base_dir: str | Path, title: str) -> str:
     """Convert the report's Markdown to one HTML file with every image embedded."""
-    body = _blocks(markdown.splitlines(), Path(base_dir))
+    body = _markdown_parser().render(markdown, {"base": Path(base_dir)})
     csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
@@ -725,143 +737,48 @@ def markdown_to_html(markdown: str, base_dir: str | Path, title: str) -> str:
     )
 
 
-def _blocks(lines: list[str], base: Path) -> str:
-    out: list[str] = []
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        stripped = line.strip()
-        if not stripped:
-            i += 1
-        elif stripped.startswith("```"):
-            i = _code_block(lines, i, out)
-        elif re.match(r"^#{1,6} ", stripped):
-            level = len(stripped) - len(stripped.lstrip("#"))
-            text = stripped[level:].strip()
-            out.append(f'<h{level} id="{_slug(text)}">{_inline(text, base)}</h{level}>')
-            i += 1
-        elif stripped.startswith("|") and i + 1 < len(lines) and _is_rule(lines[i + 1]):
-            i = _table_block(lines, i, out, base)
-        elif stripped.startswith(">"):
-            quote = []
-            while i < len(lines) and lines[i].strip().startswith(">"):
-                quote.append(lines[i].strip()[1:].lstrip())
-                i += 1
-            out.append(f"<blockquote>{_blocks(quote, base)}</blockquote>")
-        elif re.match(r"^([-*+]|\d+\.) ", stripped):
-            i = _list_block(lines, i, out, base)
-        elif re.fullmatch(r"(-{3,}|\*{3,})", stripped):
-            out.append("<hr>")
-            i += 1
-        elif stripped.startswith("<") and re.match(r"^</?(details|summary|div)\b", stripped):
-            out.append(stripped)  # the few block tags a section may use, passed through
-            i += 1
-        else:
-            para = []
-            while i < len(lines) and lines[i].strip() and not _starts_block(lines, i):
-                para.append(lines[i].strip())
-                i += 1
-            out.append(f"<p>{_inline(' '.join(para), base)}</p>")
-    return "\n".join(out)
+def _markdown_parser() -> Any:
+    """CommonMark + GFM tables (markdown-it-py), raw HTML escaped, with three local rules:
+    headings get ids, right-aligned cells a class, and images and links stay inside the file."""
+    from markdown_it import MarkdownIt
+
+    parser = MarkdownIt("commonmark", {"html": False}).enable("table")
+    parser.core.ruler.push("primekd_self_contained", _self_contained)
+    parser.add_render_rule("image", _render_image)
+    return parser
 
 
-def _starts_block(lines: list[str], i: int) -> bool:
-    s = lines[i].strip()
-    return bool(s.startswith(("```", ">", "#")) or re.match(r"^([-*+]|\d+\.) ", s)
-                or (s.startswith("|") and i + 1 < len(lines) and _is_rule(lines[i + 1])))
+def _self_contained(state: Any) -> None:
+    tokens = state.tokens
+    for i, token in enumerate(tokens):
+        if token.type == "heading_open":
+            token.attrSet("id", _slug(tokens[i + 1].content))
+        elif token.type in ("th_open", "td_open") and "right" in str(token.attrGet("style")):
+            token.attrs.pop("style")
+            token.attrSet("class", "r")
+        elif token.type == "inline" and token.children:
+            token.children = _drop_local_links(token.children)
 
 
-def _code_block(lines: list[str], i: int, out: list[str]) -> int:
-    opening = lines[i].strip()
-    fence = opening[: len(opening) - len(opening.lstrip("`"))]
-    language = opening[len(fence):].strip()
-    body = []
-    i += 1
-    while i < len(lines) and lines[i].strip() != fence:
-        body.append(lines[i])
-        i += 1
-    cls = f' class="language-{html.escape(language)}"' if language else ""
-    out.append(f"<pre><code{cls}>{html.escape(chr(10).join(body))}</code></pre>")
-    return i + 1
-
-
-def _is_rule(line: str) -> bool:
-    return bool(re.fullmatch(r"\s*\|?(\s*:?-{3,}:?\s*\|)+\s*:?-{0,}:?\s*\|?\s*", line))
-
-
-def _split_row(line: str) -> list[str]:
-    line = line.strip()
-    line = line[1:] if line.startswith("|") else line
-    line = line[:-1] if line.endswith("|") and not line.endswith("\\|") else line
-    cells = re.split(r"(?<!\\)\|", line)
-    return [c.strip().replace("\\|", "|") for c in cells]
-
-
-def _table_block(lines: list[str], i: int, out: list[str], base: Path) -> int:
-    headers = _split_row(lines[i])
-    aligns = ["r" if c.strip().endswith(":") else "" for c in _split_row(lines[i + 1])]
-    i += 2
-    rows = []
-    while i < len(lines) and lines[i].strip().startswith("|"):
-        rows.append(_split_row(lines[i]))
-        i += 1
-
-    def cell(tag: str, text: str, k: int) -> str:
-        cls = ' class="r"' if k < len(aligns) and aligns[k] else ""
-        return f"<{tag}{cls}>{_inline(text, base)}</{tag}>"
-
-    head = "".join(cell("th", h, k) for k, h in enumerate(headers))
-    body = "\n".join("<tr>" + "".join(cell("td", c, k) for k, c in enumerate(r)) + "</tr>"
-                     for r in rows)
-    out.append(f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>")
-    return i
-
-
-def _list_block(lines: list[str], i: int, out: list[str], base: Path) -> int:
-    ordered = bool(re.match(r"^\d+\. ", lines[i].strip()))
-    items: list[str] = []
-    while i < len(lines) and lines[i].strip():
-        s = lines[i].strip()
-        marker = re.match(r"^([-*+]|\d+\.) ", s)
-        if marker:
-            items.append(s[marker.end():])
-        elif items:
-            items[-1] += " " + s
-        i += 1
-    tag = "ol" if ordered else "ul"
-    out.append(f"<{tag}>" + "".join(f"<li>{_inline(t, base)}</li>" for t in items) + f"</{tag}>")
-    return i
-
-
-def _inline(text: str, base: Path) -> str:
-    """Escape, then apply code spans, images, links, bold and italics (code left alone)."""
-    pieces = re.split(r"(`[^`]+`)", text)
-    rendered = []
-    images: list[str] = []
-
-    def stash(match: re.Match[str]) -> str:
-        images.append(_image(match.group(1), match.group(2), base))
-        return f"\x00{len(images) - 1}\x00"
-
-    for piece in pieces:
-        if len(piece) > 1 and piece.startswith("`") and piece.endswith("`"):
-            rendered.append(f"<code>{html.escape(piece[1:-1])}</code>")
+def _drop_local_links(children: list[Any]) -> list[Any]:
+    """A link to a local file would not open from a shared HTML file: keep only its text."""
+    kept, dropping = [], []
+    for child in children:
+        if child.type == "link_open":
+            href = str(child.attrGet("href") or "")
+            dropping.append(not (href.startswith("#") or re.match(r"^https?://", href)))
+            if dropping[-1]:
+                continue
+        elif child.type == "link_close" and dropping.pop():
             continue
-        piece = _IMAGE.sub(stash, piece)
-        piece = html.escape(piece, quote=False)
-        piece = _LINK.sub(_link, piece)
-        piece = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", piece)
-        piece = re.sub(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])", r"<em>\1</em>", piece)
-        piece = re.sub(r"\x00(\d+)\x00", lambda m: images[int(m.group(1))], piece)
-        rendered.append(piece)
-    return "".join(rendered)
+        kept.append(child)
+    return kept
 
 
-def _link(match: re.Match[str]) -> str:
-    text, target = match.group(1), match.group(2)
-    if target.startswith("#") or re.match(r"^https?://", target):
-        return f'<a href="{html.escape(target)}">{text}</a>'
-    return text  # a link to a local file would not open from a shared HTML file
+def _render_image(renderer: Any, tokens: list[Any], idx: int, options: Any, env: Any) -> str:
+    token = tokens[idx]
+    alt = renderer.renderInlineAsText(token.children or [], options, env)
+    return _image(alt, str(token.attrGet("src")), env["base"])
 
 
 def _image(alt: str, src: str, base: Path) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 from primekd import __version__, store
 from primekd.answer_stop import cut_generation
 from primekd.chat import encode_prompts, render
-from primekd.data import Example, load_examples, resolve_data_path
+from primekd.data import Example, load_examples, resolve_data_path, strip_calculator
 from primekd.errors import PrimekdError
 from primekd.grading import EXTRACTORS, grade, grade_fields
 from primekd.models import load_tokenizer, resolve, tokenizer_fingerprint
@@ -36,7 +36,6 @@ from primekd.progress import progress_bar
 TARGETS = ("generated", "reference")
 KEEP = ("all", "correct")
 BACKENDS = ("hf", "vllm")
-_CALCULATOR = re.compile(r"<<[^<>]*>>")
 
 
 @dataclass
@@ -64,6 +63,7 @@ class TeachConfig:
     extractor: str = "default"
     lenient: bool = False  # a truncated answer's last number counts (harness-style grading)
     stop_at_answer: bool = False  # end each answer at its final-answer line
+    force: bool = False  # write into a non-empty --out of someone else's (never overwriting)
 
 
 @dataclass(frozen=True)
@@ -84,9 +84,12 @@ def teach(config: TeachConfig, progress: bool = True) -> dict[str, Any]:
     examples = select_examples(config)
     source = resolve(config.teacher)
     tokenizer = load_tokenizer(source)
+    _check_fits(config, strategy, examples, source, tokenizer)
     params = identity(config, strategy, tokenizer)
     out = Path(config.out)
-    with store.locked(out):
+    from primekd import outdir
+
+    with outdir.claimed(out, "teach", config.force):
         existing = _existing_manifest(out, params)
         date = _chat_date(existing)
         store.clean_temp_files(out)
@@ -115,6 +118,22 @@ def teach(config: TeachConfig, progress: bool = True) -> dict[str, Any]:
                     save()
                     advance(len(batch))
         return save()
+
+
+def _check_fits(config: TeachConfig, strategy: Strategy, examples: Sequence[Example],
+                source: Any, tokenizer: Any) -> None:
+    """--top-k within the vocabulary, and every primed prompt (plus the answer budget)
+    within the teacher's context, checked before the model loads or a file is written."""
+    from primekd.validate import model_context, prompts_fit
+
+    if config.top_k > len(tokenizer):
+        raise PrimekdError(f"--top-k {config.top_k} exceeds the teacher's vocabulary of "
+                           f"{len(tokenizer)} tokens")
+    texts = [render(tokenizer, strategy.render(e.question, e.answer, answer_text(e)))
+             for e in examples]
+    budget = config.max_new_tokens if config.target == "generated" else 0
+    prompts_fit(tokenizer, texts, model_context(source.path), budget,
+                "the primed prompt of question")
 
 
 # ---------------------------------------------------------------- one batch
@@ -205,7 +224,7 @@ def reference_tokens(tokenizer: Any, example: Example) -> list[int]:
     """The reference solution as the teacher reads it: calculator annotations removed
     (GSM8K's `<<48/2=24>>` is dataset markup, not language), ending with the EOS token so the
     student learns where an answer stops."""
-    text = _CALCULATOR.sub("", example.answer).strip()
+    text = strip_calculator(example.answer).strip()
     if not text:
         raise PrimekdError(f"question {example.id} has an empty reference solution")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -216,8 +235,12 @@ def reference_tokens(tokenizer: Any, example: Example) -> list[int]:
 
 
 def check_config(config: TeachConfig) -> None:
+    from primekd.validate import check_teach
+
     def bad(message: str) -> None:
         raise PrimekdError(message)
+
+    check_teach(config)
 
     if config.target not in TARGETS:
         bad(f"--target must be one of {', '.join(TARGETS)}, not {config.target!r}")
@@ -350,7 +373,10 @@ def _existing_manifest(out: Path, params: dict[str, Any]) -> dict[str, Any] | No
                 "or choose a new --out"
             )
         return manifest
-    strays = [p.name for p in out.iterdir() if p.name != ".lock"]
+    from primekd.outdir import MARKER, is_ours
+
+    strays = [p.name for p in out.iterdir()
+              if p.name not in (".lock", MARKER) and is_ours(p.name, "teach")]
     if strays:
         raise PrimekdError(f"{out} is not empty and holds no teacher store "
                            f"({', '.join(sorted(strays)[:3])}...); choose a new --out")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +9,7 @@ import typer
 
 from primekd.cli.app import app, console
 from primekd.evaluate import EvalConfig, evaluate
+from primekd.io import dumps
 from primekd.models import BUNDLED_ALIAS
 
 
@@ -64,8 +64,8 @@ def eval_command(
     prompt: str | None = typer.Option(
         None, "--prompt",
         help="Custom prompt template (the user turn), as text or a path to a file; "
-        "`{question}` marks where the question goes. Default: zero-shot, step by step, "
-        "ending with 'The answer is N'.",
+        "a Jinja template, `{{ question }}` marks where the question goes. Default: "
+        "zero-shot, step by step, ending with 'The answer is N'.",
     ),
     few_shot: int = typer.Option(
         0, "--few-shot",
@@ -93,6 +93,11 @@ def eval_command(
     json_output: bool = typer.Option(
         False, "--json", help="Print summary.json to stdout instead of a table."
     ),
+    force: bool = typer.Option(
+        False, "--force",
+        help="Write into a non-empty --out that primekd did not make, beside the files "
+        "there (never overwriting or deleting them).",
+    ),
 ) -> None:
     """Answer questions with a model (+ adapter), grade them, and write results + summary."""
     config = EvalConfig(
@@ -100,11 +105,11 @@ def eval_command(
         limit=limit, offset=offset, sample=sample, seed=seed, batch_size=batch_size,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, prompt=prompt,
         few_shot=few_shot, extractor=extractor, device=device, lenient=lenient,
-        stop_at_answer=stop_at_answer,
+        stop_at_answer=stop_at_answer, force=force,
     )
     summary = evaluate(config, progress=True)
     if json_output:
-        print(json.dumps(summary))
+        print(dumps(summary))
     else:
         _print_summary(summary, out)
 

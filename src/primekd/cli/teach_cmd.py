@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -10,6 +9,7 @@ from rich.table import Table
 
 from primekd.cli.app import app, console
 from primekd.errors import PrimekdError
+from primekd.io import dumps
 from primekd.priming import all_strategies
 from primekd.teacher import TeachConfig, teach
 
@@ -67,6 +67,9 @@ def teach_command(
     lenient: bool = typer.Option(False, "--lenient", help="Grade a truncated answer by its "
                                  "last number (by default it is wrong without a stated "
                                  "answer); affects `correct` and --keep correct."),
+    force: bool = typer.Option(False, "--force", help="Write into a non-empty --out that "
+                               "primekd did not make, beside the files there (never "
+                               "overwriting or deleting them)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Run a teacher under a priming strategy and write a teacher store (resumable)."""
@@ -83,10 +86,11 @@ def teach_command(
         max_new_tokens=max_new_tokens, top_k=top_k, target=target, keep=keep,
         backend=backend, tensor_parallel_size=tensor_parallel_size, shard=shard,
         batch_size=batch_size, device=device, stop_at_answer=stop_at_answer, lenient=lenient,
+        force=force,
     )
     manifest = teach(config, progress=True)
     if as_json:
-        print(json.dumps(manifest, indent=2, ensure_ascii=False))
+        print(dumps(manifest, indent=2, ensure_ascii=False))
     else:
         _print_summary(manifest, out)
 
@@ -94,7 +98,7 @@ def teach_command(
 def _print_strategies(strategies_file: Path | None, as_json: bool) -> None:
     strategies = all_strategies(strategies_file)
     if as_json:
-        print(json.dumps([s.to_dict() for s in strategies.values()], indent=2,
+        print(dumps([s.to_dict() for s in strategies.values()], indent=2,
                          ensure_ascii=False))
         return
     for s in strategies.values():
