@@ -622,8 +622,10 @@ def truncation_warnings(layout: Layout, runs: dict[str, EvalRun]) -> list[str]:
             warnings.append(
                 f"> **Warning: `{name}` hit the token limit on {run.truncated} of {run.n} "
                 f"answers ({_pct(run.truncation_rate, 0)}).** Raise `eval.max_new_tokens` "
-                f"(now {cap if cap is not None else '?'}) or set `eval.stop_at_answer: true`; "
-                "truncated answers without a stated answer are graded wrong.")
+                f"(now {cap if cap is not None else '?'})"
+                + ("" if _pick(run.summary, "generation.stop_at_answer")
+                   else " or set `eval.stop_at_answer: true`")
+                + "; truncated answers without a stated answer are graded wrong.")
     for name, directory in layout.teachers.items():
         m = _teacher_manifest(directory)
         rate = _pick(m, "truncation_rate")
@@ -632,8 +634,10 @@ def truncation_warnings(layout: Layout, runs: dict[str, EvalRun]) -> list[str]:
             warnings.append(
                 f"> **Warning: the `{name}` teacher hit the token limit on "
                 f"{_pick(m, 'truncated')} of {_pick(m, 'counts.rows')} answers "
-                f"({_pct(rate, 0)}).** Raise `teacher.max_new_tokens` (now {cap}) or set "
-                "`teacher.stop_at_answer: true`: its students learn from unfinished answers.")
+                f"({_pct(rate, 0)}).** Raise `teacher.max_new_tokens` (now {cap})"
+                + ("" if _pick(m, "generation.stop_at_answer")
+                   else " or set `teacher.stop_at_answer: true`")
+                + ": its students learn from unfinished answers.")
     return warnings
 
 
