@@ -54,8 +54,9 @@ def grade_command(
     json_output: bool = typer.Option(
         False,
         "--json",
-        help="Print one JSON object: n, correct, accuracy, ci95, strict and flexible "
-        "accuracy, truncated and no-number counts (see docs/grading.md).",
+        help='Print one JSON object: {"n", "correct", "accuracy", "ci95": [lo, hi], '
+        '"no_answer", "accuracy_strict", "accuracy_flexible", "truncated", "no_number", ...} '
+        "(every key in docs/grading.md).",
     ),
 ) -> None:
     """Grade model outputs from any source: extract each final number and check it."""
