@@ -177,12 +177,13 @@ def _store_rows(config: DistillConfig, tokenizer: Any) -> tuple[list[dict[str, A
     eos = tokenizer.eos_token_id
     columns = {name: table.column(name).to_pylist() for name in
                ("id", "question", "response", "token_ids", "finish_reason")}
+    kept = _kept_rows(table, config.keep, config.teacher_store)
     topk_ids = topk_lp = None
     if white_box:
         topk_ids = _ragged_matrix(table.column("topk_ids"), np.int64)
         topk_lp = _ragged_matrix(table.column("topk_logprobs"), np.float32)
     rows = []
-    for i in range(table.num_rows):
+    for i in kept:
         finish = columns["finish_reason"][i]
         if use_teacher_tokens:
             answer = list(columns["token_ids"][i])
@@ -201,9 +202,24 @@ def _store_rows(config: DistillConfig, tokenizer: Any) -> tuple[list[dict[str, A
             "teacher_store_parts": [str(d) for d in dirs],
             "teacher": manifest.get("teacher"), "target": manifest.get("target"),
             "top_k": manifest.get("top_k"), "store_rows": table.num_rows,
+            "keep": config.keep, "kept_rows": len(kept),
             "white_box": white_box, "same_tokenizer": same_vocab,
             "max_token_id": _max_token_id(table, white_box) if use_teacher_tokens else None}
     return rows, info
+
+
+def _kept_rows(table: Any, keep: str, source: Any) -> list[int]:
+    """The store rows a student trains on: all, or (`keep="correct"`, rejection sampling)
+    only the answers the store graded correct."""
+    if keep == "all":
+        return list(range(table.num_rows))
+    correct = table.column("correct").to_pylist()
+    kept = [i for i, flag in enumerate(correct) if flag is True]
+    if not kept:
+        raise PrimekdError(f"--keep correct: no answer in teacher store {source} was graded "
+                           f"correct (0 of {table.num_rows}); use --keep all, or a teacher "
+                           "that solves some of its questions")
+    return kept
 
 
 def _max_token_id(table: Any, white_box: bool) -> int:
@@ -278,7 +294,9 @@ def _reference_rows(config: DistillConfig, tokenizer: Any) -> tuple[list[dict[st
     examples = load_examples(spec, limit=config.limit)
     rows = [{"id": e.id, "question": e.question, "answer_ids": reference_tokens(tokenizer, e)}
             for e in examples]
-    return rows, {"source": "references", "data": spec, "white_box": False}
+    # references are correct by definition: --keep correct keeps them all
+    return rows, {"source": "references", "data": spec, "white_box": False,
+                  "keep": config.keep, "kept_rows": len(rows)}
 
 
 class KDCollator:

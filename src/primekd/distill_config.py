@@ -17,6 +17,7 @@ from primekd.io import read_yaml
 from primekd.models import BUNDLED_ALIAS
 
 OBJECTIVES = ("kd", "sft")
+KEEP = ("all", "correct")  # which teacher answers a student trains on (rejection sampling)
 OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd"}
 SCHEDULERS = ("cosine", "linear", "constant")
 # Fields that do not change what is trained: a --resume may differ in these.
@@ -34,6 +35,7 @@ class DistillConfig:
     objective: str = "kd"  # kd: teacher store (CE + divergence); sft: CE only
     data: str | None = None  # sft without a store: bundled split or JSONL (default: train)
     limit: int | None = None  # use only the first N questions (store or data)
+    keep: str = "all"  # all | correct: train only on teacher answers graded correct
     val_size: int = 0  # questions held out of training for the validation loss
     prompt: str | None = None  # the student's prompt template (None: eval's zero-shot default)
     divergence: str = "reverse_kl"
@@ -118,6 +120,8 @@ def check_config(config: DistillConfig) -> None:
     if config.objective == "kd" and not config.teacher_store:
         bad("--objective kd needs --teacher-store DIR (from `primekd teach`); to train on "
             "GSM8K references instead use --objective sft --data train")
+    if config.keep not in KEEP:
+        bad(f"--keep must be one of {', '.join(KEEP)}, not {config.keep!r}")
     if config.teacher_store and config.data:
         bad("give either --teacher-store or --data, not both")
     if config.teacher_store:

@@ -200,6 +200,39 @@ def answer_line_end(text: str) -> int | None:
     return None if newline < 0 else newline
 
 
+def answer_line_span(text: str) -> tuple[int, int] | None:
+    """(start, end) of the first line that states a final answer with an explicit marker,
+    whether or not a newline ends it yet (a stored answer cut at its answer line does not
+    end in one); None when no line states one."""
+    starts = []
+    for pattern in (_HASHES, _ANSWER_IS, _ANSWER_COLON):
+        for phrase in pattern.finditer(text):
+            number = _NUMBER.search(text, phrase.end(), phrase.end() + 120)
+            if number and _MARKER_GAP.fullmatch(text, phrase.end(), number.start()):
+                starts.append(phrase.start())
+                break
+    for box in _BOXED.finditer(text):
+        close = _closing_brace(text, box.end())
+        if close is not None and _DIGIT.search(text, box.end(), close):
+            starts.append(box.start())
+            break
+    if not starts:
+        return None
+    first = min(starts)
+    start = text.rfind("\n", 0, first) + 1
+    end = text.find("\n", first)
+    return start, len(text) if end < 0 else end
+
+
+def working_text(text: str) -> str | None:
+    """The answer's working: everything outside its final-answer line (see
+    `answer_line_span`), or None when no line states a final answer."""
+    span = answer_line_span(text)
+    if span is None:
+        return None
+    return (text[:span[0]] + text[span[1]:]).strip()
+
+
 def _closing_brace(text: str, start: int, limit: int = 400) -> int | None:
     depth = 1
     for brace in _BRACE.finditer(text, start, min(len(text), start + limit)):

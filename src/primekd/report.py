@@ -298,6 +298,88 @@ def section_results(runs: dict[str, EvalRun], assets: Path) -> str:
     return "## Results\n\n" + "\n".join(notes) + "\n"
 
 
+PAPER_CONTROLS = {"base": "No distillation", "sft": "Fine-tuned (SFT on references)"}
+
+
+def paper_label(name: str) -> str:
+    """A results row as the paper's table names it."""
+    if name in PAPER_CONTROLS:
+        return PAPER_CONTROLS[name]
+    if name == "kd-none":
+        return "KD without priming"
+    if name.startswith("kd-"):
+        return f"KD, `{name[3:]}` priming"
+    return f"`{name}`"
+
+
+def section_paper_table(runs: dict[str, EvalRun], layout: Layout) -> str:
+    """The paper's results table (Goyal et al. 2024, Table 1): no distillation, fine-tuned,
+    KD per strategy, and each KD strategy's relative gain over KD without priming; here
+    with Wilson intervals, the paired-bootstrap interval of the difference from `kd-none`
+    and its Holm-adjusted McNemar p."""
+    rows, _, _ = results_rows(runs)
+    order = sorted(rows, key=lambda r: (r.name not in PAPER_CONTROLS,
+                                        list(PAPER_CONTROLS).index(r.name)
+                                        if r.name in PAPER_CONTROLS else 0,
+                                        r.name != "kd-none", r.name))
+    ref = "kd-none" if "kd-none" in runs else None
+    body = []
+    for row in order:
+        cells = [paper_label(row.name), f"`{row.name}`", _pct(row.accuracy),
+                 f"{_pct(row.ci95[0])} – {_pct(row.ci95[1])}"]
+        if ref:
+            cells += _versus(row, ref)
+        cells.append(_trained_on(layout, row.name))
+        body.append(cells)
+    headers = ["method", "experiment", "accuracy", "95% CI (Wilson)"]
+    if ref:
+        headers += ["Δ vs KD without priming (pts)", "95% CI of Δ (paired bootstrap)",
+                    "p (McNemar, Holm)", "relative gain vs KD without priming"]
+    headers.append("trained on")
+    text = ["## Results in the paper's layout\n",
+            _table(headers, body), "",
+            "As in the paper's table: the untrained student, the student fine-tuned on the "
+            "reference solutions, and one KD student per priming strategy, with each "
+            "strategy's relative gain over KD without priming ((acc − acc_kd-none) / "
+            "acc_kd-none). Δ is in percentage points on the paired test questions; its "
+            "interval is a paired bootstrap (2,000 resamples), its p an exact McNemar test "
+            "Holm-adjusted over the column. Bold marks a difference significant at "
+            f"{ALPHA} after Holm."]
+    if not ref:
+        text += ["", "There is no `kd-none` student, so no gain over KD without priming."]
+    return "\n".join(text) + "\n"
+
+
+def _versus(row: ResultRow, ref: str) -> list[str]:
+    if row.name == ref:
+        return ["ref.", "", "", "ref."]
+    diff, p = row.vs.get(ref, (None, None))
+    lo_hi = row.ci_vs.get(ref)
+    mark = "**" if row.significant(ref) else ""
+    gain = "–" if row.gain is None else f"{row.gain:+.1f}%"
+    if row.name in PAPER_CONTROLS:
+        gain = ""  # the paper's relative gain is of KD strategies only
+    return [f"{mark}{_pts(diff)}{mark}",
+            "–" if lo_hi is None else f"{_pts(lo_hi[0])} to {_pts(lo_hi[1])}", _p(p), gain]
+
+
+def _trained_on(layout: Layout, name: str) -> str:
+    """What a student trained on: all teacher answers, or (`--keep correct`) only those
+    graded correct, from its distill summary."""
+    if name == "base":
+        return "untrained"
+    directory = layout.students.get(name)
+    data = _read_optional(directory / "summary.json").get("data", {}) if directory else {}
+    if not isinstance(data, dict) or not data:
+        return "–"
+    kept, total = data.get("kept_rows"), data.get("store_rows")
+    if data.get("source") == "references":
+        return f"{kept} reference solutions" if kept is not None else "reference solutions"
+    if data.get("keep") == "correct":
+        return f"{kept}/{total} teacher answers (graded correct only)"
+    return f"{total} teacher answers (all)" if total is not None else "teacher answers (all)"
+
+
 def accuracy_chart(rows: list[ResultRow], path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 0.55 * len(rows) + 1.2))
@@ -327,6 +409,7 @@ def section_teachers(layout: Layout) -> str:
             _pct(_pick(m, "teacher_accuracy", "accuracy", "counts.accuracy")),
             _pct(_pick(m, "teacher_accuracy_strict")),
             _teacher_truncation(m),
+            _restated(m),
             _kept(m),
             _num(_pick(m, "mean_answer_tokens", "counts.mean_answer_tokens",
                        "stats.mean_answer_tokens")),
@@ -334,12 +417,19 @@ def section_teachers(layout: Layout) -> str:
             _num(_pick(m, "compute_seconds", "wall_time_s")),
             _cell(_pick(m, "target", default="generated")),
         ])
-    headers = ["strategy", "teacher accuracy", "strict", "truncated", "kept answers",
+    headers = ["strategy", "teacher accuracy", "strict", "truncated",
+               "restates without working", "kept answers",
                "mean answer tokens", "tokens/s", "compute (s)", "target"]
     return ("## Teachers\n\nThe teacher answered the transfer set once under each priming "
             "strategy; the student later sees only the bare question. Teacher accuracy uses "
             "the same grading rule as the results above; truncated answers hit the teacher's "
-            "`max_new_tokens`.\n\n" + _table(headers, body) + "\n")
+            "`max_new_tokens`. Restates without working: answers that state a final answer "
+            "with fewer than N tokens of working outside that line (N is "
+            f"{_restate_n(layout)}), the failure a teacher shown the ground truth is prone "
+            "to: its student learns the answer, not the reasoning. Kept answers: those the "
+            "store kept (`teach --keep correct` keeps only the correct ones); the results "
+            "table above says what each student trained on.\n\n" + _table(headers, body)
+            + "\n")
 
 
 def _teacher_truncation(manifest: dict[str, Any]) -> str:
@@ -347,6 +437,17 @@ def _teacher_truncation(manifest: dict[str, Any]) -> str:
     if rate is None:
         return "–"
     return f"{_pct(rate, 0)} ({count})"
+
+
+def _restated(manifest: dict[str, Any]) -> str:
+    rate, count = _pick(manifest, "restated_rate"), _pick(manifest, "restated")
+    return "–" if rate is None else f"{_pct(rate, 0)} ({count})"
+
+
+def _restate_n(layout: Layout) -> str:
+    values = {_pick(_teacher_manifest(d), "restate_max_tokens") for d in
+              layout.teachers.values()} - {None}
+    return ", ".join(str(v) for v in sorted(values)) if values else "not recorded"
 
 
 def _teacher_manifest(directory: Path) -> dict[str, Any]:
@@ -662,6 +763,7 @@ def build_markdown(layout: Layout, title: str | None = None, examples: int = 1,
     title = title or f"primekd experiment: {config.get('name', layout.run_dir.name)}"
     sections = [
         section_overview(layout, runs, title),
+        section_paper_table(runs, layout),
         section_results(runs, assets),
         section_teachers(layout),
         section_training(layout, assets),

@@ -28,7 +28,7 @@ from primekd.answer_stop import cut_generation
 from primekd.chat import encode_prompts, render
 from primekd.data import Example, load_examples, resolve_data_path, strip_calculator
 from primekd.errors import PrimekdError
-from primekd.grading import EXTRACTORS, grade, grade_fields
+from primekd.grading import EXTRACTORS, grade, grade_fields, working_text
 from primekd.models import load_tokenizer, resolve, tokenizer_fingerprint
 from primekd.priming import Strategy, get_strategy
 from primekd.progress import progress_bar
@@ -188,7 +188,36 @@ def run_batch(
             **grade_fields(graded),
         })
     stats = _batch_stats(rows, config, generation_seconds, time.perf_counter() - started)
+    stats["restated"] = restated_count(rows, tokenizer)
     return rows, stats
+
+
+# An answer that states its final answer with fewer working tokens than this (outside its
+# answer line) restates the answer without working it out: the failure a teacher shown the
+# ground truth is prone to. No GSM8K train reference solution has fewer than 19 SmolLM2
+# tokens of working (1st percentile 27, median 79, calculator annotations removed), and one
+# step in words ("She has 16 - 3 - 4 = 9 eggs left.") takes 17.
+RESTATE_MAX_TOKENS = 16
+
+
+def working_tokens(response: str, tokenizer: Any) -> int | None:
+    """Tokens of an answer's working (outside its final-answer line); None without one."""
+    working = working_text(response)
+    if working is None:
+        return None
+    return len(tokenizer(working, add_special_tokens=False)["input_ids"]) if working else 0
+
+
+def restated_count(rows: Sequence[dict[str, Any]], tokenizer: Any) -> int:
+    """Answers that state a final answer with fewer than `RESTATE_MAX_TOKENS` tokens of
+    working (generated answers only: a reference target is the reference's own text)."""
+    count = 0
+    for row in rows:
+        if row.get("finish_reason") == "reference":
+            continue
+        n = working_tokens(row["response"], tokenizer)
+        count += n is not None and n < RESTATE_MAX_TOKENS
+    return count
 
 
 def _batch_stats(rows: list[dict[str, Any]], config: TeachConfig, generation_s: float,
@@ -424,6 +453,9 @@ def _manifest(
         "truncated": int(totals.get("truncated", 0)),
         "truncation_rate": _share(totals, "truncated", rows, generated),
         "no_number": int(totals.get("no_number", 0)),
+        "restated": int(totals["restated"]) if "restated" in totals else None,
+        "restated_rate": _share(totals, "restated", rows, generated),
+        "restate_max_tokens": RESTATE_MAX_TOKENS,
         "mean_answer_tokens": totals["answer_tokens"] / rows if rows else None,
         "compute_seconds": round(totals.get("seconds", 0.0), 3),
         "generation_tokens_per_s": _rate(totals, "generated_tokens", "generation_seconds"),

@@ -39,6 +39,9 @@ def distill_command(
                      "test_socratic, or a JSONL file with question and answer "
                      " (default: train)."),
     limit: int = _opt("--limit", help="Use only the first N questions (by id)."),
+    keep: str = _opt("--keep", help="all, or correct: train only on the teacher answers the "
+                     "store graded correct (rejection sampling); references (sft without a "
+                     f"store) are correct by definition (default: {_D.keep})."),
     val_size: int = _opt("--val-size", help="Questions held out of training for the "
                          f"validation loss, every --eval-steps (default: {_D.val_size})."),
     prompt: str = _opt("--prompt", help="Student prompt template (Jinja text with "
@@ -136,6 +139,12 @@ def distill_command(
     _print_summary(result.summary)
 
 
+def _kept(data: dict[str, Any]) -> str | None:
+    if data.get("keep") != "correct":
+        return None
+    return f"{data.get('kept_rows')}/{data.get('store_rows')} (graded correct)"
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
     table = Table(title=f"distilled into {summary['out']}", show_header=False)
     rows = [
@@ -144,6 +153,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
         ("val loss before", summary["val_loss_before"]),
         ("val loss after", summary["val_loss_after"]),
         ("tokens", summary["tokens"]),
+        ("answers kept", _kept(summary.get("data", {}))),
         ("tokens/s", summary["tokens_per_s"]),
         ("trainable params", summary["trainable_params"]),
         ("wall time (s)", summary["wall_time_s"]),
