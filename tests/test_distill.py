@@ -30,7 +30,8 @@ TOP_K = 8
 
 
 def write_store(model_dir: Path, out: Path, n: int = 6, top_k: int = TOP_K,
-                fingerprint: str | None = None) -> Path:
+                fingerprint: str | None = None, correct: frozenset[int] = frozenset()
+                ) -> Path:
     """A small teacher store from a real forward pass of `model_dir` over reference answers
     (teacher forcing), written with the store's own part writer."""
     from primekd import store
@@ -41,7 +42,7 @@ def write_store(model_dir: Path, out: Path, n: int = 6, top_k: int = TOP_K,
 
     model, tok = load(str(model_dir), device="cpu")
     rows = []
-    for e in load_examples("train", limit=n):
+    for index, e in enumerate(load_examples("train", limit=n)):
         prompt = encode_prompts(tok, [render(tok, ChatPrompt(user=e.question))])[0]
         full = reference_tokens(tok, e)
         answer = full[:29] + full[-1:]  # short, still ending with EOS
@@ -53,7 +54,7 @@ def write_store(model_dir: Path, out: Path, n: int = 6, top_k: int = TOP_K,
             "id": e.id, "sample": 0, "question": e.question, "reference": e.answer,
             "gold": e.gold, "teacher_prompt": "", "response": tok.decode(answer),
             "token_ids": answer, "topk_ids": top.tolist(), "topk_logprobs": values.tolist(),
-            "finish_reason": "reference", "extracted": None, "correct": False,
+            "finish_reason": "reference", "extracted": None, "correct": index in correct,
         })
     out.mkdir(parents=True, exist_ok=True)
     store.write_part(out, rows, [(r["id"], 0) for r in rows], {"rows": len(rows)})
@@ -112,6 +113,38 @@ def test_dataset_aligns_teacher_topk_with_answer_tokens(tiny_model_dir, tiny_sto
     assert (batch["labels"][short, n:] == -100).all()  # padding
     assert not batch["kd_mask"][short, n:].any()
     assert batch["kd_mask"].sum() == sum(len(i.topk_ids) for i in data.train[:2])
+
+
+def test_keep_correct_trains_only_on_correct_answers(tiny_model_dir, tmp_path):
+    """`--keep correct` (rejection sampling): the rows graded wrong are left out of both
+    splits, the validation split is drawn among the kept questions, and the summary says
+    how many of the store's answers were kept."""
+    from primekd.models import load_tokenizer
+
+    store_dir = write_store(tiny_model_dir, tmp_path / "t", correct=frozenset({0, 2, 3, 5}))
+    tok = load_tokenizer(str(tiny_model_dir), padding_side="right")
+    kept = build_datasets(_config(tiny_model_dir, store_dir, tmp_path / "a", val_size=1,
+                                  keep="correct"), tok)
+    every = build_datasets(_config(tiny_model_dir, store_dir, tmp_path / "b", val_size=1),
+                           tok)
+    ids = sorted(i.id for i in every.train + every.val)
+    assert sorted(i.id for i in kept.train + kept.val) == [ids[i] for i in (0, 2, 3, 5)]
+    assert (len(kept.train), len(kept.val)) == (3, 1)
+    assert kept.info["keep"] == "correct" and kept.info["kept_rows"] == 4
+    assert (every.info["keep"], every.info["kept_rows"], every.info["store_rows"]) == \
+        ("all", 6, 6)
+
+
+def test_keep_correct_without_a_correct_answer_is_refused(tiny_model_dir, tiny_store,
+                                                          tmp_path, monkeypatch, capsys):
+    code, _, err = _cli(monkeypatch, capsys, "distill", "--student", str(tiny_model_dir),
+                        "--teacher-store", str(tiny_store), "--out", str(tmp_path / "o"),
+                        "--keep", "correct", "--max-steps", "1", "--device", "cpu")
+    assert code != 0 and "no answer in teacher store" in err and "0 of 6" in err
+    code, _, err = _cli(monkeypatch, capsys, "distill", "--student", str(tiny_model_dir),
+                        "--teacher-store", str(tiny_store), "--out", str(tmp_path / "p"),
+                        "--keep", "some")
+    assert code != 0 and "--keep must be one of all, correct" in err
 
 
 def _trainer(model_dir: Path, out: Path, alpha: float = 0.3) -> KDTrainer:

@@ -37,7 +37,9 @@ def run_command(
     ),
     preset: str | None = typer.Option(
         None, "--preset", help="Built-in config to start from: `quick` (bundled model, CPU, "
-        "minutes) or `paper` (the paper's full design, for a GPU).", show_default=False,
+        "minutes, a demonstration), `small` (the paper's comparison on the bundled model, "
+        "vLLM on CPU, about 90 minutes) or `paper` (the paper's full design, for a GPU).",
+        show_default=False,
     ),
     out: Path | None = typer.Option(
         None, "--out", help="Run directory. Default: runs/<name from the config>.",
