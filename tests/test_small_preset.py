@@ -162,3 +162,40 @@ def test_report_has_the_paper_layout_table(tmp_path: Path) -> None:
     teachers = markdown.split("## Teachers", 1)[1].split("\n## ", 1)[0]
     assert "restates without working" in teachers and "25% (64)" in teachers
     assert "N is 16" in teachers
+
+
+# --- repetition loops ---------------------------------------------------------------------------
+
+LOOP = "To solve this problem, I will break it down step by step:\n\n" + "".join(
+    f"Step {i}: {'Calculate' if i % 2 else 'Determine'} the number of stickers used by Mary's "
+    "journal.\n\n" for i in range(1, 29))
+WORKED = ("Janet's ducks lay 16 eggs per day. She eats 3 for breakfast and bakes muffins with "
+          "4, so she uses 3 + 4 = 7 eggs. That leaves 16 - 7 = 9 eggs to sell. She sells each "
+          "egg for $2, so she makes 9 * 2 = $18 every day at the farmers' market. To check: "
+          "7 eggs used plus 9 sold is 16, all of them. Each of the 9 eggs brings $2, and nine "
+          "twos are eighteen. Over a week she would make 7 * 18 = $126, but the question asks "
+          "about one day only, so the daily amount is what we want here, not the weekly one. ")
+
+
+def test_looping_tells_a_repetition_loop_from_long_working() -> None:
+    from primekd.grading import looping
+
+    assert looping(LOOP)
+    assert not looping(WORKED * 1)
+    assert not looping("The answer is 18.")  # too short to judge
+
+
+def test_report_says_a_looping_model_is_not_cut_short(tmp_path: Path) -> None:
+    path = tmp_path / "eval" / "base"
+    path.mkdir(parents=True)
+    rows = [{"id": f"q{i}", "question": "q", "reference": "#### 1", "gold": 1,
+             "response": LOOP if i < 4 else "The answer is 1", "extracted": None if i < 4
+             else 1, "correct": i >= 4, "n_tokens": 5,
+             "finish_reason": "length" if i < 5 else "stop"} for i in range(20)]
+    (path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (path / "summary.json").write_text(json.dumps({"n": 20}))
+    report.write_report(tmp_path)
+    markdown = (tmp_path / "report.md").read_text()
+    assert "25% (5; 4 looping)" in markdown
+    assert "4 of them are repetition loops" in markdown and "the budget cut 5%" in markdown
+    assert "Raise `eval.max_new_tokens`" not in markdown

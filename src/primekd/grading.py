@@ -200,6 +200,24 @@ def answer_line_end(text: str) -> int | None:
     return None if newline < 0 else newline
 
 
+_DIGITS = re.compile(r"\d+")
+LOOP_WINDOW, LOOP_NGRAM, LOOP_DISTINCT = 120, 6, 0.5
+
+
+def looping(text: str) -> bool:
+    """Whether an answer ends in a repetition loop ("Step 27: Calculate the number of ...",
+    "Step 28: Determine the number of ..." on and on): among the word 6-grams of its last
+    120 words (numbers made equal), fewer than half are distinct. Measured on 351 answers of
+    SmolLM2-135M at 512 tokens: the answers cut at the limit scored 0.03-0.40 (35 of 39) or
+    0.52-0.78, the complete ones 0.28-1.0, mostly above 0.9. A looping answer cut at the
+    token limit was not cut short: no budget would have let it finish."""
+    words = _DIGITS.sub("0", text).split()[-LOOP_WINDOW:]
+    if len(words) < LOOP_WINDOW // 2:
+        return False
+    grams = [tuple(words[i:i + LOOP_NGRAM]) for i in range(len(words) - LOOP_NGRAM + 1)]
+    return len(set(grams)) / len(grams) < LOOP_DISTINCT
+
+
 def answer_line_span(text: str) -> tuple[int, int] | None:
     """(start, end) of the first line that states a final answer with an explicit marker,
     whether or not a newline ends it yet (a stored answer cut at its answer line does not

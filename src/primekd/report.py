@@ -24,6 +24,7 @@ from typing import Any
 
 from primekd import stats, store
 from primekd.errors import PrimekdError
+from primekd.grading import looping
 from primekd.io import atomic_write, atomic_write_text, read_json, read_jsonl
 
 FORMAT_VERSION = 1
@@ -108,6 +109,12 @@ class EvalRun:
     @property
     def truncated(self) -> int:
         return sum(r.get("finish_reason") == "length" for r in self.rows.values())
+
+    @property
+    def looping(self) -> int:
+        """Answers cut at the token limit in a repetition loop (no budget would end them)."""
+        return sum(r.get("finish_reason") == "length" and looping(str(r.get("response", "")))
+                   for r in self.rows.values())
 
     @property
     def truncation_rate(self) -> float:
@@ -262,8 +269,8 @@ def section_results(runs: dict[str, EvalRun], assets: Path) -> str:
         run = runs[row.name]
         cells = [f"`{row.name}`", _pct(row.accuracy), f"{row.correct}/{row.n}",
                  f"{_pct(row.ci95[0])} – {_pct(row.ci95[1])}", _pct(run.share("correct_strict")),
-                 _pct(run.share("correct_flexible")), f"{_pct(run.truncation_rate, 0)} "
-                 f"({run.truncated})"]
+                 _pct(run.share("correct_flexible")), _truncation_cell(
+                     run.truncation_rate, run.truncated, run.looping)]
         for ref in references:
             diff, p = row.vs.get(ref, (None, None))
             mark = "**" if row.significant(ref) else ""  # emphasis only where it is earned
@@ -281,10 +288,11 @@ def section_results(runs: dict[str, EvalRun], assets: Path) -> str:
         f"only if it stated its answer (`The answer is`, `####`, `\\boxed{{}}`, ...). Strict "
         f"counts stated answers only; flexible takes the last number anywhere, as "
         f"lm-evaluation-harness's flexible-extract does. Truncated: answers that hit "
-        f"`max_new_tokens`. Differences are in percentage points on the questions both runs "
-        f"answered; p-values are exact McNemar tests on the paired questions, Holm-adjusted "
-        f"within each reference's column ({len(rows) - 1} comparisons each); a difference in "
-        f"bold is significant at {ALPHA}.",
+        f"`max_new_tokens` (looping: of those, answers caught in a repetition loop, which "
+        f"no budget would have let finish). Differences are in percentage points on the "
+        f"questions both runs answered; p-values are exact McNemar tests on the paired "
+        f"questions, Holm-adjusted within each reference's column ({len(rows) - 1} "
+        f"comparisons each); a difference in bold is significant at {ALPHA}.",
     ]
     if gain_ref and runs[gain_ref].accuracy == 0:
         notes += ["", f"Relative gain is undefined here: `{gain_ref}` answered none correctly."]
@@ -436,6 +444,12 @@ def _teacher_truncation(manifest: dict[str, Any]) -> str:
     rate, count = _pick(manifest, "truncation_rate"), _pick(manifest, "truncated")
     if rate is None:
         return "–"
+    return _truncation_cell(rate, count, _pick(manifest, "looping"))
+
+
+def _truncation_cell(rate: float, count: Any, loops: Any) -> str:
+    if loops:
+        return f"{_pct(rate, 0)} ({count}; {loops} looping)"
     return f"{_pct(rate, 0)} ({count})"
 
 
@@ -718,7 +732,14 @@ def truncation_warnings(layout: Layout, runs: dict[str, EvalRun]) -> list[str]:
     answers cut at the token limit, naming the cap to raise."""
     warnings = []
     for name, run in runs.items():
-        if run.truncation_rate > TRUNCATION_WARNING:
+        if run.truncation_rate > TRUNCATION_WARNING and \
+                (run.truncated - run.looping) / run.n <= TRUNCATION_WARNING:
+            warnings.append(
+                f"> **Note: `{name}` hit the token limit on {run.truncated} of {run.n} "
+                f"answers ({_pct(run.truncation_rate, 0)}), but {run.looping} of them are "
+                f"repetition loops**, which no budget would end: those answers are wrong, not "
+                f"cut short; the budget cut {_pct((run.truncated - run.looping) / run.n, 0)}.")
+        elif run.truncation_rate > TRUNCATION_WARNING:
             cap = run.max_new_tokens
             warnings.append(
                 f"> **Warning: `{name}` hit the token limit on {run.truncated} of {run.n} "
@@ -729,8 +750,16 @@ def truncation_warnings(layout: Layout, runs: dict[str, EvalRun]) -> list[str]:
                 + "; truncated answers without a stated answer are graded wrong.")
     for name, directory in layout.teachers.items():
         m = _teacher_manifest(directory)
-        rate = _pick(m, "truncation_rate")
-        if rate is not None and rate > TRUNCATION_WARNING:
+        rate, rows = _pick(m, "truncation_rate"), _pick(m, "counts.rows")
+        loops = _pick(m, "looping") or 0
+        if rate is not None and rate > TRUNCATION_WARNING and rows and \
+                rate - loops / rows <= TRUNCATION_WARNING:
+            warnings.append(
+                f"> **Note: the `{name}` teacher hit the token limit on {_pick(m, 'truncated')} "
+                f"of {rows} answers ({_pct(rate, 0)}), but {loops} of them are repetition "
+                f"loops**, which no budget would end; the budget cut "
+                f"{_pct(rate - loops / rows, 0)}. Its students learn from those loops.")
+        elif rate is not None and rate > TRUNCATION_WARNING:
             cap = _pick(m, "generation.max_new_tokens")
             warnings.append(
                 f"> **Warning: the `{name}` teacher hit the token limit on "

@@ -358,7 +358,7 @@ def merged_manifest(directories: Sequence[str | Path]) -> dict[str, Any]:
     merged["tokens_per_s"] = round(tokens / seconds, 2) if seconds else None
     if manifests[0].get("teacher_accuracy") is not None:
         merged["teacher_accuracy"] = counts.get("correct", 0) / rows if rows else None
-    for key in ("truncated", "no_number", "restated"):  # absent in older stores
+    for key in ("truncated", "no_number", "restated", "looping"):  # absent in older stores
         if all(isinstance(m.get(key), int) for m in manifests):
             merged[key] = sum(m[key] for m in manifests)
     for key in ("teacher_accuracy_strict", "teacher_accuracy_flexible", "truncation_rate",

@@ -28,7 +28,7 @@ from primekd.answer_stop import cut_generation
 from primekd.chat import encode_prompts, render
 from primekd.data import Example, load_examples, resolve_data_path, strip_calculator
 from primekd.errors import PrimekdError
-from primekd.grading import EXTRACTORS, grade, grade_fields, working_text
+from primekd.grading import EXTRACTORS, grade, grade_fields, looping, working_text
 from primekd.models import load_tokenizer, resolve, tokenizer_fingerprint
 from primekd.priming import Strategy, get_strategy
 from primekd.progress import progress_bar
@@ -189,6 +189,8 @@ def run_batch(
         })
     stats = _batch_stats(rows, config, generation_seconds, time.perf_counter() - started)
     stats["restated"] = restated_count(rows, tokenizer)
+    stats["looping"] = sum(r["finish_reason"] == "length" and looping(r["response"])
+                           for r in rows)
     return rows, stats
 
 
@@ -454,6 +456,7 @@ def _manifest(
         "truncation_rate": _share(totals, "truncated", rows, generated),
         "no_number": int(totals.get("no_number", 0)),
         "restated": int(totals["restated"]) if "restated" in totals else None,
+        "looping": int(totals["looping"]) if "looping" in totals else None,
         "restated_rate": _share(totals, "restated", rows, generated),
         "restate_max_tokens": RESTATE_MAX_TOKENS,
         "mean_answer_tokens": totals["answer_tokens"] / rows if rows else None,

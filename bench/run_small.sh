@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Run the `small` preset (issue 14) from a clean clone and publish its report in the
+# repository, under docs/results/small/, with the commit it came from and the machine.
+#
+#   bench/run_small.sh                 # clone HEAD into a temp dir, set up, run, publish
+#   bench/run_small.sh --here          # run in this checkout (must be clean), then publish
+#   RUN_SMALL_SET="eval.batch_size=32" bench/run_small.sh   # extra --set overrides (recorded)
+#
+# The run directory is kept (runs/small in the clone; its path is printed): a rerun of this
+# script with --here on the same checkout is served from the stage cache. Nothing is
+# committed: review docs/results/small/ and commit it yourself.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+here=false
+[[ "${1:-}" == "--here" ]] && here=true
+if [[ -n "$(git status --porcelain --untracked-files=no)" ]]; then
+    echo "run_small: the checkout has uncommitted changes; commit them first (the report" \
+         "names the commit it came from)" >&2
+    exit 2
+fi
+commit=$(git rev-parse HEAD)
+if $here; then
+    work=$repo
+else
+    work=$(mktemp -d /tmp/primekd-small.XXXXXX)
+    git clone --quiet --no-hardlinks "$repo" "$work/primekd"
+    work=$work/primekd
+    git -C "$work" checkout --quiet "$commit"
+fi
+cd "$work"
+started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+setup_s=$SECONDS
+make setup
+setup_s=$((SECONDS - setup_s))
+sets=()
+for item in ${RUN_SMALL_SET:-}; do sets+=(--set "$item"); done
+run_s=$SECONDS
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} .venv/bin/primekd run --preset small --out runs/small \
+    "${sets[@]}" --json > runs/small-summary.json
+run_s=$((SECONDS - run_s))
+rerun_s=$SECONDS
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} .venv/bin/primekd run --preset small --out runs/small \
+    "${sets[@]}" --json > runs/small-rerun.json
+rerun_s=$((SECONDS - rerun_s))
+
+dest=$repo/docs/results/small
+rm -rf "$dest"
+mkdir -p "$dest"
+cp runs/small/report.md runs/small/report.html runs/small/config.yaml "$dest/"
+cp -r runs/small/report_files "$dest/"
+cp runs/small-summary.json "$dest/run-summary.json"
+{
+    echo "commit: $commit"
+    echo "started_utc: $started"
+    echo "setup_seconds: $setup_s"
+    echo "run_seconds: $run_s"
+    echo "cached_rerun_seconds: $rerun_s"
+    echo "overrides: ${RUN_SMALL_SET:-none}"
+    echo "clean_clone: $([[ $here == true ]] && echo no || echo yes)"
+    echo "machine:"
+    echo "  cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+    echo "  cores_available: $(nproc)"
+    echo "  memory: $(free -g | awk '/Mem:/ {print $2 " GiB"}')"
+    echo "  load_average_at_end: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "  kernel: $(uname -sr)"
+    echo "  python: $(.venv/bin/python -V 2>&1)"
+    echo "  omp_num_threads: ${OMP_NUM_THREADS:-1}"
+} > "$dest/RUN.txt"
+echo "run_small: published to $dest (run ${run_s}s, cached rerun ${rerun_s}s); the run" \
+     "directory is $work/runs/small"
