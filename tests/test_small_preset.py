@@ -64,6 +64,10 @@ def test_small_preset_plans_every_stage(small, tmp_path: Path) -> None:
     for strategy in ("none", "teacher", "ground_truth"):
         assert f"teacher/{strategy}" in names and f"eval/kd-{strategy}" in names
     assert {"students/sft", "eval/base", "eval/sft", "attention", "report"} <= set(names)
+    # eval/base right after the teachers: on the vllm engine it reuses their server
+    first_student = min(i for i, n in enumerate(names) if n.startswith("students/"))
+    assert names.index("eval/base") == first_student - 1
+    assert all(n.startswith("teacher/") for n in names[:names.index("eval/base")])
     result = CliRunner().invoke(app, ["run", "--preset", "small", "--dry-run",
                                       "--out", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output

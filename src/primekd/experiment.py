@@ -585,11 +585,16 @@ def plan(config: ExperimentConfig, out: str | Path) -> list[Stage]:
     stages: list[Stage] = []
     for name, spec in config.strategies.items():
         stages += teacher_stages(config, out, name, spec)
+    # the untrained student's evaluation right after the teachers: with teacher == student
+    # (self-distillation) on the vllm engine it reuses their server instead of starting one
+    if "base" in config.experiments:
+        stages.append(eval_stage(config, out, "base"))
     for experiment in config.experiments:
         if experiment != "base":
             stages.append(student_stage(config, out, experiment))
     for experiment in config.experiments:
-        stages.append(eval_stage(config, out, experiment))
+        if experiment != "base":
+            stages.append(eval_stage(config, out, experiment))
     if config.attention.get("enabled", True):
         stages.append(attention_stage(config, out))
     stages.append(report_stage(config, out, stages))
