@@ -1,12 +1,33 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from primekd.chat import ChatPrompt
 from primekd.data import load_examples
+from primekd.engines import (
+    EngineSpec,
+    Generation,
+    SamplingParams,
+    collect,
+    encode_chats,
+    parse_options,
+)
+from primekd.engines.hf import HFEngine, stop_token_ids
 from primekd.errors import PrimekdError
-from primekd.generation import SamplingParams, generate, generate_batch, stop_token_ids
 from primekd.models import load
+
+
+def generate(model, tokenizer, prompts: list[ChatPrompt], params: SamplingParams | None = None,
+             batch_size: int = 16) -> list[Generation]:
+    engine = HFEngine(model, tokenizer, batch_size=batch_size)
+    ids = encode_chats(tokenizer, prompts)
+    return collect(engine.generate(ids, params or SamplingParams()), len(prompts))
+
+
+def generate_batch(model, tokenizer, prompts: list[ChatPrompt], params: SamplingParams
+                   ) -> list[Generation]:
+    return HFEngine(model, tokenizer).generate_batch(encode_chats(tokenizer, prompts), params)
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +109,75 @@ def test_sampling_is_seeded(tiny) -> None:
     first = generate(model, tokenizer, prompts, params, batch_size=3)
     again = generate(model, tokenizer, prompts, params, batch_size=3)
     assert [g.token_ids for g in first] == [g.token_ids for g in again]
+
+
+def test_greedy_ignores_the_generation_config_processors(tiny) -> None:
+    """A model's generation_config may switch on processors (Qwen2.5 ships
+    repetition_penalty=1.05); greedy must still pick the top-1 token at every step."""
+    model, tokenizer = tiny
+    prompts = _prompts(4)
+    params = SamplingParams(max_new_tokens=16, logprobs=2)
+    plain = generate(model, tokenizer, prompts, params, batch_size=4)
+    config = model.generation_config
+    saved = (config.repetition_penalty, config.no_repeat_ngram_size, config.do_sample)
+    config.repetition_penalty, config.no_repeat_ngram_size, config.do_sample = 5.0, 2, True
+    try:
+        forced = generate(model, tokenizer, prompts, params, batch_size=4)
+    finally:
+        config.repetition_penalty, config.no_repeat_ngram_size, config.do_sample = saved
+    assert [g.token_ids for g in forced] == [g.token_ids for g in plain]
+    repeats = 0
+    for g in forced:
+        clear = g.topk.logprobs[:, 0] - g.topk.logprobs[:, 1] > 1e-3
+        assert (g.topk.ids[clear, 0] == np.array(g.token_ids)[clear]).all()
+        repeats += len(g.token_ids) - len(set(g.token_ids))
+    assert repeats > 0, "a penalty would have changed these answers: they repeat tokens"
+
+
+def test_generated_logprobs_equal_scoring_the_answers(tiny) -> None:
+    model, tokenizer = tiny
+    prompts = _prompts(5)
+    ids = encode_chats(tokenizer, prompts)
+    engine = HFEngine(model, tokenizer, batch_size=2)
+    generated = collect(engine.generate(ids, SamplingParams(max_new_tokens=10, logprobs=4)), 5)
+    scored = collect(engine.score(ids, [g.token_ids for g in generated], 4), 5)
+    for g, s in zip(generated, scored, strict=True):
+        assert g.topk.ids.shape == (g.n_tokens, 4)
+        np.testing.assert_array_equal(g.topk.ids, s.ids)
+        np.testing.assert_allclose(g.topk.logprobs, s.logprobs, atol=1e-5)
+
+
+def test_cut_hook_ends_answers_where_it_says(tiny) -> None:
+    model, tokenizer = tiny
+    prompts = _prompts(4)
+    free = generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=12))
+    keep = 7  # characters
+
+    cut = generate(model, tokenizer, prompts,
+                   SamplingParams(max_new_tokens=12, cut=lambda text: keep), batch_size=4)
+    for before, after in zip(free, cut, strict=True):
+        if len(before.text) > keep:
+            assert after.text == before.text[:keep] and after.finish_reason == "stop"
+            assert after.token_ids == before.token_ids[: after.n_tokens]
+            decoded = tokenizer.decode(after.token_ids, skip_special_tokens=True)
+            assert decoded.startswith(after.text)
+            assert not tokenizer.decode(after.token_ids[:-1],
+                                        skip_special_tokens=True).startswith(after.text)
+        else:
+            assert after == before
+
+
+def test_engine_options_and_specs_are_checked() -> None:
+    assert parse_options(["max_model_len=4096", "enforce-eager=true", "dtype=bfloat16"]) == {
+        "max_model_len": 4096, "enforce_eager": True, "dtype": "bfloat16"}
+    with pytest.raises(PrimekdError, match="key=value"):
+        parse_options(["max_model_len"])
+    with pytest.raises(PrimekdError, match="--engine must be one of"):
+        EngineSpec("tgi").check()
+    with pytest.raises(PrimekdError, match="unknown vllm engine option 'max_len'"):
+        EngineSpec("vllm", options={"max_len": 5}).check()
+    with pytest.raises(PrimekdError, match="--base-url needs --engine vllm"):
+        EngineSpec("hf", base_url="http://127.0.0.1:1").check()
 
 
 def test_bad_parameters_are_clear_errors(tiny) -> None:
