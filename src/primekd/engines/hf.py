@@ -145,15 +145,15 @@ def decoding_options(sampling: SamplingParams) -> dict[str, Any]:
     temperature + top-p."""
     import torch
 
+    # Processors apply even to greedy decoding; warpers only when sampling.
     neutral = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_length": 0,
-               "top_k": 0, "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
-               "eta_cutoff": 0.0, "num_beams": 1}
+               "num_beams": 1, "max_new_tokens": sampling.max_new_tokens}
     if sampling.temperature > 0:
         torch.manual_seed(sampling.seed)
-        return {**neutral, "max_new_tokens": sampling.max_new_tokens, "do_sample": True,
-                "temperature": sampling.temperature, "top_p": sampling.top_p}
-    return {**neutral, "max_new_tokens": sampling.max_new_tokens, "do_sample": False,
-            "temperature": 1.0, "top_p": 1.0}
+        return {**neutral, "do_sample": True, "temperature": sampling.temperature,
+                "top_p": sampling.top_p, "top_k": 0, "min_p": 0.0, "typical_p": 1.0,
+                "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+    return {**neutral, "do_sample": False}
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
