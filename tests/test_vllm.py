@@ -94,7 +94,8 @@ def test_eval_answers_agree_with_hf(vllm_url, bundled, tmp_path) -> None:
                     progress=False)
     theirs = evaluate(EvalConfig(out=tmp_path / "h", **common), progress=False, loaded=bundled)
     assert ours["engine"] == "vllm" and ours["n"] == theirs["n"] == 6
-    a, b = read_jsonl(tmp_path / "v" / "results.jsonl"), read_jsonl(tmp_path / "h" / "results.jsonl")
+    a = read_jsonl(tmp_path / "v" / "results.jsonl")
+    b = read_jsonl(tmp_path / "h" / "results.jsonl")
     assert [r["id"] for r in a] == [r["id"] for r in b]
     assert sum(x["response"] == y["response"] for x, y in zip(a, b, strict=True)) >= 5
 
