@@ -96,7 +96,7 @@ class VLLMServer:
         self.model, self.options, self.lora = model, options, lora
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(tempfile.mkdtemp(prefix="primekd-vllm-")) / "server.log"
+        self.log_path = Path(tempfile.gettempdir()) / "primekd-vllm-unstarted.log"
         self.process: subprocess.Popen[bytes] | None = None
 
     def command(self) -> list[str]:
@@ -121,12 +121,14 @@ class VLLMServer:
         return command
 
     def start(self) -> VLLMServer:
+        command = self.command()
+        self.log_path = Path(tempfile.mkdtemp(prefix="primekd-vllm-")) / "server.log"
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(self.options.get("kv_cache_space",
                                                                            2)),
                "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
         with self.log_path.open("wb") as log:
             try:
-                self.process = subprocess.Popen(self.command(), stdout=log,
+                self.process = subprocess.Popen(command, stdout=log,
                                                 stderr=subprocess.STDOUT, env=env,
                                                 stdin=subprocess.DEVNULL,
                                                 start_new_session=True)
