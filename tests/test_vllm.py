@@ -43,7 +43,7 @@ def test_generation_and_scoring_agree_with_hf(vllm_url, bundled) -> None:
     vllm = get_engine(BUNDLED_ALIAS, EngineSpec("vllm", vllm_url))
     try:
         prompts = _prompts(hf.tokenizer, 8)
-        sampling = SamplingParams(max_new_tokens=48, logprobs=5)
+        sampling = SamplingParams(max_new_tokens=40, logprobs=5)
         ours = collect(vllm.generate(prompts, sampling), 8)
         theirs = collect(hf.generate(prompts, sampling), 8)
         same = sum(a.token_ids == b.token_ids for a, b in zip(ours, theirs, strict=True))
@@ -159,8 +159,8 @@ def test_merged_adapter_survives_a_killed_server(tmp_path, bundled) -> None:
     adapter = _save_adapter(tmp_path / "adapter")
     out = tmp_path / "eval"
     command = [*CLI, "eval", "--model", BUNDLED_ALIAS, "--adapter", str(adapter), "--engine",
-               "vllm", "--engine-option", "dtype=float32", "--limit", "10",
-               "--max-new-tokens", "96", "--out", str(out)]
+               "vllm", "--engine-option", "dtype=float32", "--limit", "8",
+               "--max-new-tokens", "64", "--out", str(out)]
     process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     try:
@@ -177,7 +177,7 @@ def test_merged_adapter_survives_a_killed_server(tmp_path, bundled) -> None:
             process.kill()
             process.wait()
     written = len(read_jsonl(out / "results.jsonl"))
-    assert process.returncode == 2 and 1 <= written < 10, (written, stderr)
+    assert process.returncode == 2 and 1 <= written < 8, (written, stderr)
     assert "stopped answering" in stderr and "rerun" in stderr
     assert len(stderr.strip().splitlines()) <= 3  # one message, wrapped at most
     result = subprocess.run([*command, "--json"], env=ENV, capture_output=True, text=True,
@@ -185,9 +185,9 @@ def test_merged_adapter_survives_a_killed_server(tmp_path, bundled) -> None:
     assert result.returncode == 0, result.stderr
     rows = read_jsonl(out / "results.jsonl")
     ids = [r["id"] for r in rows]
-    assert len(ids) == len(set(ids)) == 10 and json.loads(result.stdout)["n"] == 10
+    assert len(ids) == len(set(ids)) == 8 and json.loads(result.stdout)["n"] == 8
     hf = evaluate(EvalConfig(model=BUNDLED_ALIAS, adapter=str(adapter), out=tmp_path / "hf",
-                             limit=10, max_new_tokens=96), progress=False)
+                             limit=8, max_new_tokens=64), progress=False)
     expected = {r["id"]: r["response"] for r in read_jsonl(tmp_path / "hf" / "results.jsonl")}
     same = sum(r["response"] == expected[r["id"]] for r in rows)
-    assert hf["n"] == 10 and same >= 8, f"{same}/10 answers equal the hf engine's"
+    assert hf["n"] == 8 and same >= 6, f"{same}/8 answers equal the hf engine's"
