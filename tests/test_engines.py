@@ -1,5 +1,12 @@
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -205,3 +212,46 @@ def test_bundled_batched_equals_unbatched_and_stops(bundled) -> None:
     stopped = generate(model, tokenizer, prompts[:1], SamplingParams(24, stop=("Paris",)))[0]
     assert stopped.text == batched[0].text[: batched[0].text.index("Paris")]
     assert stopped.finish_reason == "stop" and stopped.n_tokens < batched[0].n_tokens
+
+
+def test_server_start_failure_quotes_its_log() -> None:
+    from primekd.engines.vllm import VLLMServer
+
+    command = [sys.executable, "-c", "import sys; print('no such model here'); sys.exit(3)"]
+    server = VLLMServer("m", {"command": command, "startup_timeout": 60}).start()
+    with pytest.raises(PrimekdError, match="exited with code 3.*no such model here"):
+        server.wait_ready()
+    server.stop()
+
+
+@pytest.mark.slow
+def test_server_dies_with_primekd(tmp_path) -> None:
+    """A server primekd started must not outlive it, even when primekd is SIGKILLed."""
+    script = (
+        "import sys, time\n"
+        "from primekd.engines.vllm import VLLMServer\n"
+        "s = VLLMServer('m', {'command': [sys.executable, '-c', "
+        "'import time; time.sleep(600)']}).start()\n"
+        f"open({str(tmp_path / 'pid')!r}, 'w').write(str(s.process.pid))\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    pid_file = tmp_path / "pid"
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline and parent.poll() is None
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while Path(f"/proc/{child}").exists() and "Z" not in _state(child):
+        assert time.monotonic() < deadline, "the server outlived primekd"
+        time.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"

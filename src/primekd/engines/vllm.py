@@ -131,7 +131,8 @@ class VLLMServer:
                 self.process = subprocess.Popen(command, stdout=log,
                                                 stderr=subprocess.STDOUT, env=env,
                                                 stdin=subprocess.DEVNULL,
-                                                start_new_session=True)
+                                                start_new_session=True,
+                                                preexec_fn=_die_with_parent)
             except OSError as e:
                 raise PrimekdError(f"could not start the vLLM server: {e}") from None
         return self
@@ -179,6 +180,15 @@ class VLLMServer:
         if self.process.poll() is None:
             self.process.wait()
         self.process = None
+
+
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM when primekd dies, even by SIGKILL (no orphans)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _signal_group(pid: int, sig: int) -> None:
