@@ -163,7 +163,7 @@ def test_cut_hook_ends_answers_where_it_says(tiny) -> None:
     cut = generate(model, tokenizer, prompts,
                    SamplingParams(max_new_tokens=12, cut=lambda text: keep), batch_size=4)
     for before, after in zip(free, cut, strict=True):
-        if len(before.text) > keep:
+        if len(before.text) >= keep:
             assert after.text == before.text[:keep] and after.finish_reason == "stop"
             assert after.token_ids == before.token_ids[: after.n_tokens]
             decoded = tokenizer.decode(after.token_ids, skip_special_tokens=True)
@@ -172,6 +172,22 @@ def test_cut_hook_ends_answers_where_it_says(tiny) -> None:
                                         skip_special_tokens=True).startswith(after.text)
         else:
             assert after == before
+
+
+def test_eos_after_cut_ends_the_answer_with_its_log_probs(tiny) -> None:
+    model, tokenizer = tiny
+    ids = encode_chats(tokenizer, _prompts(3))
+    engine = HFEngine(model, tokenizer)
+    sampling = SamplingParams(max_new_tokens=12, logprobs=3, cut=lambda text: 5,
+                              eos_after_cut=True)
+    cut = 0
+    for _, g in engine.generate(ids, sampling):
+        if g.finish_reason == "stop" and len(g.text) == 5:
+            cut += 1
+            assert g.token_ids[-1] == tokenizer.eos_token_id
+            assert g.topk.ids.shape == (g.n_tokens, 3)
+            assert tokenizer.decode(g.token_ids[:-1], skip_special_tokens=True).startswith(g.text)
+    assert cut >= 1
 
 
 def test_engine_options_and_specs_are_checked() -> None:

@@ -39,9 +39,11 @@ class SamplingParams:
     seed: int = 0  # seeds sampling; unused when greedy
     stop: tuple[str, ...] = ()  # strings that end an answer too (cut from the text)
     logprobs: int = 0  # k > 0: the top-k log-probs (T=1, full vocabulary) of every answer token
-    # Extra cut applied to every answer after generation (e.g. the end of the final-answer
-    # line); not part of the run identity, so keep it deterministic.
+    # A per-answer cut, e.g. `grading.answer_line_end` (stop at the final-answer line): the
+    # hf engine also stops a row as soon as it applies; the vllm engine cuts after
+    # generation. Deterministic, and not part of the run identity: name it there yourself.
     cut: Cut | None = field(default=None, compare=False, repr=False)
+    eos_after_cut: bool = False  # teachers: end a cut answer with EOS (its log-probs too)
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -165,24 +167,28 @@ def cut_text(text: str, stop: Sequence[str], cut: Cut | None) -> int | None:
     ends = [i for i in (text.find(s) for s in stop) if i >= 0]
     if cut is not None:
         end = cut(text)
-        if end is not None:
-            ends.append(max(0, min(end, len(text))))
+        if end is not None and 0 <= end <= len(text):  # past the end: not there yet
+            ends.append(end)
     return min(ends) if ends else None
 
 
 def finish(tokenizer: Any, token_ids: list[int], reason: str, sampling: SamplingParams,
            stop_ids: set[int], topk: TopK | None = None) -> Generation:
     """One answer from its raw tokens: cut at the first stop token, then at a stop string or
-    the `cut` hook (keeping the tokens up to the one that completes the kept text)."""
+    the `cut` hook (keeping the tokens up to the one that completes the kept text; with
+    `eos_after_cut`, plus the EOS token, whose distribution is the one at that position)."""
     end = next((i for i, t in enumerate(token_ids) if t in stop_ids), None)
     if end is not None:
         token_ids, reason = token_ids[: end + 1], "stop"
     body = token_ids[:-1] if end is not None else token_ids
     text = tokenizer.decode(body, skip_special_tokens=True)
     at = cut_text(text, sampling.stop, sampling.cut)
-    if at is not None and at < len(text):
+    if at is not None:
         n = _tokens_covering(tokenizer, body, text, at, sampling.stop)
         token_ids, text, reason = body[:n], text[:at], "stop"
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(stop_ids)
+        if sampling.eos_after_cut and (topk is None or len(topk.ids) > n):
+            token_ids = [*token_ids, eos]
     if topk is not None:
         topk = TopK(topk.ids[: len(token_ids)], topk.logprobs[: len(token_ids)])
     return Generation(text, list(token_ids), reason, topk)

@@ -81,6 +81,9 @@ class HFEngine:
         options = decoding_options(sampling)
         if sampling.stop:  # stop early; `finish` then cuts the text at the stop string
             options.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
+        if sampling.cut is not None:  # stop a row once its cut applies; `finish` cuts
+            options["stopping_criteria"] = _cut_criteria(self.tokenizer, sampling,
+                                                         batch["input_ids"].shape[1])
         with torch.inference_mode():
             output = self.model.generate(**batch, **options, eos_token_id=self.stop_ids,
                                          pad_token_id=self.pad_id)
@@ -136,6 +139,24 @@ class HFEngine:
             return self.model(**inputs, logits_to_keep=keep).logits[:, -keep:]
         except TypeError:  # models without logits_to_keep
             return self.model(**inputs).logits[:, -keep:]
+
+
+def _cut_criteria(tokenizer: Any, sampling: SamplingParams, prompt_width: int) -> Any:
+    """A `StoppingCriteriaList` that ends each row once `sampling.cut` finds its end."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class CutStop(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            import torch
+
+            rows = input_ids[:, prompt_width:].tolist()
+            texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in rows]
+            ends = [sampling.cut(t) for t in texts]
+            return torch.tensor([end is not None and end <= len(t)
+                                 for end, t in zip(ends, texts, strict=True)],
+                                dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([CutStop()])
 
 
 def decoding_options(sampling: SamplingParams) -> dict[str, Any]:
