@@ -722,8 +722,10 @@ def attention_stage(config: ExperimentConfig, out: Path) -> Stage:
 def report_stage(config: ExperimentConfig, out: Path, stages: list[Stage]) -> Stage:
     from primekd import report
 
+    hashed = _plain(config.to_dict())
+    hashed["engine"].pop("base_url", None)  # where the server runs changes no result
     params = {"report": dataclasses.asdict(config.report), "format": report.FORMAT_VERSION,
-              "config": _plain(config.to_dict())}
+              "config": hashed}
     layout = report.Layout(
         run_dir=out,
         teachers={s.name.split("/", 1)[1]: s.directory for s in stages if s.kind == "teacher"},
