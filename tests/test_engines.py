@@ -190,6 +190,23 @@ def test_eos_after_cut_ends_the_answer_with_its_log_probs(tiny) -> None:
     assert cut >= 1
 
 
+def test_hf_engine_spreads_a_model_with_a_device_map(tiny, tiny_model_dir) -> None:
+    """device_map/max_memory (accelerate's big-model loading, for teachers larger than one
+    GPU) load the same model: the same answers and top-k here, where only the CPU exists."""
+    from primekd.engines import get_engine
+
+    spec = EngineSpec("hf", options={"device_map": "auto", "max_memory": {"cpu": "2GiB"}})
+    spread = get_engine(str(tiny_model_dir), spec, batch_size=4)
+    plain = HFEngine(*tiny, batch_size=4)
+    ids = encode_chats(plain.tokenizer, _prompts(4))
+    sampling = SamplingParams(max_new_tokens=8, logprobs=3)
+    ours = collect(spread.generate(ids, sampling), 4)
+    theirs = collect(plain.generate(ids, sampling), 4)
+    assert [g.token_ids for g in ours] == [g.token_ids for g in theirs]
+    for a, b in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(a.topk.logprobs, b.topk.logprobs, atol=1e-5)
+
+
 def test_engine_options_and_specs_are_checked() -> None:
     assert parse_options(["max_model_len=4096", "enforce-eager=true", "dtype=bfloat16"]) == {
         "max_model_len": 4096, "enforce_eager": True, "dtype": "bfloat16"}
@@ -199,6 +216,8 @@ def test_engine_options_and_specs_are_checked() -> None:
         EngineSpec("tgi").check()
     with pytest.raises(PrimekdError, match="unknown vllm engine option 'max_len'"):
         EngineSpec("vllm", options={"max_len": 5}).check()
+    with pytest.raises(PrimekdError, match="dtype is not an hf engine option"):
+        EngineSpec("hf", options={"dtype": "bfloat16"}).check()
     with pytest.raises(PrimekdError, match="--base-url needs --engine vllm"):
         EngineSpec("hf", base_url="http://127.0.0.1:1").check()
 

@@ -25,6 +25,9 @@ import numpy as np
 from primekd.errors import PrimekdError
 
 ENGINES = ("hf", "vllm")
+# hf engine options: split a model over devices (accelerate's big-model loading), e.g. a
+# teacher too large for one GPU: device_map=auto, max_memory={0: 70GiB, 1: 70GiB, cpu: 200GiB}
+HF_OPTIONS = ("device_map", "max_memory")
 
 # A per-request post-processing hook: given an answer's text, the character offset where the
 # answer ends (text from there on is dropped, with the tokens that wrote it), or None.
@@ -111,9 +114,11 @@ class EngineSpec:
             from primekd.engines.vllm import check_options
 
             check_options(self.options)
-        elif self.options:
-            raise PrimekdError(f"--engine-option {next(iter(self.options))} is a vllm engine "
-                               "option; the hf engine takes none (use --device)")
+        else:
+            for key in self.options:
+                if key not in HF_OPTIONS:
+                    raise PrimekdError(f"--engine-option {key} is not an hf engine option; "
+                                       f"the hf engine takes {', '.join(HF_OPTIONS)}")
 
 
 def parse_options(items: Sequence[str]) -> dict[str, Any]:
@@ -151,7 +156,8 @@ def get_engine(model: str, spec: EngineSpec | None = None, *, adapter: str | Non
 
     if loaded is not None:
         return HFEngine(*loaded, batch_size=batch_size)
-    return HFEngine.load(model, adapter=adapter, device=device, batch_size=batch_size)
+    return HFEngine.load(model, adapter=adapter, device=device, batch_size=batch_size,
+                         **spec.options)
 
 
 def encode_chats(tokenizer: Any, chats: Sequence[Any], date_string: str | None = None

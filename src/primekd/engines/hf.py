@@ -46,10 +46,15 @@ class HFEngine:
 
     @classmethod
     def load(cls, model: str, adapter: str | None = None, device: str | None = None,
-             batch_size: int | None = None) -> HFEngine:
+             batch_size: int | None = None, device_map: Any = None, max_memory: Any = None
+             ) -> HFEngine:
+        """`device_map`/`max_memory`: spread the model over devices (inputs then go to the
+        device of its first layer)."""
         from primekd.models import load
 
-        return cls(*load(model, adapter=adapter, device=device), batch_size=batch_size)
+        placement = {"device_map": device_map, "max_memory": max_memory} if device_map else {}
+        return cls(*load(model, adapter=adapter, device=device, **placement),
+                   batch_size=batch_size)
 
     def close(self) -> None:
         pass
