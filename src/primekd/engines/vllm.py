@@ -450,6 +450,9 @@ class VLLMEngine:
                 task.cancel()
             if pending:
                 loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            for task in tasks:  # retrieved: no "exception was never retrieved" on stderr
+                if task.done() and not task.cancelled():
+                    task.exception()
 
 
 class _TokenBudget:
