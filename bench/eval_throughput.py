@@ -14,9 +14,15 @@ import json
 import time
 
 from primekd.data import load_examples
-from primekd.generation import Generation, SamplingParams, generate
+from primekd.engines import Generation, SamplingParams, collect, encode_chats
+from primekd.engines.hf import HFEngine
 from primekd.models import BUNDLED_ALIAS, load
 from primekd.prompts import load_template
+
+
+def generate(model, tokenizer, prompts, params, batch_size=16) -> list[Generation]:
+    engine = HFEngine(model, tokenizer, batch_size=batch_size)
+    return collect(engine.generate(prompts, params), len(prompts))
 
 
 def timed_generate(model, tokenizer, prompts, params, batch_size) -> tuple[list[Generation], float]:
@@ -44,7 +50,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model, tokenizer = load(args.model, device=args.device)
     template = load_template()
-    prompts = [template.build(e.question) for e in load_examples(args.data, limit=args.n)]
+    prompts = encode_chats(tokenizer, [template.build(e.question)
+                                       for e in load_examples(args.data, limit=args.n)])
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
     generate(model, tokenizer, prompts[:1], SamplingParams(max_new_tokens=4))  # warm-up
 

@@ -41,3 +41,30 @@ def bundled() -> tuple:
     from primekd.models import BUNDLED_ALIAS, load
 
     return load(BUNDLED_ALIAS)
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+@pytest.fixture(scope="session")
+def vllm_url() -> str:
+    """ONE real vLLM server on loopback for the session, serving the bundled model in float32
+    (as the hf engine runs it on CPU, so the two engines must agree closely). Without
+    .venv-vllm (`make vllm`) the vLLM tests skip, except under CI=true, where they fail."""
+    from primekd.engines.vllm import VLLMServer, vllm_python
+    from primekd.errors import PrimekdError
+    from primekd.models import BUNDLED_ALIAS, resolve
+
+    try:
+        vllm_python()
+    except PrimekdError as e:
+        if _ci():
+            pytest.fail(f"CI=true and no vLLM environment: {e}")
+        pytest.skip(f"no vLLM environment ({e})")
+    server = VLLMServer(resolve(BUNDLED_ALIAS).path, {"dtype": "float32"}).start()
+    try:
+        server.wait_ready()
+        yield server.url
+    finally:
+        server.stop()

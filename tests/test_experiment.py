@@ -331,6 +331,28 @@ def test_markdown_to_html_is_self_contained(tmp_path: Path) -> None:
     assert "Content-Security-Policy" in html and 'id="title"' in html
 
 
+def test_engine_section_reaches_teacher_and_eval_stages(tmp_path: Path) -> None:
+    def stages(*overrides: str) -> dict[str, experiment.Stage]:
+        return {s.name: s for s in plan(load_config(overrides=list(overrides)), tmp_path)}
+
+    hf = stages()
+    vllm = stages("engine.name=vllm", "engine.options={max_model_len: 1024}")
+    served = stages("engine.name=vllm", "engine.options={max_model_len: 1024}",
+                    "engine.base_url=http://127.0.0.1:8000")
+    for name in ("teacher/none", "eval/base", "eval/kd-none"):
+        assert experiment.stage_config(vllm[name]).engine == "vllm"
+        assert experiment.stage_config(vllm[name]).engine_options == {"max_model_len": 1024}
+        assert experiment.stage_config(served[name]).base_url == "http://127.0.0.1:8000"
+    changed = {n for n in hf if hf[n].hash != vllm[n].hash}
+    assert "teacher/none" in changed and "eval/base" in changed
+    assert "students/sft" not in changed  # training does not generate
+    assert all(vllm[n].hash == served[n].hash for n in vllm)  # the URL is not an input
+    with pytest.raises(PrimekdError, match="engine.*unknown vllm engine option"):
+        load_config(overrides=["engine.name=vllm", "engine.options={max_len: 5}"])
+    with pytest.raises(PrimekdError, match="`teacher.engine` is set by the experiment"):
+        load_config(overrides=["teacher.engine=vllm"])
+
+
 # --- sharded teachers and `run --only` ----------------------------------------------------------
 
 

@@ -170,14 +170,10 @@ def test_bad_configs_are_clear_errors(tmp_path, tiny_model_dir, overrides, messa
         _teach(tiny_model_dir, tmp_path / "s", **overrides)
 
 
-def test_vllm_backend_missing_is_a_clear_error(tmp_path, tiny_model_dir) -> None:
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        with pytest.raises(PrimekdError, match="needs vLLM"):
-            _teach(tiny_model_dir, tmp_path / "s", backend="vllm")
-    else:
-        pytest.skip("vLLM is installed here")
+def test_vllm_engine_without_vllm_is_a_clear_error(tmp_path, tiny_model_dir) -> None:
+    with pytest.raises(PrimekdError, match="python /nonexistent/python does not exist"):
+        _teach(tiny_model_dir, tmp_path / "s", engine="vllm",
+               engine_options={"python": "/nonexistent/python"})
 
 
 @pytest.mark.slow
@@ -249,22 +245,22 @@ def test_bundled_teacher_writes_a_valid_store(tmp_path) -> None:
     assert all(row["response"].strip() for row in table.to_pylist())
 
 
-def test_vllm_prompt_logprobs_become_top_k_arrays() -> None:
-    from types import SimpleNamespace
+def test_vllm_logprobs_become_top_k_arrays() -> None:
+    from primekd.engines.vllm import topk_arrays
 
-    from primekd.teacher_vllm import _topk
-
-    # vLLM's shape: per position {token id: Logprob}, the top k plus the scored token when
-    # it fell outside them
+    # vLLM's two JSON shapes: prompt_logprobs {"id": {"logprob", "rank"}} with the scored
+    # token added when it fell outside the top k; top_logprobs {"token_id:id": logprob}
     positions = [
-        {5: SimpleNamespace(logprob=-0.5), 7: SimpleNamespace(logprob=-1.5),
-         9: SimpleNamespace(logprob=-6.0)},
-        {3: SimpleNamespace(logprob=-2.0), 1: SimpleNamespace(logprob=-0.2)},
+        {"9": {"logprob": -6.0, "rank": 40}, "5": {"logprob": -0.5, "rank": 1},
+         "7": {"logprob": -1.5, "rank": 2}},
+        {"token_id:3": -2.0, "token_id:1": -0.2},
     ]
-    topk = _topk(positions, top_k=2)
+    topk = topk_arrays(positions, k=2)
     assert topk.ids.tolist() == [[5, 7], [1, 3]]
     np.testing.assert_allclose(topk.logprobs, [[-0.5, -1.5], [-0.2, -2.0]])
     assert topk.ids.dtype == np.int32 and topk.logprobs.dtype == np.float32
+    with pytest.raises(PrimekdError, match="max-logprobs"):
+        topk_arrays(positions, k=3)
 
 
 def test_store_grades_with_the_truncation_rule_and_counts_it(tmp_path, tiny_model_dir) -> None:

@@ -19,14 +19,14 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from primekd import __version__
+from primekd import __version__, answer_stop
 from primekd.data import BUNDLED_SPLITS, Example, load_examples, resolve_data_path
+from primekd.engines import EngineSpec, Generation, SamplingParams, encode_chats, get_engine
 from primekd.errors import PrimekdError
-from primekd.generation import Generation, SamplingParams, iter_generate
 from primekd.grading import check_extractor, grade, grade_fields, summarize_grades
 from primekd.io import (
     append_jsonl,
@@ -40,7 +40,6 @@ from primekd.progress import progress_bar
 from primekd.prompts import PromptTemplate, load_template
 
 RESULTS, SUMMARY, CONFIG = "results.jsonl", "summary.json", "eval_config.json"
-CPU_BATCH_SIZE, GPU_BATCH_SIZE = 16, 64
 
 
 @dataclass
@@ -53,28 +52,36 @@ class EvalConfig:
     offset: int = 0
     sample: int | None = None  # a seeded random subset of this size (before offset/limit)
     seed: int = 0  # seeds --sample and, with temperature > 0, sampling
-    batch_size: int | None = None  # None: 16 on CPU, 64 on GPU
+    batch_size: int | None = None  # hf: None is 16 on CPU, 64 on GPU; vllm: requests in flight
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     prompt: str | None = None  # template text or a file with it; None = zero-shot default
     few_shot: int = 0
     extractor: str = "default"
-    device: str | None = None  # None: cuda if available, else cpu
+    device: str | None = None  # None: cuda if available, else cpu (hf engine)
+    engine: str = "hf"  # hf | vllm (see primekd.engines)
+    base_url: str | None = None  # vllm: a running server to use instead of starting one
+    engine_options: dict[str, Any] = field(default_factory=dict)  # vllm server options
     lenient: bool = False  # grade as harnesses do: a truncated answer's last number counts
     stop_at_answer: bool = False  # end generation at the end of the final-answer line
     force: bool = False  # write into a non-empty --out of someone else's (never overwriting)
 
     def sampling(self, stop: tuple[str, ...] = ()) -> SamplingParams:
+        # --stop-at-answer: the engines' `cut` hook with grading's answer-line rule
         return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.seed, stop,
-                              self.stop_at_answer)
+                              **answer_stop.sampling_options(self.stop_at_answer))
+
+    def engine_spec(self) -> EngineSpec:
+        return EngineSpec(self.engine, self.base_url, dict(self.engine_options))
 
 
 def evaluate(config: EvalConfig, progress: bool = True, loaded: tuple[Any, Any] | None = None,
              ) -> dict[str, Any]:
     """Run (or resume) an evaluation and return the summary that is written to summary.json.
 
-    `loaded` is an already loaded (model, tokenizer) for `config.model`, to skip loading.
+    `loaded` is an already loaded (model, tokenizer) for `config.model`, to skip loading
+    (hf engine).
     """
     from primekd import outdir, validate
 
@@ -82,6 +89,7 @@ def evaluate(config: EvalConfig, progress: bool = True, loaded: tuple[Any, Any] 
     validate.check_eval(config)
     check_extractor(config.extractor)
     config.sampling().validate()
+    config.engine_spec().check()
     template = load_template(config.prompt, config.few_shot)
     examples = load_examples(config.data, config.limit, config.offset, config.sample, config.seed)
     _check_unique_ids(examples, config.data)
@@ -117,8 +125,13 @@ def _run(config: EvalConfig, template: PromptTemplate, examples: list[Example], 
     done = _done_ids(out / RESULTS)
     todo = [e for e in examples if e.id not in done]
     if todo:
-        model, tokenizer = loaded or _load(config)
-        run = _generate_into(out / RESULTS, model, tokenizer, template, todo, config, progress)
+        engine = get_engine(config.model, config.engine_spec(), adapter=config.adapter,
+                            device=config.device, batch_size=config.batch_size, loaded=loaded)
+        try:
+            run = _generate_into(out / RESULTS, engine, template, todo, config, progress)
+        finally:
+            engine.close()
+        tokenizer = engine.tokenizer
         run["wall_time_s"] = round(time.perf_counter() - started, 3)
     else:
         tokenizer = loaded[1] if loaded else _load_tokenizer(config)
@@ -160,6 +173,7 @@ def run_identity(config: EvalConfig, template: PromptTemplate) -> dict[str, Any]
         "temperature": config.temperature,
         "top_p": config.top_p,
         "seed": config.seed if config.temperature > 0 else None,
+        "engine": config.engine,
         # only when set, so directories written before the option still resume
         **({"stop_at_answer": True} if config.stop_at_answer else {}),
     }
@@ -189,6 +203,7 @@ def claim_directory(out: Path, identity: dict[str, Any]) -> None:
                            "`primekd eval`; choose another --out directory")
     if has_rows:
         stored = read_json(path)
+        stored.setdefault("engine", "hf")  # written before there were engines
         changed = [k for k in identity if stored.get(k) != identity[k]]
         if changed:
             diffs = "; ".join(f"{k}: {_short(stored.get(k))} -> {_short(identity[k])}"
@@ -211,36 +226,25 @@ def _done_ids(path: Path) -> set[str]:
     return {str(row["id"]) for row in read_jsonl(path)}
 
 
-def _load(config: EvalConfig) -> tuple[Any, Any]:
-    from primekd.models import load
-
-    return load(config.model, adapter=config.adapter, device=config.device)
-
-
 def _load_tokenizer(config: EvalConfig) -> Any:
     from primekd.models import load_tokenizer
 
     return load_tokenizer(config.model)
 
 
-def _default_batch_size(model: Any) -> int:
-    return GPU_BATCH_SIZE if str(model.device).startswith("cuda") else CPU_BATCH_SIZE
-
-
-def _generate_into(path: Path, model: Any, tokenizer: Any, template: PromptTemplate,
-                   todo: list[Example], config: EvalConfig, progress: bool) -> dict[str, Any]:
-    """Generate answers for `todo`, appending each finished batch; return this run's figures."""
-    batch_size = config.batch_size or _default_batch_size(model)
-    prompts = [template.build(e.question) for e in todo]
-    batches = iter_generate(model, tokenizer, prompts, config.sampling(template.stop),
-                            batch_size)
+def _generate_into(path: Path, engine: Any, template: PromptTemplate, todo: list[Example],
+                   config: EvalConfig, progress: bool) -> dict[str, Any]:
+    """Generate answers for `todo`, appending each row as it finishes; return this run's
+    figures."""
+    batch_size = getattr(engine, "batch_size", None) or getattr(engine, "concurrency", None)
+    prompts = encode_chats(engine.tokenizer, [template.build(e.question) for e in todo])
     n_tokens, started = 0, time.perf_counter()
     with _progress_bar(progress, len(todo)) as advance:
-        for pairs in batches:
-            rows = [result_row(todo[i], g, config.extractor, config.lenient) for i, g in pairs]
-            append_jsonl(path, rows)
-            n_tokens += sum(g.n_tokens for _, g in pairs)
-            advance(len(rows), n_tokens)
+        for i, generation in engine.generate(prompts, config.sampling(template.stop)):
+            append_jsonl(path, [result_row(todo[i], generation, config.extractor,
+                                           config.lenient)])
+            n_tokens += generation.n_tokens
+            advance(1, n_tokens)
     seconds = time.perf_counter() - started
     return {"batch_size": batch_size, "generated_this_run": len(todo),
             "generated_tokens": n_tokens, "generation_time_s": round(seconds, 3),
@@ -310,8 +314,9 @@ def build_summary(config: EvalConfig, template: PromptTemplate, rows: list[dict[
         "prompt_template": template.text,
         "few_shot": template.few_shot,
         "extractor": config.extractor,
-        "generation": {**asdict(config.sampling(template.stop)), "greedy": config.temperature == 0,
-                       "batch_size": run["batch_size"]},
+        "generation": {**config.sampling(template.stop).as_dict(),
+                       "greedy": config.temperature == 0, "batch_size": run["batch_size"]},
+        "engine": config.engine,
         **{k: run.get(k) for k in timing_keys},
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "primekd_version": __version__,

@@ -95,6 +95,16 @@ class StrategySpec:
 
 
 @dataclass
+class EngineSection:
+    """The generation engine of the teacher and eval stages (a stage section may still set
+    its own `engine`/`engine_options`). `base_url` is not part of any stage's hash."""
+
+    name: str = "hf"  # hf | vllm
+    base_url: str | None = None  # vllm: a running server instead of one primekd starts
+    options: dict[str, Any] = field(default_factory=dict)  # vllm server/client options
+
+
+@dataclass
 class ReportSection:
     title: str | None = None
     examples: int = 1  # worked examples (questions) shown
@@ -111,6 +121,7 @@ class ExperimentConfig:
         default_factory=lambda: {"none": StrategySpec(), "ground_truth": StrategySpec()}
     )
     controls: list[str] = field(default_factory=lambda: list(CONTROLS))
+    engine: EngineSection = field(default_factory=EngineSection)
     # teacher stages per strategy, each answering every n-th question (`teach --shard i/n`);
     # the students train on all of them. Run shards in parallel with `primekd run --only`.
     teacher_shards: int = 1
@@ -174,7 +185,7 @@ STAGE_KINDS: dict[str, StageKind] = {
     "teacher": StageKind(
         "teacher", "primekd.teacher", "TeachConfig",
         ("teacher", "strategy", "strategies_file", "data", "limit", "offset", "sample", "out",
-         "shard", "force"),
+         "shard", "force", "engine", "engine_options", "base_url"),
     ),
     "distill": StageKind(
         "distill", "primekd.distill_config", "DistillConfig",
@@ -183,7 +194,8 @@ STAGE_KINDS: dict[str, StageKind] = {
     ),
     "eval": StageKind(
         "eval", "primekd.evaluate", "EvalConfig",
-        ("model", "adapter", "data", "limit", "offset", "sample", "out", "force"),
+        ("model", "adapter", "data", "limit", "offset", "sample", "out", "force", "engine",
+         "engine_options", "base_url"),
     ),
     "attention": StageKind(
         "attention", "primekd.attention", "AttentionConfig",
@@ -234,8 +246,20 @@ def config_from_dict(raw: dict[str, Any], check_stages: bool = True) -> Experime
     _check_semantics(config)
     if check_stages:
         check_stage_sections(config)
+        apply_engine(config)
         fill_stage_defaults(config)
     return config
+
+
+def apply_engine(config: ExperimentConfig) -> None:
+    """Check the `engine` section (the teacher and eval stages' engine)."""
+    from primekd.engines import EngineSpec
+
+    engine = config.engine
+    try:
+        EngineSpec(engine.name, engine.base_url, dict(engine.options)).check()
+    except PrimekdError as e:
+        raise PrimekdError(f"config section `engine`: {e}") from None
 
 
 def fill_stage_defaults(config: ExperimentConfig) -> None:
@@ -520,7 +544,7 @@ def _check_section(prefix: str, values: dict[str, Any], kind: StageKind) -> None
         if key in kind.reserved:
             raise PrimekdError(
                 f"config key `{prefix}.{key}` is set by the experiment itself "
-                f"(see `models`, `data` and `strategies`); remove it"
+                f"(see `models`, `data`, `engine` and `strategies`); remove it"
             )
         if key not in known:
             raise unknown_key_error(f"{prefix}.{key}", known)
@@ -632,8 +656,8 @@ def teacher_stages(
     """One teacher stage per strategy, or one per shard with `teacher_shards` > 1."""
     params = _with_seed("teacher", {**config.teacher, **spec.teacher}, config.seed)
     params |= {"teacher": config.models.teacher, "strategy": name,
-               "_transfer": _slice(config.data.transfer)}
-    paths: dict[str, Any] = {"data": data_file(out, "transfer")}
+               "_transfer": _slice(config.data.transfer), **_engine(config)}
+    paths: dict[str, Any] = {"data": data_file(out, "transfer"), **_base_url(config, params)}
     if spec.custom:
         params["_strategy_spec"] = {
             "description": spec.description or f"custom strategy {name}",
@@ -666,6 +690,17 @@ def teacher_store_dirs(config: ExperimentConfig, out: Path, strategy: str) -> li
     return [root / shard_name(i, config.teacher_shards) for i in range(config.teacher_shards)]
 
 
+def _engine(config: ExperimentConfig) -> dict[str, Any]:
+    return {"engine": config.engine.name, "engine_options": dict(config.engine.options)}
+
+
+def _base_url(config: ExperimentConfig, params: dict[str, Any]) -> dict[str, Any]:
+    """The engine section's server, for stages on the vllm engine (a path: not hashed)."""
+    if params.get("engine") == "vllm" and config.engine.base_url:
+        return {"base_url": config.engine.base_url}
+    return {}
+
+
 def student_stage(config: ExperimentConfig, out: Path, experiment: str) -> Stage:
     directory = out / "students" / experiment
     paths: dict[str, Any] = {"out": directory, "resume": True}
@@ -691,9 +726,11 @@ def eval_stage(config: ExperimentConfig, out: Path, experiment: str) -> Stage:
     if experiment.startswith("kd-"):
         overrides = config.strategies[experiment.removeprefix("kd-")].eval
     params = _with_seed("eval", {**config.eval, **overrides}, config.seed)
-    params |= {"model": config.models.student, "_test": _slice(config.data.test)}
+    params |= {"model": config.models.student, "_test": _slice(config.data.test),
+               **_engine(config)}
     directory = out / "eval" / experiment
-    paths: dict[str, Any] = {"out": directory, "data": data_file(out, "test")}
+    paths: dict[str, Any] = {"out": directory, "data": data_file(out, "test"),
+                             **_base_url(config, params)}
     upstream: tuple[str, ...] = ()
     if experiment != "base":
         paths["adapter"] = out / "students" / experiment
@@ -715,8 +752,10 @@ def attention_stage(config: ExperimentConfig, out: Path) -> Stage:
 
 
 def report_stage(config: ExperimentConfig, out: Path, stages: list[Stage]) -> Stage:
+    hashed = _plain(config.to_dict())
+    hashed["engine"].pop("base_url", None)  # where the server runs changes no result
     params = {"report": dataclasses.asdict(config.report), "format": report.FORMAT_VERSION,
-              "config": _plain(config.to_dict())}
+              "config": hashed}
     layout = report.Layout(
         run_dir=out,
         teachers={name: out / "teacher" / name for name in config.strategies},
@@ -877,11 +916,26 @@ def run_experiment(
         write_config(config, out)
         write_data_files(config, out)
         clear_stale_teachers(stages, out)
-        for index, stage in enumerate(selected, start=1):
-            outcomes.append(run_stage(stage, functions[stage.kind], progress, callback,
-                                      index, len(selected)))
+        try:
+            for index, stage in enumerate(selected, start=1):
+                if stage.kind not in ("teacher", "eval"):
+                    _stop_engine_server()  # training needs the memory a server holds
+                outcomes.append(run_stage(stage, functions[stage.kind], progress, callback,
+                                          index, len(selected)))
+        finally:
+            _stop_engine_server()
     return RunSummary(str(out), outcomes, time.perf_counter() - start,
                       str(out / "report.md"), str(out / "report.html"))
+
+
+def _stop_engine_server() -> None:
+    """Stop the vLLM server that teacher/eval stages share (kept up between them, so that
+    stages of one model start it once)."""
+    import sys
+
+    module = sys.modules.get("primekd.engines.vllm")
+    if module is not None:
+        module.shutdown()
 
 
 def write_config(config: ExperimentConfig, out: Path) -> None:
@@ -962,6 +1016,7 @@ def precheck(stage: Stage) -> None:
             validate.check_distill_types(config)
         else:
             validate.check_eval(config)
+            config.engine_spec().check()
     except PrimekdError as e:
         raise PrimekdError(f"{stage.name}: {e}") from None
 

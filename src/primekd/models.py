@@ -193,9 +193,12 @@ def load_model(
     attn_implementation: str | None = None,
     trainable_adapter: bool = False,
     keep_placement: bool = False,
+    device_map: Any = None,
+    max_memory: Any = None,
 ) -> Any:
     """Load a causal LM (plus an optional PEFT adapter) in eval mode on `device`
-    (`keep_placement`: leave it where from_pretrained put it, for a trainer to place)."""
+    (`keep_placement`: leave it where from_pretrained put it, for a trainer to place;
+    `device_map`/`max_memory`: accelerate spreads it over GPUs and CPU instead)."""
     from transformers import AutoModelForCausalLM
 
     source = reference if isinstance(reference, ModelSource) else resolve(reference)
@@ -203,6 +206,9 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": dtype or default_dtype(device)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if device_map is not None:
+        kwargs.update(device_map=device_map, max_memory=_memory_map(max_memory))
+        keep_placement = True
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
     except Exception as e:  # noqa: BLE001
@@ -213,6 +219,15 @@ def load_model(
         model.to(device)
     model.eval()
     return model
+
+
+def _memory_map(max_memory: Any) -> dict[Any, str] | None:
+    """`{0: "70GiB", "cpu": "200GiB"}` (YAML keys may come as text: "0" -> 0)."""
+    if max_memory is None:
+        return None
+    if not isinstance(max_memory, dict):
+        raise PrimekdError("max_memory must map devices to sizes, e.g. {0: 70GiB, cpu: 200GiB}")
+    return {int(k) if str(k).isdigit() else str(k): str(v) for k, v in max_memory.items()}
 
 
 def apply_adapter(model: Any, adapter: str | Path, trainable: bool = False) -> Any:

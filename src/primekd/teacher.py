@@ -1,8 +1,9 @@
 """`teach`: a teacher answers the transfer set under a priming strategy, into a teacher store.
 
-Per batch of (question, sample) units: render the primed prompt, get the answer tokens
-(generated, or the reference solution for `target="reference"`), score them with one
-teacher-forced pass (top-k of the T=1 log-softmax), grade, and write the batch as one part.
+Every (question, sample) unit's primed prompt goes to the engine (`primekd.engines`), which
+returns the answer tokens with the top-k of the T=1 log-softmax at each of them (generated
+answers: `generate` with log-probs; `target="reference"`: `score` on the reference solution).
+Units are graded as they finish and written `batch_size` at a time as one part.
 The store keeps the bare question; the priming lives only in `teacher_prompt` and the
 manifest. With a prefill, the prefill is part of the prompt and `response`/`token_ids` hold
 what the teacher wrote after it (the student, seeing the bare question, learns that).
@@ -18,15 +19,15 @@ import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from primekd import __version__, store
-from primekd.answer_stop import cut_generation
+from primekd import __version__, answer_stop, store
 from primekd.chat import encode_prompts, render
 from primekd.data import Example, load_examples, resolve_data_path, strip_calculator
+from primekd.engines import EngineSpec, SamplingParams, TopK, get_engine
 from primekd.errors import PrimekdError
 from primekd.grading import EXTRACTORS, grade, grade_fields, looping, working_text
 from primekd.models import load_tokenizer, resolve, tokenizer_fingerprint
@@ -35,7 +36,6 @@ from primekd.progress import progress_bar
 
 TARGETS = ("generated", "reference")
 KEEP = ("all", "correct")
-BACKENDS = ("hf", "vllm")
 
 
 @dataclass
@@ -55,15 +55,19 @@ class TeachConfig:
     top_k: int = 20
     target: str = "generated"  # "generated" | "reference"
     keep: str = "all"  # "all" | "correct" (rejection sampling)
-    backend: str = "hf"  # "hf" | "vllm"
-    tensor_parallel_size: int = 1
     shard: str | None = None  # "i/n": every n-th question from the i-th (0-based)
-    batch_size: int = 8
-    device: str | None = None
+    batch_size: int = 8  # units per part (and per hf batch)
+    device: str | None = None  # hf engine
     extractor: str = "default"
+    engine: str = "hf"  # hf | vllm (see primekd.engines)
+    base_url: str | None = None  # vllm: a running server to use instead of starting one
+    engine_options: dict[str, Any] = field(default_factory=dict)  # vllm server options
     lenient: bool = False  # a truncated answer's last number counts (harness-style grading)
     stop_at_answer: bool = False  # end each answer at its final-answer line
     force: bool = False  # write into a non-empty --out of someone else's (never overwriting)
+
+    def engine_spec(self) -> EngineSpec:
+        return EngineSpec(self.engine, self.base_url, dict(self.engine_options))
 
 
 @dataclass(frozen=True)
@@ -107,16 +111,20 @@ def teach(config: TeachConfig, progress: bool = True) -> dict[str, Any]:
 
         save()
         if todo:
-            backend = make_backend(config, source)
-            with _progress_bar(progress, len(units), len(units) - len(todo)) as advance:
-                for batch in _chunks(todo, config.batch_size):
-                    rows, stats = run_batch(backend, config, strategy, batch, date)
-                    kept = [r for r in rows if config.keep == "all" or r["correct"]]
-                    store.write_part(out, kept, [u.key for u in batch], stats)
-                    for key, value in stats.items():
-                        totals[key] = totals.get(key, 0) + value
-                    save()
-                    advance(len(batch))
+            hf = config.engine == "hf"
+            engine = get_engine(config.teacher, config.engine_spec(), device=config.device,
+                                batch_size=config.batch_size if hf else None)
+            try:
+                with _progress_bar(progress, len(units), len(units) - len(todo)) as advance:
+                    for batch, rows, stats in run_units(engine, config, strategy, todo, date):
+                        kept = [r for r in rows if config.keep == "all" or r["correct"]]
+                        store.write_part(out, kept, [u.key for u in batch], stats)
+                        for key, value in stats.items():
+                            totals[key] = totals.get(key, 0) + value
+                        save()
+                        advance(len(batch))
+            finally:
+                engine.close()
         return save()
 
 
@@ -136,62 +144,78 @@ def _check_fits(config: TeachConfig, strategy: Strategy, examples: Sequence[Exam
                 "the primed prompt of question")
 
 
-# ---------------------------------------------------------------- one batch
+# ---------------------------------------------------------------- the units
 
 
-def run_batch(
-    backend: Any, config: TeachConfig, strategy: Strategy, batch: Sequence[Unit],
+def run_units(
+    engine: Any, config: TeachConfig, strategy: Strategy, units: Sequence[Unit],
     date_string: str | None = None,
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Answer, score and grade one batch; return its rows (all of them) and counts.
+) -> Iterator[tuple[list[Unit], list[dict[str, Any]], dict[str, Any]]]:
+    """Answer and grade `units` through the engine; yield (units, rows, counts) for every
+    `batch_size` units finished (rows in unit order within a part), then the remainder.
     `date_string`: the store's pinned date for templates that insert today's."""
-    tokenizer = backend.tokenizer
+    tokenizer = engine.tokenizer
     chats = [strategy.render(u.example.question, u.example.answer, answer_text(u.example))
-             for u in batch]
+             for u in units]
     texts = [render(tokenizer, chat, date_string) for chat in chats]
     prompts = encode_prompts(tokenizer, texts)
-    started = time.perf_counter()
     if config.target == "generated":
-        seed = zlib.crc32(f"{config.seed}:{batch[0].example.id}:{batch[0].sample}".encode())
-        early = {"stop_at_answer": True} if config.stop_at_answer and backend.name == "hf" else {}
-        generations = backend.generate(prompts, config.max_new_tokens, config.temperature, seed,
-                                       **early)
-        if config.stop_at_answer:
-            generations = [cut_generation(tokenizer, g, tokenizer.eos_token_id)
-                           for g in generations]
-        answers = [g.token_ids for g in generations]
-        finish = [g.finish_reason for g in generations]
+        seed = zlib.crc32(f"{config.seed}:{units[0].example.id}:{units[0].sample}".encode())
+        # --stop-at-answer: the engines' `cut` hook with grading's answer-line rule; the cut
+        # answer ends with EOS, so a student trained on it learns to stop there
+        sampling = SamplingParams(config.max_new_tokens, config.temperature, 1.0, seed,
+                                  logprobs=config.top_k, eos_after_cut=True,
+                                  **answer_stop.sampling_options(config.stop_at_answer))
+        answers = ((i, g.token_ids, g.finish_reason, g.topk)
+                   for i, g in engine.generate(prompts, sampling))
     else:
-        answers = [reference_tokens(tokenizer, u.example) for u in batch]
-        finish = ["reference"] * len(batch)
-    generation_seconds = time.perf_counter() - started
-    scores = backend.score(prompts, answers, config.top_k)
-    rows = []
-    for unit, chat, text, answer, reason, topk in zip(
-        batch, chats, texts, answers, finish, scores, strict=True
-    ):
-        response = tokenizer.decode(answer, skip_special_tokens=True)
-        graded = grade(chat.prefill + response, unit.example.answer, config.extractor,
-                       None if reason == "reference" else reason, config.lenient)
-        rows.append({
-            "id": unit.example.id,
-            "sample": unit.sample,
-            "question": unit.example.question,
-            "reference": unit.example.answer,
-            "gold": unit.example.gold,
-            "teacher_prompt": text,
-            "response": response,
-            "token_ids": answer,
-            "topk_ids": topk.ids.tolist(),
-            "topk_logprobs": topk.logprobs.tolist(),
-            "finish_reason": reason,
-            **grade_fields(graded),
-        })
-    stats = _batch_stats(rows, config, generation_seconds, time.perf_counter() - started)
+        references = [reference_tokens(tokenizer, u.example) for u in units]
+        answers = ((i, references[i], "reference", topk)
+                   for i, topk in engine.score(prompts, references, config.top_k))
+    finished: list[tuple[int, dict[str, Any]]] = []
+    started = time.perf_counter()
+    for i, token_ids, reason, topk in answers:
+        finished.append((i, _row(tokenizer, units[i], chats[i], texts[i], token_ids, reason,
+                                 topk, config)))
+        if len(finished) == config.batch_size or len(finished) == len(units):
+            yield _part(finished, units, config, started, tokenizer)
+            finished, started = [], time.perf_counter()
+    if finished:
+        yield _part(finished, units, config, started, tokenizer)
+
+
+def _part(finished: list[tuple[int, dict[str, Any]]], units: Sequence[Unit],
+          config: TeachConfig, started: float, tokenizer: Any
+          ) -> tuple[list[Unit], list[dict[str, Any]], dict[str, Any]]:
+    finished = sorted(finished, key=lambda pair: pair[0])
+    rows = [row for _, row in finished]
+    seconds = time.perf_counter() - started
+    stats = _batch_stats(rows, config, seconds, seconds)
     stats["restated"] = restated_count(rows, tokenizer)
     stats["looping"] = sum(r["finish_reason"] == "length" and looping(r["response"])
                            for r in rows)
-    return rows, stats
+    return [units[i] for i, _ in finished], rows, stats
+
+
+def _row(tokenizer: Any, unit: Unit, chat: Any, text: str, answer: list[int], reason: str,
+         topk: TopK | None, config: TeachConfig) -> dict[str, Any]:
+    response = tokenizer.decode(answer, skip_special_tokens=True)
+    graded = grade(chat.prefill + response, unit.example.answer, config.extractor,
+                   None if reason == "reference" else reason, config.lenient)
+    return {
+        "id": unit.example.id,
+        "sample": unit.sample,
+        "question": unit.example.question,
+        "reference": unit.example.answer,
+        "gold": unit.example.gold,
+        "teacher_prompt": text,
+        "response": response,
+        "token_ids": answer,
+        "topk_ids": topk.ids.tolist() if topk is not None else [],
+        "topk_logprobs": topk.logprobs.tolist() if topk is not None else [],
+        "finish_reason": reason,
+        **grade_fields(graded),
+    }
 
 
 # An answer that states its final answer with fewer working tokens than this (outside its
@@ -277,8 +301,7 @@ def check_config(config: TeachConfig) -> None:
         bad(f"--target must be one of {', '.join(TARGETS)}, not {config.target!r}")
     if config.keep not in KEEP:
         bad(f"--keep must be one of {', '.join(KEEP)}, not {config.keep!r}")
-    if config.backend not in BACKENDS:
-        bad(f"--backend must be one of {', '.join(BACKENDS)}, not {config.backend!r}")
+    config.engine_spec().check()
     if config.extractor not in EXTRACTORS:
         bad(f"--extractor must be one of {', '.join(EXTRACTORS)}, not {config.extractor!r}")
     if config.samples_per_question < 1:
@@ -296,8 +319,6 @@ def check_config(config: TeachConfig) -> None:
         bad("--top-k must be at least 1")
     if config.batch_size < 1:
         bad("--batch-size must be at least 1")
-    if config.tensor_parallel_size < 1:
-        bad("--tensor-parallel-size must be at least 1")
     parse_shard(config.shard)
 
 
@@ -331,16 +352,6 @@ def select_examples(config: TeachConfig) -> list[Example]:
     return examples
 
 
-def make_backend(config: TeachConfig, source: Any) -> Any:
-    if config.backend == "vllm":
-        from primekd.teacher_vllm import VLLMTeacher
-
-        return VLLMTeacher(source, config.top_k, config.tensor_parallel_size, config.seed)
-    from primekd.teacher_hf import HFTeacher
-
-    return HFTeacher(source, device=config.device)
-
-
 def identity(config: TeachConfig, strategy: Strategy, tokenizer: Any) -> dict[str, Any]:
     """Everything that decides the store's content: a rerun must match it to resume."""
     data_path, _ = resolve_data_path(config.data)
@@ -370,7 +381,7 @@ def identity(config: TeachConfig, strategy: Strategy, tokenizer: Any) -> dict[st
         "keep": config.keep,
         "extractor": config.extractor,
         **({"grading": "lenient"} if config.lenient else {}),
-        "backend": config.backend,
+        "engine": config.engine,
         "shard": _shard_dict(config.shard),
     }
 
@@ -396,7 +407,10 @@ def _existing_manifest(out: Path, params: dict[str, Any]) -> dict[str, Any] | No
     """The manifest of a store being resumed; refuses a directory made differently."""
     if (out / store.MANIFEST).exists():
         manifest = store.read_manifest(out)
-        changes = store.identity_changes(manifest["params"], params)
+        old = dict(manifest["params"])
+        if "backend" in old:  # stores made before the engines layer
+            old["engine"] = old.pop("backend")
+        changes = store.identity_changes(old, params)
         if changes:
             raise PrimekdError(
                 f"{out} holds a teacher store made with different parameters "
@@ -436,7 +450,7 @@ def _manifest(
         "generation": params["generation"],
         "top_k": params["top_k"],
         "keep": params["keep"],
-        "backend": params["backend"],
+        "engine": params["engine"],
         "shard": params["shard"],
         "logprobs": "full-vocabulary log-softmax at temperature 1 of the teacher-forced "
                     "answer; top_k per answer token, not renormalised",
@@ -484,11 +498,6 @@ def _share(totals: dict[str, float], key: str, rows: int, generated: bool) -> fl
 
 def _rate(totals: dict[str, float], tokens: str, seconds: str) -> float | None:
     return round(totals[tokens] / totals[seconds], 2) if totals.get(seconds) else None
-
-
-def _chunks(items: Sequence[Unit], size: int) -> Iterator[Sequence[Unit]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
 
 
 @contextmanager

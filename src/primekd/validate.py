@@ -104,7 +104,6 @@ def check_teach(config: Any) -> None:
     integer("max_new_tokens", config.max_new_tokens, 1)
     integer("top_k", config.top_k, 1)
     integer("batch_size", config.batch_size, 1)
-    integer("tensor_parallel_size", config.tensor_parallel_size, 1)
     device(config.device)
 
 

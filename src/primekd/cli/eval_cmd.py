@@ -7,7 +7,14 @@ from typing import Any
 
 import typer
 
-from primekd.cli.app import app, console
+from primekd.cli.app import (
+    BASE_URL_HELP,
+    ENGINE_HELP,
+    ENGINE_OPTION_HELP,
+    app,
+    console,
+    engine_options,
+)
 from primekd.evaluate import EvalConfig, evaluate
 from primekd.io import dumps
 from primekd.models import BUNDLED_ALIAS
@@ -48,8 +55,9 @@ def eval_command(
     ),
     batch_size: int | None = typer.Option(
         None, "--batch-size", "-b",
-        help="Questions generated together (default: 16 on CPU, 64 on GPU). Larger is "
-        "faster until memory runs out; results are saved after every batch.",
+        help="hf: questions generated together (default: 16 on CPU, 64 on GPU; larger is "
+        "faster until memory runs out). vllm: requests in flight (default 64). Every answer "
+        "is saved as it finishes.",
     ),
     max_new_tokens: int = typer.Option(
         256, "--max-new-tokens",
@@ -88,8 +96,12 @@ def eval_command(
         "'#### N', a closed \\boxed{}): saves tokens and keeps rambling out of the grade.",
     ),
     device: str | None = typer.Option(
-        None, "--device", help="cpu, cuda, cuda:1, mps, ... (default: cuda if available, else cpu)."
+        None, "--device", help="hf engine: cpu, cuda, cuda:1, mps, ... (default: cuda if "
+        "available, else cpu)."
     ),
+    engine: str = typer.Option("hf", "--engine", help=ENGINE_HELP),
+    base_url: str | None = typer.Option(None, "--base-url", help=BASE_URL_HELP),
+    engine_option: list[str] = typer.Option([], "--engine-option", help=ENGINE_OPTION_HELP),
     json_output: bool = typer.Option(
         False, "--json", help="Print summary.json to stdout instead of a table."
     ),
@@ -104,7 +116,8 @@ def eval_command(
         model=model, out=out, adapter=str(adapter) if adapter else None, data=data,
         limit=limit, offset=offset, sample=sample, seed=seed, batch_size=batch_size,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, prompt=prompt,
-        few_shot=few_shot, extractor=extractor, device=device, lenient=lenient,
+        few_shot=few_shot, extractor=extractor, device=device, engine=engine,
+        base_url=base_url, engine_options=engine_options(engine_option), lenient=lenient,
         stop_at_answer=stop_at_answer, force=force,
     )
     summary = evaluate(config, progress=True)

@@ -7,7 +7,14 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from primekd.cli.app import app, console
+from primekd.cli.app import (
+    BASE_URL_HELP,
+    ENGINE_HELP,
+    ENGINE_OPTION_HELP,
+    app,
+    console,
+    engine_options,
+)
 from primekd.errors import PrimekdError
 from primekd.io import dumps
 from primekd.priming import all_strategies
@@ -50,16 +57,16 @@ def teach_command(
                                "solution (teacher forcing)."),
     keep: str = typer.Option("all", "--keep", help="all, or correct: keep only correct "
                              "answers (rejection sampling; accuracy is still over all)."),
-    backend: str = typer.Option("hf", "--backend", help="hf (transformers, CPU or GPU) or "
-                                "vllm (GPU, needs vLLM installed)."),
-    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="GPUs per "
-                                             "model with --backend vllm."),
+    engine: str = typer.Option("hf", "--engine", help=ENGINE_HELP),
+    base_url: str = typer.Option(None, "--base-url", help=BASE_URL_HELP),
+    engine_option: list[str] = typer.Option([], "--engine-option", help=ENGINE_OPTION_HELP),
     shard: str = typer.Option(None, "--shard", help="i/n: take every n-th question from "
                               "the i-th (0-based), to split the set across n processes, "
                               "each with its own --out."),
-    batch_size: int = typer.Option(8, "--batch-size", "-b", help="Questions per batch; "
-                                   "each finished batch is saved as one part."),
-    device: str = typer.Option(None, "--device", help="Torch device for --backend hf "
+    batch_size: int = typer.Option(8, "--batch-size", "-b", help="Answers per part: every "
+                                   "batch_size finished answers are saved as one part (and "
+                                   "the hf engine's batch)."),
+    device: str = typer.Option(None, "--device", help="Torch device for --engine hf "
                                "(default: cuda if available, else cpu)."),
     stop_at_answer: bool = typer.Option(False, "--stop-at-answer", help="End each answer "
                                         "at its final-answer line ('The answer is N.', "
@@ -84,9 +91,9 @@ def teach_command(
         limit=limit, offset=offset, sample=sample, seed=seed,
         samples_per_question=samples_per_question, temperature=temperature,
         max_new_tokens=max_new_tokens, top_k=top_k, target=target, keep=keep,
-        backend=backend, tensor_parallel_size=tensor_parallel_size, shard=shard,
-        batch_size=batch_size, device=device, stop_at_answer=stop_at_answer, lenient=lenient,
-        force=force,
+        shard=shard, batch_size=batch_size, device=device, engine=engine, base_url=base_url,
+        engine_options=engine_options(engine_option), stop_at_answer=stop_at_answer,
+        lenient=lenient, force=force,
     )
     manifest = teach(config, progress=True)
     if as_json:

@@ -1,0 +1,197 @@
+"""The vllm engine against a real vLLM server (CPU build, `make vllm`) on the bundled model.
+
+One session server (conftest `vllm_url`, float32) serves most tests through `--base-url`;
+the adapter test lets primekd start (and lose, and restart) its own server. Requests are
+few and short: the point is agreement with the hf engine and the failure paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from primekd import store
+from primekd.data import load_examples
+from primekd.engines import EngineSpec, SamplingParams, collect, encode_chats, get_engine
+from primekd.engines.hf import HFEngine
+from primekd.evaluate import EvalConfig, evaluate
+from primekd.io import read_jsonl
+from primekd.models import BUNDLED_ALIAS
+from primekd.prompts import load_template
+
+pytestmark = [pytest.mark.vllm, pytest.mark.integration, pytest.mark.slow]
+CLI = [sys.executable, "-c", "from primekd.cli import main; main()"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _prompts(tokenizer, n: int, split: str = "train") -> list[list[int]]:
+    template = load_template()
+    return encode_chats(tokenizer, [template.build(e.question)
+                                    for e in load_examples(split, limit=n)])
+
+
+def test_generation_and_scoring_agree_with_hf(vllm_url, bundled) -> None:
+    hf = HFEngine(*bundled, batch_size=8)
+    vllm = get_engine(BUNDLED_ALIAS, EngineSpec("vllm", vllm_url))
+    try:
+        prompts = _prompts(hf.tokenizer, 8)
+        sampling = SamplingParams(max_new_tokens=40, logprobs=5)
+        ours = collect(vllm.generate(prompts, sampling), 8)
+        theirs = collect(hf.generate(prompts, sampling), 8)
+        same = sum(a.token_ids == b.token_ids for a, b in zip(ours, theirs, strict=True))
+        assert same >= 7, f"only {same}/8 greedy answers equal"
+        for a, b in zip(ours, theirs, strict=True):
+            assert a.finish_reason == b.finish_reason or a.token_ids != b.token_ids
+            n = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=False))
+                      if x != y), min(a.n_tokens, b.n_tokens))
+            # generation log-probs are the raw T=1 log-softmax, as hf's teacher forcing
+            np.testing.assert_array_equal(a.topk.ids[:n, 0], b.topk.ids[:n, 0])
+            np.testing.assert_allclose(a.topk.logprobs[:n], b.topk.logprobs[:n], atol=2e-3)
+        references = [hf.tokenizer(e.answer, add_special_tokens=False)["input_ids"]
+                      for e in load_examples("train", limit=8)]
+        scored = collect(vllm.score(prompts, references, 20), 8)
+        expected = collect(hf.score(prompts, references, 20), 8)
+        top1 = np.concatenate([a.ids[:, 0] == b.ids[:, 0]
+                               for a, b in zip(scored, expected, strict=True)])
+        assert top1.mean() >= 0.99
+        for a, b in zip(scored, expected, strict=True):
+            assert a.ids.shape == b.ids.shape == (len(a.ids), 20)
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=2e-3)
+    finally:
+        vllm.close()
+
+
+def test_teach_writes_a_valid_store_through_vllm(vllm_url, tmp_path) -> None:
+    out = tmp_path / "store"
+    result = subprocess.run(
+        [*CLI, "teach", "--teacher", BUNDLED_ALIAS, "--strategy", "ground_truth", "--limit", "6",
+         "--max-new-tokens", "40", "--batch-size", "4", "--engine", "vllm", "--base-url",
+         vllm_url, "--out", str(out), "--json"], env=ENV, capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 0, result.stderr
+    manifest = store.validate_store(out)
+    assert manifest["complete"] and manifest["counts"]["rows"] == 6
+    assert manifest["params"]["engine"] == "vllm" and len(store.part_files(out)) == 2
+    for row in store.load_store(out).to_pylist():
+        ids, logprobs = np.array(row["topk_ids"]), np.array(row["topk_logprobs"])
+        assert ids.shape == (len(row["token_ids"]), 20)
+        clear = logprobs[:, 0] - logprobs[:, 1] > 1e-3
+        assert (ids[clear, 0] == np.array(row["token_ids"])[clear]).all()  # greedy
+        assert (np.diff(logprobs, axis=1) <= 0).all() and (np.exp(logprobs).sum(1) <= 1.001).all()
+
+
+def test_eval_answers_agree_with_hf(vllm_url, bundled, tmp_path) -> None:
+    common = {"model": BUNDLED_ALIAS, "limit": 6, "max_new_tokens": 48}
+    ours = evaluate(EvalConfig(out=tmp_path / "v", engine="vllm", base_url=vllm_url, **common),
+                    progress=False)
+    theirs = evaluate(EvalConfig(out=tmp_path / "h", **common), progress=False, loaded=bundled)
+    assert ours["engine"] == "vllm" and ours["n"] == theirs["n"] == 6
+    a = read_jsonl(tmp_path / "v" / "results.jsonl")
+    b = read_jsonl(tmp_path / "h" / "results.jsonl")
+    assert [r["id"] for r in a] == [r["id"] for r in b]
+    assert sum(x["response"] == y["response"] for x, y in zip(a, b, strict=True)) >= 5
+
+
+def test_base_url_of_another_model_is_refused(vllm_url, tiny_model_dir, tmp_path) -> None:
+    result = subprocess.run(
+        [*CLI, "eval", "--model", str(tiny_model_dir), "--engine", "vllm", "--base-url",
+         vllm_url, "--limit", "2", "--out", str(tmp_path / "o")], env=ENV,
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "tokenizer differs" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o" / "results.jsonl").exists()
+
+
+def test_a_server_that_fails_to_start_says_why(tmp_path) -> None:
+    result = subprocess.run(
+        [*CLI, "eval", "--model", BUNDLED_ALIAS, "--engine", "vllm", "--engine-option",
+         "dtype=float7", "--limit", "2", "--out", str(tmp_path / "o")], env=ENV,
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "exited with code" in result.stderr and "float7" in result.stderr
+    assert "Traceback" not in result.stderr.split("its log")[0]
+
+
+def _save_adapter(directory: Path) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from primekd.models import resolve
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(resolve(BUNDLED_ALIAS).path)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                      init_lora_weights=False)
+    model = get_peft_model(base, lora)
+    with torch.no_grad():  # small, so answers change but stay language
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.mul_(0.05)
+    model.save_pretrained(directory)
+    return directory
+
+
+def _server_children(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def test_merged_adapter_survives_a_killed_server(tmp_path, bundled) -> None:
+    """primekd starts its own server on the merged adapter; the server dies mid-eval (one
+    clear line, rows so far kept); the rerun resumes with nothing lost or duplicated, and
+    the answers are the hf engine's with the adapter."""
+    adapter = _save_adapter(tmp_path / "adapter")
+    out = tmp_path / "eval"
+    command = [*CLI, "eval", "--model", BUNDLED_ALIAS, "--adapter", str(adapter), "--engine",
+               "vllm", "--engine-option", "dtype=float32", "--limit", "8",
+               "--max-new-tokens", "64", "--out", str(out),
+               # two requests in flight: answers that all run to the token limit would
+               # otherwise finish in one decode step, before the server can be killed
+               "--batch-size", "2"]
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 400
+        while not (out / "results.jsonl").exists() or not (out / "results.jsonl").read_text():
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline, "no answer within 400 s"
+            time.sleep(0.05)
+        for child in _server_children(process.pid):
+            os.killpg(child, signal.SIGKILL)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    written = len(read_jsonl(out / "results.jsonl"))
+    assert process.returncode == 2 and 1 <= written < 8, (written, stderr)
+    assert "stopped answering" in stderr and "rerun" in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr.split("its log")[0], stderr
+    result = subprocess.run([*command, "--json"], env=ENV, capture_output=True, text=True,
+                            timeout=500)
+    assert result.returncode == 0, result.stderr
+    rows = read_jsonl(out / "results.jsonl")
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)) == 8 and json.loads(result.stdout)["n"] == 8
+    hf = evaluate(EvalConfig(model=BUNDLED_ALIAS, adapter=str(adapter), out=tmp_path / "hf",
+                             limit=8, max_new_tokens=64), progress=False)
+    expected = {r["id"]: r["response"] for r in read_jsonl(tmp_path / "hf" / "results.jsonl")}
+    same = sum(r["response"] == expected[r["id"]] for r in rows)
+    assert hf["n"] == 8 and same >= 6, f"{same}/8 answers equal the hf engine's"
