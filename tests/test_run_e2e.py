@@ -18,8 +18,8 @@ from primekd.experiment import load_config, run_experiment
 
 pytestmark = pytest.mark.slow
 
-SECTIONS = ("Results", "Teachers", "Training curves", "Worked examples", "Compute",
-            "Attention heads", "Reproduce")
+SECTIONS = ("Results in the paper's layout", "Results", "Teachers", "Training curves",
+            "Worked examples", "Compute", "Attention heads", "Reproduce")
 EXPERIMENTS = ("base", "sft", "kd-none", "kd-ground_truth")
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu",
                   "--disable-background-networking", "--disable-component-update",
@@ -78,7 +78,10 @@ def test_every_stage_and_report_section(run_dir: Path) -> None:
     md = (run_dir / "report.md").read_text()
     headings = re.findall(r"^## (.+)$", md, flags=re.M)
     assert tuple(headings) == SECTIONS
-    results = md.split("## Results", 1)[1].split("## Teachers", 1)[0]
+    paper = md.split("## Results in the paper's layout", 1)[1].split("## Results\n", 1)[0]
+    assert "No distillation" in paper and "KD, `ground_truth` priming" in paper
+    assert "relative gain vs KD without priming" in paper and "paired bootstrap" in paper
+    results = md.split("## Results\n", 1)[1].split("## Teachers", 1)[0]
     for name in EXPERIMENTS:
         assert f"| `{name}` |" in results
     assert "95% CI (Wilson)" in results and "Δ vs kd-none" in results
