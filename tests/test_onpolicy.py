@@ -268,3 +268,31 @@ def test_kill_and_resume_loses_and_repeats_nothing(tiny_model_dir, tmp_path):
     b = load_file(str(out / "adapter_model.safetensors"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_run_config_on_policy_entries(tmp_path):
+    from primekd.experiment import config_from_dict, plan
+
+    def build(*entries):
+        return config_from_dict({"strategies": ["none", "ground_truth"],
+                                 "on_policy": list(entries)})
+
+    config = build({"strategy": "ground_truth"},
+                   {"strategy": "ground_truth", "name": "op-mix", "lmbda": 0.5,
+                    "divergence": "jsd"})
+    assert config.experiments[-2:] == ["op-ground_truth", "op-mix"]
+    stages = {s.name: s for s in plan(config, tmp_path)}
+    pure, mix = stages["students/op-ground_truth"], stages["students/op-mix"]
+    assert pure.params["on_policy"] and pure.params["alpha"] == 0.0
+    assert pure.params["strategy"] == "ground_truth" and pure.upstream == ()
+    assert "teacher_store" not in pure.paths and pure.paths["data"].name == "transfer.jsonl"
+    assert mix.upstream == ("teacher/ground_truth",) and mix.params["divergence"] == "jsd"
+    assert mix.paths["teacher_store"] == tmp_path / "teacher" / "ground_truth"
+    assert "eval/op-mix" in stages and pure.hash != mix.hash
+    for entry, message in (({"strategy": "teacher"}, "must name one of"),
+                           ({"strategy": "none", "name": "kd-none"}, "is taken"),
+                           ({"strategy": "none", "lmbdaa": 1}, "lmbdaa"),
+                           ({"strategy": "none", "student": "x"}, "set by the experiment"),
+                           ({"strategy": "none", "lmbda": "high"}, "lmbda")):
+        with pytest.raises(PrimekdError, match=message):
+            build(entry)

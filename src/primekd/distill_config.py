@@ -205,6 +205,9 @@ def _check_on_policy(config: DistillConfig) -> None:
         bad("several samples per question need sampling: --rollout-temperature above 0")
     if config.val_size:
         bad("--on-policy has no validation split: use --val-size 0")
+    if config.max_steps is not None or config.epochs is not None:
+        bad("--on-policy trains one pass over each round's sequences (--rounds x "
+            "--round-size): drop --max-steps/--epochs")
     if config.full_finetune:
         bad("--on-policy trains a LoRA adapter (the self-teacher is the base model without "
             "it); drop --full-finetune")

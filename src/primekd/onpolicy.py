@@ -152,17 +152,25 @@ def distill_on_policy(config: DistillConfig, progress: bool = True) -> DistillRe
                                          f"checkpoint-{trainer.state.global_step}"),
                           store=str(round_dir))
             state["rounds"].append(record)
-            write_json(out / ROUNDS_FILE, state)
+            if r == config.rounds - 1:  # the adapter and summary before the last record:
+                summary = _finish(config, trainer, state, plan, counts, device, out,
+                                  source.kind, time.perf_counter() - started)
+            write_json(out / ROUNDS_FILE, state)  # a kill before this redoes round r's training
     finally:
         teacher.close()
     if trainer is None:  # every round was done before: the adapter is saved
         return DistillResult(out, read_json(out / SUMMARY_FILE), [])
-    save_final_model(trainer, out)
-    _make_portable(out, config.student, source.kind)
-    summary = _summary(config, trainer, state, plan, counts, device,
-                       time.perf_counter() - started)
-    write_json(out / SUMMARY_FILE, summary)
     return DistillResult(out, summary, list(trainer.state.log_history))
+
+
+def _finish(config: DistillConfig, trainer: KDTrainer, state: dict[str, Any],
+            plan: dict[str, int], counts: tuple[int, int], device: str, out: Path, kind: str,
+            wall: float) -> dict[str, Any]:
+    save_final_model(trainer, out)
+    _make_portable(out, config.student, kind)
+    summary = _summary(config, trainer, state, plan, counts, device, wall)
+    write_json(out / SUMMARY_FILE, summary)
+    return summary
 
 
 def _prepare(config: DistillConfig, out: Path) -> dict[str, Any]:
