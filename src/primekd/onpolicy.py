@@ -286,15 +286,14 @@ def _rollout_row(example: Example, sample: int, generation: Generation) -> dict[
 
 def _read_rollouts(path: Path) -> dict[tuple[str, int], dict[str, Any]]:
     rows: dict[tuple[str, int], dict[str, Any]] = {}
-    if not path.exists():
-        return rows
-    for line in path.read_text(encoding="utf-8").splitlines():
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    for line in text.splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            break  # a torn last line: that rollout is redone
+            break  # a torn last line (killed mid-write): that rollout is redone
         rows[(row["id"], row["sample"])] = row
-    if path.read_text(encoding="utf-8") and not path.read_text(encoding="utf-8").endswith("\n"):
+    if text and not text.endswith("\n"):  # drop the torn line before appending
         atomic_write_text(path, "".join(json.dumps(v) + "\n" for v in rows.values()))
     return rows
 

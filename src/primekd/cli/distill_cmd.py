@@ -35,9 +35,9 @@ def distill_command(
                           "divergence to its distributions (needs --teacher-store); sft: CE "
                           "only, on the teacher's text or, without a store, on GSM8K "
                           f"references (--data) (default: {_D.objective})."),
-    data: str = _opt("--data", help="For --objective sft without a store: train, test, "
-                     "test_socratic, or a JSONL file with question and answer "
-                     " (default: train)."),
+    data: str = _opt("--data", help="For --objective sft without a store, and the questions "
+                     "of --on-policy rollouts: train, test, test_socratic, or a JSONL file "
+                     "with question and answer (default: train)."),
     limit: int = _opt("--limit", help="Use only the first N questions (by id)."),
     val_size: int = _opt("--val-size", help="Questions held out of training for the "
                          f"validation loss, every --eval-steps (default: {_D.val_size})."),
