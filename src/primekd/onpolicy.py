@@ -152,6 +152,8 @@ def distill_on_policy(config: DistillConfig, progress: bool = True) -> DistillRe
                                          f"checkpoint-{trainer.state.global_step}"),
                           store=str(round_dir))
             state["rounds"].append(record)
+            if progress:
+                _print_round(record)
             if r == config.rounds - 1:  # the adapter and summary before the last record:
                 summary = _finish(config, trainer, state, plan, counts, device, out,
                                   source.kind, time.perf_counter() - started)
@@ -161,6 +163,15 @@ def distill_on_policy(config: DistillConfig, progress: bool = True) -> DistillRe
     if trainer is None:  # every round was done before: the adapter is saved
         return DistillResult(out, read_json(out / SUMMARY_FILE), [])
     return DistillResult(out, summary, list(trainer.state.log_history))
+
+
+def _print_round(record: dict[str, Any]) -> None:
+    accuracy = record.get("student_accuracy")
+    print(f"round {record['round']}: {record['on_sequences']} on-policy + "
+          f"{record['off_sequences']} off-policy sequences; rollout {record['rollout_s']:.1f} s, "
+          f"scoring {record['score_s']:.1f} s, training {record['train_s']:.1f} s"
+          + (f"; student accuracy on its rollouts {accuracy:.3f}" if accuracy is not None
+             else ""), flush=True)
 
 
 def _finish(config: DistillConfig, trainer: KDTrainer, state: dict[str, Any],
@@ -247,9 +258,6 @@ def _on_policy_round(config: DistillConfig, model: Any, tokenizer: Any, teacher:
         store.write_manifest(round_dir, manifest)
     record.update(rollout_tokens=sum(len(g["token_ids"]) for g in rollouts.values()),
                   student_accuracy=manifest["teacher_accuracy"])
-    if progress:
-        print(f"round {r}: {len(units)} rollouts, student accuracy "
-              f"{manifest['teacher_accuracy']:.3f}", flush=True)
     round_config = replace(config, teacher_store=str(round_dir), data=None, limit=None,
                            val_size=0)
     return build_datasets(round_config, tokenizer).train
@@ -389,6 +397,7 @@ class _Teacher:
         self.tokenizer = tokenizer if self.self_teacher else \
             load_tokenizer(resolve(config.teacher))
         self._hf_teacher: Any = None
+        self._merged: str | None = None
         self.spec = EngineSpec(config.engine, None, dict(config.engine_options or {}))
 
     def student_engine(self, model: Any, r: int) -> Any:
@@ -398,13 +407,25 @@ class _Teacher:
             adapter = Path(self.config.out) / ROUNDS_DIR / f"round-{r:03d}" / "student"
             if not (adapter / "adapter_config.json").exists():
                 model.save_pretrained(str(adapter))
-            self._vllm = get_engine(self.config.student, self.spec, adapter=str(adapter))
-            return self._vllm
+            engine = get_engine(self.config.student, self.spec, adapter=str(adapter))
+            if not self.spec.options.get("lora"):
+                from primekd.engines.vllm import merged_model
+
+                self._merged = merged_model(resolve(self.config.student), str(adapter))
+            return engine
         from primekd.engines.hf import HFEngine
 
         model.eval()
         model.config.use_cache = True
         return HFEngine(model, self.tokenizer, batch_size=self.config.batch_size * 4)
+
+    def _drop_merged(self) -> None:
+        """The round's merged student (a full model copy in primekd's cache) is used once."""
+        if self._merged is not None:
+            import shutil
+
+            shutil.rmtree(self._merged, ignore_errors=True)
+            self._merged = None
 
     def student_done(self) -> None:
         self.model.train()
@@ -415,7 +436,9 @@ class _Teacher:
             from primekd.engines import get_engine
 
             teacher = self.config.teacher or self.config.student
-            return get_engine(teacher, self.spec)
+            engine = get_engine(teacher, self.spec)  # the student's server is stopped now
+            self._drop_merged()
+            return engine
         from primekd.engines.hf import HFEngine
 
         if self.self_teacher:
@@ -453,6 +476,7 @@ class _Teacher:
 
     def close(self) -> None:
         self.release()
+        self._drop_merged()
 
 
 # ---------------------------------------------------------------- training
