@@ -162,6 +162,24 @@ def _reference_attentions(bank: ModelBank, ids: torch.Tensor) -> list[tuple[torc
     return maps
 
 
+def test_accuracy_correlation_matches_hand_computed_values() -> None:
+    import pandas as pd
+
+    from primekd.attention.analysis import accuracy_correlation
+
+    # One head, one metric, three models: means 1, 2, 4 against accuracies .1, .3, .2.
+    table = pd.DataFrame({"model": ["a", "b", "c"], "layer": 0, "head": 0,
+                          "metric": "entropy", "mean": [1.0, 2.0, 4.0]})
+    result = accuracy_correlation(table, {"a": 0.1, "b": 0.3, "c": 0.2})
+    row = result[result["scope"] == "head"].iloc[0]
+    assert row["n_models"] == 3
+    # Pearson by hand: deviations x = (-4/3, -1/3, 5/3), y = (-.1, .1, 0).
+    assert row["pearson"] == pytest.approx((4 / 30 - 1 / 30) / math.sqrt(42 / 9 * 0.02))
+    assert row["spearman"] == pytest.approx(0.5)  # ranks (1, 2, 3) vs (1, 3, 2)
+    constant = accuracy_correlation(table, {"a": 0.2, "b": 0.2, "c": 0.2})
+    assert constant["pearson"].isna().all() and constant["spearman"].isna().all()
+
+
 def test_hook_statistics_equal_output_attentions(tiny_model_dir: Path, tiny_adapters) -> None:
     bank = _bank(tiny_model_dir, tiny_adapters)
     assert bank.mixed and bank.size == 3

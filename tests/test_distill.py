@@ -253,6 +253,8 @@ def test_distill_writes_outputs_and_resumes(tiny_model_dir, tiny_store, tmp_path
     cfg.max_steps = 3
     resumed = distill(cfg, progress=False)
     assert resumed.summary["steps"] == 3
+    # The loss before training comes back from the checkpoint's log history.
+    assert resumed.summary["val_loss_before"] == pytest.approx(s["val_loss_before"])
     steps = [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()
              if "loss" in json.loads(x)]
     assert steps == sorted(set(steps))  # no duplicated rows after the resume

@@ -5,11 +5,14 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from primekd import answer_stop
 from primekd.chat import ChatPrompt
 from primekd.data import load_examples
 from primekd.engines import (
@@ -18,11 +21,14 @@ from primekd.engines import (
     SamplingParams,
     collect,
     encode_chats,
+    finish,
     parse_options,
 )
-from primekd.engines.hf import HFEngine, stop_token_ids
+from primekd.engines.hf import HFEngine, _cut_criteria, stop_token_ids
 from primekd.errors import PrimekdError
+from primekd.grading import answer_line_end
 from primekd.models import load
+from primekd.testing import tiny_tokenizer
 
 
 def generate(model, tokenizer, prompts: list[ChatPrompt], params: SamplingParams | None = None,
@@ -188,6 +194,72 @@ def test_eos_after_cut_ends_the_answer_with_its_log_probs(tiny) -> None:
             assert g.topk.ids.shape == (g.n_tokens, 3)
             assert tokenizer.decode(g.token_ids[:-1], skip_special_tokens=True).startswith(g.text)
     assert cut >= 1
+
+
+# --- --stop-at-answer: grading's answer-line rule through the `cut` hook ----------------------
+
+ANSWER = "She has 3 + 4 = 7 apples.\nThe answer is 7.\nNow let us also check 12 more"
+STOP_AT_ANSWER = SamplingParams(max_new_tokens=64, **answer_stop.sampling_options(True))
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return tiny_tokenizer()
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _line_done(tokenizer, ids: list[int]) -> int:
+    """The fewest tokens whose text holds a complete final-answer line."""
+    return next(n for n in range(1, len(ids) + 1)
+                if answer_line_end(tokenizer.decode(ids[:n])) is not None)
+
+
+def test_stop_at_answer_keeps_the_answer_line_and_ends_a_teacher_answer(bpe) -> None:
+    ids, stops = _ids(bpe, ANSWER), {bpe.eos_token_id}
+    cut = finish(bpe, ids, "length", STOP_AT_ANSWER, stops)
+    assert cut.text == "She has 3 + 4 = 7 apples.\nThe answer is 7."
+    assert cut.finish_reason == "stop" and cut.token_ids == ids[: cut.n_tokens]
+    assert cut.n_tokens <= _line_done(bpe, ids) < len(ids)
+    assert bpe.decode(cut.token_ids).startswith(cut.text)
+    assert not bpe.decode(cut.token_ids[:-1]).startswith(cut.text)
+
+    teacher = replace(STOP_AT_ANSWER, eos_after_cut=True)
+    taught = finish(bpe, ids, "length", teacher, stops)
+    assert taught.token_ids == [*cut.token_ids, bpe.eos_token_id] and taught.text == cut.text
+
+    for text in ("7 apples\n", "The answer is 7."):  # no complete answer line: unchanged
+        ids = _ids(bpe, text)
+        kept = finish(bpe, ids, "length", teacher, stops)
+        assert kept.token_ids == ids and kept.finish_reason == "length" and kept.text == text
+
+
+def test_stop_at_answer_stops_each_row_once_its_answer_line_ends(bpe) -> None:
+    prompt, answer = _ids(bpe, "Q: how many?\n"), _ids(bpe, ANSWER)
+    n = _line_done(bpe, answer)
+    criteria = _cut_criteria(bpe, STOP_AT_ANSWER, len(prompt))
+    ramble = _ids(bpe, "She has 3 apples and 4 pears and more and more")
+    for step in range(1, min(len(ramble), n) + 1):
+        batch = torch.tensor([prompt + answer[:step], prompt + ramble[:step]])
+        assert criteria(batch, None).tolist() == [step >= n, False]
+
+
+def test_stop_at_answer_reaches_eval_and_teach(tiny_model_dir, tmp_path) -> None:
+    from primekd import store
+    from primekd.evaluate import EvalConfig
+    from primekd.teacher import TeachConfig, teach
+
+    assert EvalConfig(model="m", out="o", stop_at_answer=True).sampling().cut is answer_line_end
+    assert EvalConfig(model="m", out="o").sampling().cut is None
+    manifest = teach(TeachConfig(teacher=str(tiny_model_dir), out=tmp_path / "t", limit=3,
+                                 max_new_tokens=8, batch_size=2, stop_at_answer=True),
+                     progress=False)
+    assert manifest["params"]["generation"]["stop_at_answer"] is True
+    for row in store.load_store(tmp_path / "t").to_pylist():
+        assert len(row["topk_ids"]) == len(row["token_ids"])
+        assert row["truncated"] == (row["finish_reason"] == "length")
 
 
 def test_hf_engine_spreads_a_model_with_a_device_map(tiny, tiny_model_dir) -> None:

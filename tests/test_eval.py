@@ -15,7 +15,8 @@ from primekd.models import load
 from primekd.prompts import DEFAULT_TEMPLATE, load_template, worked_solution
 
 RESULT_FIELDS = {"id", "question", "reference", "gold", "response", "extracted", "correct",
-                 "n_tokens", "finish_reason"}
+                 "n_tokens", "finish_reason", "found_by", "no_answer", "truncated",
+                 "correct_strict", "correct_flexible"}
 
 
 # --- prompt templates ------------------------------------------------------------------------
@@ -23,7 +24,8 @@ RESULT_FIELDS = {"id", "question", "reference", "gold", "response", "extracted",
 
 def test_default_template_asks_for_steps_and_answer_line() -> None:
     prompt = load_template().build("How many legs do 3 cats have?")
-    assert prompt.user == DEFAULT_TEMPLATE.format(question="How many legs do 3 cats have?")
+    question = "How many legs do 3 cats have?"
+    assert prompt.user == DEFAULT_TEMPLATE.replace("{{ question }}", question)
     assert "step by step" in prompt.user and "The answer is N" in prompt.user
     assert prompt.user.endswith("How many legs do 3 cats have?")
 
@@ -45,19 +47,22 @@ def test_worked_solution_rewrites_gsm8k_reference() -> None:
 
 
 def test_custom_template_from_text_and_file(tmp_path: Path) -> None:
-    assert load_template("Q: {question}\nA:").build("1+1?").user == "Q: 1+1?\nA:"
-    assert load_template("{{literal}} {question}").build("x").user == "{literal} x"
+    assert load_template("Q: {{ question }}\nA:").build("1+1?").user == "Q: 1+1?\nA:"
+    assert load_template("{{ '{literal}' }} {{question}}").build("x").user == "{literal} x"
     path = tmp_path / "prompt.txt"
-    path.write_text("Solve: {question}\nEnd with 'The answer is N'.", encoding="utf-8")
+    path.write_text("Solve: {{ question }}\nEnd with 'The answer is N'.", encoding="utf-8")
     assert load_template(str(path)).build("3*3?").user.startswith("Solve: 3*3?")
 
 
 @pytest.mark.parametrize("template, message", [
-    ("Q: {questoin}", r"unknown placeholder\(s\) \{questoin\}"),
-    ("{question} and {answer}", r"\{answer\}"),
-    ("no placeholder at all", "no {question} placeholder"),
-    ("Q: {question", "malformed"),
+    ("Q: {{ questoin }}", r"unknown variable\(s\) questoin"),
+    ("{{ question }} and {{ answer }}", r"unknown variable\(s\) answer"),
+    ("no placeholder at all", r"no \{\{ question \}\} placeholder"),
+    ("Q: {{ question", "template error"),
     ("missing.txt", "does not exist"),
+    # The str.format spelling (the old --prompt language) is refused with the Jinja one.
+    ("Q: {question}", r"^prompt template: \{question\} is str.format syntax; templates are "
+                      r"Jinja, write \{\{ question \}\} instead$"),
 ])
 def test_bad_templates_are_clear_errors(template: str, message: str) -> None:
     with pytest.raises(PrimekdError, match=message):
@@ -124,7 +129,7 @@ def test_rerun_with_other_parameters_is_refused(tiny, tiny_model_dir, tmp_path) 
         evaluate(_config(tiny_model_dir, tmp_path, limit=2, max_new_tokens=9),
                  progress=False, loaded=tiny)
     with pytest.raises(PrimekdError, match="prompt_template"):
-        evaluate(_config(tiny_model_dir, tmp_path, limit=2, prompt="Q: {question}"),
+        evaluate(_config(tiny_model_dir, tmp_path, limit=2, prompt="Q: {{ question }}"),
                  progress=False, loaded=tiny)
     # Selection and batch size do not change answers: a larger --limit extends the run.
     summary = evaluate(_config(tiny_model_dir, tmp_path, limit=3, batch_size=3),
@@ -182,14 +187,15 @@ def test_directory_without_rows_takes_new_parameters(tmp_path: Path) -> None:
 def test_cli_reports_bad_input_in_one_line(tiny_model_dir, tmp_path, monkeypatch, capsys):
     from primekd.cli import main
 
-    argv = ["primekd", "eval", "--model", str(tiny_model_dir), "--prompt", "Q: {q}",
+    argv = ["primekd", "eval", "--model", str(tiny_model_dir), "--prompt", "Q: {question}",
             "--out", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exit_info:
         main()
     assert exit_info.value.code == 2
     stderr = capsys.readouterr().err
-    assert stderr.strip().startswith("error: prompt template has unknown placeholder")
+    assert stderr.strip() == ("error: prompt template: {question} is str.format syntax; "
+                              "templates are Jinja, write {{ question }} instead")
     assert "Traceback" not in stderr
 
 
@@ -212,7 +218,8 @@ def test_cli_eval_on_bundled_model(tmp_path: Path) -> None:
     assert all(r["finish_reason"] in {"stop", "length"} for r in rows)
     summary = read_json(out / "summary.json")
     assert summary == printed
-    for key in ("n", "correct", "accuracy", "ci95", "no_answer", "model", "adapter",
+    for key in ("n", "correct", "accuracy", "ci95", "no_answer", "accuracy_strict",
+                "accuracy_flexible", "truncated", "no_number", "grading", "model", "adapter",
                 "prompt_template", "generation", "wall_time_s", "tokens_per_s",
                 "tokenizer_fingerprint", "primekd_version"):
         assert key in summary

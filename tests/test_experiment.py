@@ -63,10 +63,10 @@ def test_print_config_is_the_commented_preset() -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("distill.alhpa=0.3", "unknown config key `distill.alhpa`: did you mean `alpha`"),
+        ("distill.alhpa=0.3", "unknown config key `distill.alhpa` (did you mean 'alpha'?)"),
         ("distill.alpha=high", "config key `distill.alpha` is 'high'; expected a number"),
         ("eval.model=other", "`eval.model` is set by the experiment itself"),
-        ("data.test.sampel=3", "unknown config key `data.test.sampel`: did you mean `sample`"),
+        ("data.test.sampel=3", "unknown config key `data.test.sampel` (did you mean 'sample'?)"),
         ("data.test.sample=0", "`data.test.sample` must be at least 1"),
         ("controls=[base,teacher]", "`controls` has 'teacher'"),
         ("strategies=[none,nonsense]", "unknown strategy `nonsense`"),
@@ -217,8 +217,11 @@ class _Writer:
 
     def __call__(self, stage: experiment.Stage, progress: bool) -> dict:
         self.calls += 1
+        from primekd.outdir import write_marker
+
         stage.directory.mkdir(parents=True, exist_ok=True)
         (stage.directory / f"part-{self.calls}.txt").write_text(stage.hash)
+        write_marker(stage.directory, "report", set())  # real stages mark what they wrote
         if self.kill:
             raise KeyboardInterrupt
         return {"tokens": 10 * self.calls}
@@ -348,3 +351,89 @@ def test_engine_section_reaches_teacher_and_eval_stages(tmp_path: Path) -> None:
         load_config(overrides=["engine.name=vllm", "engine.options={max_len: 5}"])
     with pytest.raises(PrimekdError, match="`teacher.engine` is set by the experiment"):
         load_config(overrides=["teacher.engine=vllm"])
+
+
+# --- sharded teachers and `run --only` ----------------------------------------------------------
+
+
+def _sharded(tmp_path: Path, shards: int = 2) -> experiment.ExperimentConfig:
+    return load_config(preset="quick", overrides=[
+        f"teacher_shards={shards}", "strategies=[none]", "controls=[]", "attention.enabled=false"])
+
+
+def test_sharded_teacher_plan_feeds_every_shard_to_the_student(tmp_path: Path) -> None:
+    stages = {s.name: s for s in plan(_sharded(tmp_path), tmp_path)}
+    shards = ["teacher/none/shard-0-of-2", "teacher/none/shard-1-of-2"]
+    assert [n for n in stages if n.startswith("teacher/")] == shards
+    assert [experiment.stage_config(stages[n]).shard for n in shards] == ["0/2", "1/2"]
+    assert stages[shards[0]].hash != stages[shards[1]].hash
+    student = stages["students/kd-none"]
+    assert student.upstream == tuple(shards)
+    assert experiment.stage_config(student).teacher_store == [
+        str(tmp_path / "teacher" / "none" / f"shard-{i}-of-2") for i in range(2)]
+    with pytest.raises(PrimekdError, match="teacher_shards"):
+        load_config(preset="quick", overrides=["teacher_shards=0"])
+
+
+def _fake_functions(calls: list[str]) -> dict:
+    def fn(stage: experiment.Stage, progress: bool) -> dict:
+        calls.append(stage.name)
+        stage.directory.mkdir(parents=True, exist_ok=True)
+        (stage.directory / ("manifest.json" if stage.kind == "teacher" else "summary.json")
+         ).write_text(stage.hash)
+        return {}
+    return dict.fromkeys(("teacher", "distill", "eval", "attention", "report"), fn)
+
+
+def test_run_only_runs_the_named_stages_after_their_upstream(tmp_path: Path) -> None:
+    config, calls = _sharded(tmp_path), []
+    functions = _fake_functions(calls)
+    with pytest.raises(PrimekdError, match="students/kd-none needs teacher/none/shard-0-of-2"):
+        experiment.run_experiment(config, tmp_path, False, stage_functions=functions,
+                                  only=["students/*"])
+    with pytest.raises(PrimekdError, match="--only teacher/nope names no stage"):
+        experiment.run_experiment(config, tmp_path, False, stage_functions=functions,
+                                  only=["teacher/nope"])
+    assert calls == []
+    experiment.run_experiment(config, tmp_path, False, stage_functions=functions,
+                              only=["teacher/none/shard-1-of-2"])
+    experiment.run_experiment(config, tmp_path, False, stage_functions=functions,
+                              only=["teacher/*/shard-0-*", "students/kd-none"])
+    assert calls == ["teacher/none/shard-1-of-2", "teacher/none/shard-0-of-2",
+                     "students/kd-none"]
+    summary = experiment.run_experiment(config, tmp_path, False, stage_functions=functions)
+    assert [s.name for s in summary.stages if s.ran] == ["eval/kd-none", "report"]
+
+
+def test_run_only_locks_per_stage(tmp_path: Path) -> None:
+    a, b = ["teacher/none/shard-0-of-2"], ["teacher/none/shard-1-of-2"]
+    with experiment.run_lock(tmp_path, only_stages=a):
+        with experiment.run_lock(tmp_path, only_stages=b):  # other shards run side by side
+            pass
+        with pytest.raises(PrimekdError, match="running teacher/none/shard-0-of-2"), \
+                experiment.run_lock(tmp_path, only_stages=a):
+            pass
+        with pytest.raises(PrimekdError, match="another `primekd run`"), \
+                experiment.run_lock(tmp_path):
+            pass
+    with experiment.run_lock(tmp_path), pytest.raises(PrimekdError, match="another"), \
+            experiment.run_lock(tmp_path, only_stages=b):
+        pass
+
+
+def test_changing_the_shard_count_clears_the_old_layout(tmp_path: Path) -> None:
+    calls: list[str] = []
+    functions = _fake_functions(calls)
+    one = load_config(preset="quick", overrides=[
+        "strategies=[none]", "controls=[]", "attention.enabled=false"])
+    experiment.run_experiment(one, tmp_path, False, stage_functions=functions)
+    (tmp_path / "teacher" / "none" / "mine.txt").write_text("the user's")
+    assert (tmp_path / "teacher" / "none" / "manifest.json").exists()
+    experiment.run_experiment(_sharded(tmp_path), tmp_path, False, stage_functions=functions)
+    teacher = tmp_path / "teacher" / "none"
+    assert sorted(p.name for p in teacher.iterdir()) == [  # the user's file stays
+        "mine.txt", "shard-0-of-2", "shard-1-of-2"]
+    assert not experiment.record_path(tmp_path, "teacher/none").exists()
+    experiment.run_experiment(_sharded(tmp_path, 3), tmp_path, False, stage_functions=functions)
+    assert sorted(p.name for p in teacher.iterdir() if p.is_dir()) == [
+        f"shard-{i}-of-3" for i in range(3)]

@@ -38,9 +38,12 @@ def test_grade_json_is_exactly_the_summary(outputs: Path) -> None:
     result = runner.invoke(app, ["grade", str(outputs), "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert list(summary) == ["n", "correct", "accuracy", "ci95", "no_answer"]
+    assert list(summary)[:5] == ["n", "correct", "accuracy", "ci95", "no_answer"]
     assert (summary["n"], summary["correct"], summary["accuracy"], summary["no_answer"]) == (
         4, 2, 0.5, 1)
+    assert (summary["accuracy_strict"], summary["accuracy_flexible"]) == (0.5, 0.5)
+    assert (summary["no_number"], summary["truncation_known"]) == (1, False)
+    assert (summary["extractor"], summary["grading"]) == ("default", "default")
     assert 0 < summary["ci95"][0] < 0.5 < summary["ci95"][1] < 1
 
 
@@ -48,7 +51,8 @@ def test_grade_out_keeps_fields_and_adds_grades(outputs: Path, tmp_path: Path) -
     graded = tmp_path / "graded.jsonl"
     result = runner.invoke(app, ["grade", str(outputs), "--out", str(graded)])
     assert result.exit_code == 0, result.output
-    assert "2/4 correct" in result.stdout and "1 without an answer" in result.stdout
+    assert "2/4 correct" in result.stdout and "1 without any number" in result.stdout
+    assert "truncation unknown for 4 row(s)" in result.stdout
     rows = read_jsonl(graded)
     assert [row["correct"] for row in rows] == [True, True, False, False]
     assert [row["extracted"] for row in rows] == [4.0, 9.0, 8.0, None]
@@ -64,7 +68,56 @@ def test_grade_extractor_option(tmp_path: Path) -> None:
         runner.invoke(app, ["grade", str(path), "--json", "--extractor", "paper"]).stdout)
     assert (default["correct"], paper["correct"]) == (0, 1)
     bad = runner.invoke(app, ["grade", str(path), "--extractor", "fancy"])
-    assert isinstance(bad.exception, PrimekdError) and "default, paper" in str(bad.exception)
+    assert isinstance(bad.exception, PrimekdError)
+    assert "default, paper, math-verify" in str(bad.exception)
+
+
+ADVERSARIAL = Path(__file__).parent / "data" / "adversarial_responses.jsonl"
+
+
+def test_grade_adversarial_file_default_strict_flexible() -> None:
+    """Hand-written traps: a truncated ramble whose last number is the gold, corrections,
+    mixed numbers, arithmetic in a box, `3 100-gram bags`, `1e3`."""
+    summary = json.loads(runner.invoke(app, ["grade", str(ADVERSARIAL), "--json"]).stdout)
+    assert (summary["n"], summary["correct"]) == (12, 10)
+    assert (summary["correct_strict"], summary["correct_flexible"]) == (7, 11)
+    assert (summary["truncated"], summary["truncated_no_marker"], summary["no_number"]) == (
+        3, 1, 1)
+    lenient = json.loads(
+        runner.invoke(app, ["grade", str(ADVERSARIAL), "--json", "--lenient"]).stdout)
+    assert lenient["correct"] == 11 and lenient["grading"] == "lenient"
+
+
+def test_grade_cross_check_lists_math_verify_disagreements() -> None:
+    result = runner.invoke(app, ["grade", str(ADVERSARIAL), "--json", "--cross-check"])
+    check = json.loads(result.stdout)["cross_check"]
+    assert check["extractors"] == ["default", "paper", "math-verify"]
+    pairs = {(p["a"], p["b"]): p for p in check["pairs"]}
+    assert set(pairs) == {("default", "paper"), ("default", "math-verify"),
+                          ("paper", "math-verify")}
+    vs_mv = pairs[("default", "math-verify")]
+    assert vs_mv["disagree"] == len(vs_mv["examples"]["only_a_correct"]) + len(
+        vs_mv["examples"]["only_b_correct"]) > 0
+    assert {"t5", "t6", "t8"} <= {e["id"] for e in vs_mv["examples"]["only_a_correct"]}
+    table = runner.invoke(app, ["grade", str(ADVERSARIAL), "--cross-check"],
+                          env={"COLUMNS": "200"})
+    assert table.exit_code == 0 and "default vs math-verify" in table.stdout
+
+
+@pytest.mark.integration
+def test_grade_public_reference_solutions_as_responses(tmp_path: Path) -> None:
+    """GSM8K's human-written solutions, graded as if a model wrote them: every one states its
+    answer after `####`, so default and strict agree and each is right."""
+    from primekd.data import load_examples
+
+    path = tmp_path / "solutions.jsonl"
+    examples = load_examples("test", limit=40)
+    path.write_text("".join(json.dumps({"id": e.id, "answer": e.answer, "response": e.answer,
+                                        "finish_reason": "stop"}) + "\n" for e in examples))
+    summary = json.loads(
+        runner.invoke(app, ["grade", str(path), "--json", "--cross-check"]).stdout)
+    assert summary["correct"] == summary["correct_strict"] == 40
+    assert summary["cross_check"]["accuracy"]["default"] == 1.0
 
 
 def test_compare_cli_json_and_table(outputs: Path, tmp_path: Path) -> None:
@@ -82,7 +135,8 @@ def test_compare_cli_json_and_table(outputs: Path, tmp_path: Path) -> None:
 
 
 def test_help_explains_every_option() -> None:
-    for command, options in (("grade", ["--extractor", "--out", "--json"]),
+    for command, options in (("grade", ["--extractor", "--out", "--json", "--lenient",
+                                        "--cross-check"]),
                              ("compare", ["--reference", "--match", "--bootstrap", "--seed",
                                           "--extractor", "--json"])):
         result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
@@ -121,3 +175,20 @@ def test_real_program_fails_cleanly_on_bad_input(tmp_path: Path) -> None:
         assert result.stdout == ""
     assert "missing.jsonl does not exist" in missing.stderr
     assert "malformed.jsonl:2" in bad.stderr and "response" in bad.stderr
+
+
+def test_compare_shows_strict_flexible_and_truncation(tmp_path: Path) -> None:
+    graded = tmp_path / "graded.jsonl"
+    runner.invoke(app, ["grade", str(ADVERSARIAL), "--out", str(graded)])
+    data = json.loads(runner.invoke(
+        app, ["compare", str(ADVERSARIAL), str(graded), "--json", "--bootstrap", "200"]).stdout)
+    for file in data["files"]:  # graded on load (the first) or by `grade` (the second)
+        assert (file["correct"], file["truncated"], file["no_number"]) == (10, 3, 1)
+        assert file["accuracy_strict"] == pytest.approx(7 / 12)
+        assert file["accuracy_flexible"] == pytest.approx(11 / 12)
+    lenient = json.loads(runner.invoke(
+        app, ["compare", str(ADVERSARIAL), "--json", "--lenient"]).stdout)
+    assert lenient["files"][0]["correct"] == 11
+    table = runner.invoke(app, ["compare", str(ADVERSARIAL), str(graded), "--bootstrap", "200"],
+                          env={"COLUMNS": "200"})
+    assert "strict" in table.stdout and "flexible" in table.stdout and "truncated" in table.stdout

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from primekd.errors import PrimekdError
 from primekd.grading import (
     EXTRACTORS,
-    Grade,
     extract_answer,
     grade,
     grade_row,
@@ -96,7 +95,9 @@ def test_there_are_at_least_40_tricky_cases() -> None:
 @pytest.mark.parametrize("response", NO_ANSWER)
 @pytest.mark.parametrize("extractor", EXTRACTORS)
 def test_no_answer_grades_incorrect(response: str, extractor: str) -> None:
-    assert grade(response, "#### 5", extractor) == Grade(None, False)
+    graded = grade(response, "#### 5", extractor)
+    assert (graded.extracted, graded.correct, graded.no_answer) == (None, False, "no_number")
+    assert graded.found_by is None and not graded.correct_flexible
 
 
 PAPER_CASES = [
@@ -126,7 +127,7 @@ def test_extractors_differ_on_first_line_rule() -> None:
 
 
 def test_unknown_extractor_is_a_clear_error() -> None:
-    with pytest.raises(PrimekdError, match="default, paper"):
+    with pytest.raises(PrimekdError, match="default, paper, math-verify"):
         extract_answer("5", "fancy")
 
 
@@ -168,13 +169,15 @@ def test_is_correct(extracted: float | None, gold: float | None, expected: bool)
 
 
 def test_grade_compares_with_reference() -> None:
-    assert grade("The answer is 18.00", "blah\n#### 18") == Grade(18.0, True)
-    assert grade("The answer is 17", "18") == Grade(17.0, False)
+    assert grade("The answer is 18.00", "blah\n#### 18")[:2] == (18.0, True)
+    assert grade("The answer is 17", "18")[:2] == (17.0, False)
 
 
 def test_grade_row_keeps_fields_and_accepts_reference_aliases() -> None:
     row = {"question": "q", "answer": "#### 4", "response": "2+2=4", "model": "m"}
-    assert grade_row(row) == {**row, "gold": 4.0, "extracted": 4.0, "correct": True}
+    assert grade_row(row) == {**row, "gold": 4.0, "extracted": 4.0, "correct": True,
+                              "found_by": "fallback", "no_answer": None, "truncated": None,
+                              "correct_strict": False, "correct_flexible": True}
     assert grade_row({"reference": "#### 4", "response": "5"})["correct"] is False
     assert grade_row({"gold": 4, "response": None})["extracted"] is None
 
@@ -199,7 +202,8 @@ _TRICKY_TEXT = st.lists(
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.one_of(st.text(max_size=200), _TRICKY_TEXT), st.sampled_from(EXTRACTORS))
+@given(st.one_of(st.text(max_size=200), _TRICKY_TEXT),
+       st.sampled_from([e for e in EXTRACTORS if e != "math-verify"]))
 def test_never_raises_and_returns_a_finite_number_or_none(text: str, extractor: str) -> None:
     value = extract_answer(text, extractor)
     assert value is None or (isinstance(value, float) and math.isfinite(value))

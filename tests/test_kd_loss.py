@@ -96,7 +96,7 @@ def test_divergences_are_zero_at_equality_and_positive_otherwise(kind: str) -> N
     assert (divergence(p, q, kind) > 0).all()
 
 
-def test_jsd_limits_match_trl_conventions() -> None:
+def test_jsd_limits_are_forward_and_reverse_kl() -> None:
     student, teacher = _pair()
     p = F.log_softmax(teacher, -1)
     q = F.log_softmax(student, -1)

@@ -40,16 +40,43 @@ def test_fingerprint_is_vocabulary_hash(tiny_model_dir) -> None:
     from primekd.testing import tiny_tokenizer
 
     _, tokenizer = load(str(tiny_model_dir))
-    assert tokenizer_fingerprint(tokenizer) == tokenizer_fingerprint(tokenizer)
+    _, reloaded = load(str(tiny_model_dir))  # another instance of the same vocabulary
+    assert tokenizer_fingerprint(tokenizer) == tokenizer_fingerprint(reloaded)
     assert tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(tiny_tokenizer(300))
 
 
+# GGUF tensor name -> transformers parameter name (attn_q/attn_k are stored permuted).
+_GGUF_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm",
+               "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+               "ffn_down": "mlp.down_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+               "attn_output": "self_attn.o_proj", "attn_v": "self_attn.v_proj"}
+
+
 @pytest.mark.integration
-def test_bundled_alias_loads_and_matches_gguf_logits(bundled) -> None:
+def test_bundled_alias_loads_and_matches_gguf_weights(bundled) -> None:
+    import gguf
+
+    from primekd.models import bundled_gguf_path
+
     model, tokenizer = bundled
     source = resolve(BUNDLED_ALIAS)
     assert source.kind == "bundled"
     assert model.config.vocab_size == len(tokenizer) == 49152
+    weights = model.state_dict()
+    compared = 0
+    for tensor in gguf.GGUFReader(str(bundled_gguf_path())).tensors:
+        parts = tensor.name.split(".")
+        if parts[0] == "blk" and parts[2] in _GGUF_NAMES:
+            name = f"model.layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.weight"
+        elif parts[0] in _GGUF_NAMES:
+            name = f"model.{_GGUF_NAMES[parts[0]]}.weight"
+        else:
+            continue
+        expected = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type))
+        torch.testing.assert_close(weights[name].float(), expected.float().reshape(
+            weights[name].shape), rtol=0, atol=1e-6, msg=tensor.name)
+        compared += 1
+    assert compared == 2 + 7 * model.config.num_hidden_layers
     ids = tokenizer("Natalia sold 48 clips", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         logits = model(ids).logits

@@ -73,6 +73,13 @@ def test_user_strategies_from_yaml(tmp_path) -> None:
         ("  s1:\n    description: no user\n", r"strategy 's1', field 'user': required"),
         ("  s1:\n    user: '{{ question | nosuchfilter }}'\n", r"strategy 's1', field 'user'"),
         ("  teacher:\n    user: '{{ question }}'\n", r"name of a built-in"),
+        # str.format braces would reach the teacher literally: refused, with the Jinja spelling.
+        ("  s1:\n    user: 'Solve {question}'\n",
+         r"field 'user': \{question\} is str.format syntax; .*write \{\{ question \}\} instead"),
+        ("  s1:\n    user: '{{ question }}'\n    system: 'Answer is { answer }'\n",
+         r"field 'system': \{ answer \} is str.format syntax"),
+        ("  s1:\n    user: 'Solve it. Answer: {{ answer }}'\n",
+         r"strategy 's1': no \{\{ question \}\} placeholder"),
     ],
 )
 def test_yaml_errors_name_file_strategy_and_field(tmp_path, body, message) -> None:
@@ -80,7 +87,7 @@ def test_yaml_errors_name_file_strategy_and_field(tmp_path, body, message) -> No
     path.write_text("strategies:\n" + body)
     with pytest.raises(PrimekdError, match=message) as error:
         all_strategies(path)
-    assert str(path) in str(error.value)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
 
 
 def test_yaml_file_shape_errors(tmp_path) -> None:

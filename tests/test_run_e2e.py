@@ -81,12 +81,12 @@ def test_every_stage_and_report_section(run_dir: Path) -> None:
     assert tuple(headings) == SECTIONS
     results = md.split("## Results", 1)[1].split("## Teachers", 1)[0]
     for name in EXPERIMENTS:
-        assert f"| **{name}** |" in results
+        assert f"| `{name}` |" in results
     assert "95% CI (Wilson)" in results and "Δ vs kd-none" in results
     assert "Δ vs base" in results and "p (Holm)" in results and "rel. gain" in results
     assert "Small sample" in results
     teachers = md.split("## Teachers", 1)[1].split("## Training", 1)[0]
-    assert "| **none** |" in teachers and "| **ground_truth** |" in teachers
+    assert "| `none` |" in teachers and "| `ground_truth` |" in teachers
     for name in ("sft", "kd-none", "kd-ground_truth", "op-ground_truth"):
         assert (run_dir / "report_files" / f"curves-{name}.png").stat().st_size > 1000
     assert (run_dir / "report_files" / "accuracy.png").stat().st_size > 1000
@@ -119,7 +119,6 @@ def test_second_run_is_all_cached(run_dir: Path) -> None:
     summary = _primekd(str(run_dir / "config.yaml"), "--out", str(run_dir))
     assert [s["state"] for s in summary["stages"]] == ["cached"] * len(summary["stages"])
     assert not any(s["ran"] for s in summary["stages"])
-    assert summary["wall_time_s"] < 5
     assert (run_dir / "report.html").stat().st_mtime_ns == before
 
 
@@ -199,3 +198,28 @@ def test_html_renders_in_chromium(run_dir: Path, tmp_path: Path) -> None:
                                 capture_output=True, text=True, timeout=120)
     assert screenshot.returncode == 0, screenshot.stderr[-2000:]
     assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
+
+
+def test_sharded_teacher_stages_train_one_student(run_dir: Path, tmp_path: Path) -> None:
+    """`teacher_shards: 2`: two teach stages (run here as `--only` would, one at a time), whose
+    stores the student trains on together; the report merges the shards' manifests."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    config = load_config(run_dir / "config.yaml", overrides=[
+        "teacher_shards=2", "strategies=[none]", "controls=[]", "attention.enabled=false",
+        "on_policy=[]"])
+    for shard in ("teacher/none/shard-1-of-2", "teacher/none/shard-0-of-2"):
+        summary = run_experiment(config, copy, progress=False, only=[shard])
+        assert [s.name for s in summary.stages if s.ran] == [shard]
+    teacher = copy / "teacher" / "none"
+    assert not (teacher / "manifest.json").exists()  # the unsharded store was cleared
+    rows = [json.loads((teacher / f"shard-{i}-of-2" / "manifest.json").read_text())
+            ["counts"]["rows"] for i in range(2)]
+    assert rows == [3, 3]
+    summary = run_experiment(config, copy, progress=False)
+    assert {s.name for s in summary.stages if s.ran} == {
+        "students/kd-none", "eval/kd-none", "report"}
+    record = json.loads((copy / ".stages" / "students--kd-none.json").read_text())
+    assert "shard-0-of-2" in json.dumps(record) and "shard-1-of-2" in json.dumps(record)
+    teachers = (copy / "report.md").read_text().split("## Teachers", 1)[1].split("##", 1)[0]
+    assert "| `none` |" in teachers and "6/6" in teachers

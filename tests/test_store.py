@@ -17,6 +17,8 @@ def _row(id_: str, sample: int = 0, n: int = 3, k: int = 2) -> dict:
         "topk_ids": [[t, t + 1][:k] for t in range(n)],
         "topk_logprobs": [[-0.1, -3.0][:k] for _ in range(n)],
         "finish_reason": "stop", "extracted": 1.0, "correct": True,
+        "found_by": "fallback", "no_answer": None, "truncated": False, "correct_strict": False,
+        "correct_flexible": True,
     }
 
 
@@ -124,3 +126,56 @@ def test_identity_changes_name_the_nested_key() -> None:
     new = {"generation": {"temperature": 0.7, "max_new_tokens": 8}, "top_k": 20}
     assert store.identity_changes(old, new) == ["generation.temperature: 0.0 -> 0.7"]
     assert store.identity_changes(old, old) == []
+
+
+def test_a_missing_shard_is_refused_and_shards_merge_their_manifests(tmp_path) -> None:
+    dirs = [tmp_path / f"s{i}" for i in range(3)]
+    for i, d in enumerate(dirs):
+        _store(d, [_row(f"q{i}"), _row(f"r{i}")], shard={"index": i, "count": 3})
+        manifest = json.loads((d / store.MANIFEST).read_text())
+        manifest["counts"] |= {"rows": 2, "correct": i, "questions": 2}
+        manifest |= {"mean_answer_tokens": 10.0 * (i + 1), "compute_seconds": 1.0,
+                     "teacher_accuracy": i / 2}
+        store.write_manifest(d, manifest)
+    with pytest.raises(PrimekdError, match=r"shard\(s\) 1/3 of this 3-shard teach run"):
+        store.load_store([dirs[0], dirs[2]])
+    merged = store.merged_manifest(dirs)
+    assert merged["counts"] == {"kept": 6, "rows": 6, "correct": 3, "questions": 6}
+    assert merged["teacher_accuracy"] == 0.5
+    assert merged["mean_answer_tokens"] == pytest.approx(20.0)
+    assert merged["tokens_per_s"] == pytest.approx(40.0)  # 120 tokens in 3 s
+    assert merged["complete"] and "shard" not in merged["params"]
+
+
+GRADING_COLUMNS = ["found_by", "no_answer", "truncated", "correct_strict", "correct_flexible"]
+
+
+def test_parts_written_before_the_grading_columns_still_load(tmp_path) -> None:
+    import pyarrow.parquet as pq
+
+    old = store.write_part(tmp_path, [_row("a")], [("a", 0)], {"rows": 1, "kept": 1})
+    table = pq.read_table(old)
+    pq.write_table(table.drop_columns(GRADING_COLUMNS), old)  # keeps the batch metadata
+    store.write_part(tmp_path, [_row("b")], [("b", 0)], {"rows": 1, "kept": 1})
+    store.write_manifest(tmp_path, _manifest(kept=2, complete=True))
+    loaded = store.load_store(tmp_path)
+    assert loaded.schema.equals(store.SCHEMA)
+    assert loaded["found_by"].to_pylist() == [None, "fallback"]
+    assert store.load_store(tmp_path, columns=["correct_strict"])[
+        "correct_strict"].to_pylist() == [None, False]
+
+
+def test_merged_shard_manifests_sum_truncation_and_weigh_strict_accuracy(tmp_path) -> None:
+    dirs = [tmp_path / f"s{i}" for i in range(2)]
+    for i, d in enumerate(dirs):
+        _store(d, [_row(f"q{i}"), _row(f"r{i}")], shard={"index": i, "count": 2})
+        manifest = json.loads((d / store.MANIFEST).read_text())
+        manifest["counts"] |= {"rows": 2 + 2 * i}
+        manifest |= {"truncated": i + 1, "no_number": i, "truncation_rate": (i + 1) / (2 + 2 * i),
+                     "teacher_accuracy_strict": 0.5 * i, "teacher_accuracy_flexible": 1.0}
+        store.write_manifest(d, manifest)
+    merged = store.merged_manifest(dirs)
+    assert (merged["truncated"], merged["no_number"]) == (3, 1)
+    assert merged["truncation_rate"] == pytest.approx(3 / 6)
+    assert merged["teacher_accuracy_strict"] == pytest.approx(2 / 6)
+    assert merged["teacher_accuracy_flexible"] == pytest.approx(1.0)

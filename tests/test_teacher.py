@@ -149,8 +149,9 @@ def test_changed_parameters_are_refused(tmp_path, tiny_model_dir) -> None:
         _teach(tiny_model_dir, tmp_path / "s", limit=2, strategy="teacher")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(PrimekdError, match="not empty and holds no teacher store"):
+    with pytest.raises(PrimekdError, match="not empty and was not written by `primekd teach`"):
         _teach(tiny_model_dir, tmp_path / "other")
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize(
@@ -260,3 +261,24 @@ def test_vllm_logprobs_become_top_k_arrays() -> None:
     assert topk.ids.dtype == np.int32 and topk.logprobs.dtype == np.float32
     with pytest.raises(PrimekdError, match="max-logprobs"):
         topk_arrays(positions, k=3)
+
+
+def test_store_grades_with_the_truncation_rule_and_counts_it(tmp_path, tiny_model_dir) -> None:
+    """The `correct` column follows the default rule; how each answer was found, strict and
+    flexible grades, and truncation are stored and counted in the manifest."""
+    strategies = tmp_path / "s.yaml"
+    strategies.write_text("strategies:\n  stated:\n    user: '{{ question }}'\n"
+                          "    prefill: 'The answer is {{ answer }}.'\n")
+    manifest = _teach(tiny_model_dir, tmp_path / "s", strategy="stated",
+                      strategies_file=strategies)
+    rows = store.load_store(tmp_path / "s").to_pylist()
+    truncated = sum(r["finish_reason"] == "length" for r in rows)
+    for row in rows:
+        assert row["truncated"] == (row["finish_reason"] == "length")
+        assert row["found_by"] in {"answer_is", "hashes", "boxed", "answer_colon"}
+        assert row["correct"] == row["correct_strict"] and row["no_answer"] is None
+    assert manifest["truncated"] == truncated
+    assert manifest["truncation_rate"] == truncated / len(rows)
+    assert manifest["teacher_accuracy_strict"] == sum(r["correct_strict"] for r in rows) / len(
+        rows)
+    assert manifest["grading"] == "default"

@@ -160,7 +160,10 @@ def test_merged_adapter_survives_a_killed_server(tmp_path, bundled) -> None:
     out = tmp_path / "eval"
     command = [*CLI, "eval", "--model", BUNDLED_ALIAS, "--adapter", str(adapter), "--engine",
                "vllm", "--engine-option", "dtype=float32", "--limit", "8",
-               "--max-new-tokens", "64", "--out", str(out)]
+               "--max-new-tokens", "64", "--out", str(out),
+               # two requests in flight: answers that all run to the token limit would
+               # otherwise finish in one decode step, before the server can be killed
+               "--batch-size", "2"]
     process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     try:

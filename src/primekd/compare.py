@@ -18,7 +18,7 @@ from rich.text import Text
 
 from primekd import stats
 from primekd.errors import PrimekdError
-from primekd.grading import check_extractor, grade_row
+from primekd.grading import check_extractor, grade_row, row_finish_reason
 from primekd.io import iter_jsonl
 
 MATCH_MODES = ("auto", "id", "question")
@@ -30,6 +30,10 @@ class Row:
     question: str | None  # whitespace-normalised, for matching
     correct: bool
     no_answer: bool
+    correct_strict: bool | None = None  # None: the row does not say (graded elsewhere)
+    correct_flexible: bool | None = None
+    truncated: bool | None = None  # None: unknown
+    no_number: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,10 @@ class FileSummary:
     ci95: tuple[float, float]
     no_answer: int
     graded_here: int
+    accuracy_strict: float | None = None  # None when a row does not carry it
+    accuracy_flexible: float | None = None
+    truncated: int | None = None  # None when no row says whether it was cut
+    no_number: int = 0
 
 
 @dataclass(frozen=True)
@@ -102,8 +110,10 @@ class Comparison:
         return asdict(self)
 
 
-def load_results(path: str | Path, extractor: str = "default") -> ResultsFile:
-    """Read a results file; rows without `correct` are graded with `extractor`."""
+def load_results(path: str | Path, extractor: str = "default", lenient: bool = False
+                 ) -> ResultsFile:
+    """Read a results file; rows without `correct` are graded with `extractor` (and the
+    truncation rule unless `lenient`); a row's own `correct` is kept as it is."""
     path = Path(path)
     if path.is_dir():
         raise PrimekdError(f"{path} is a directory; pass its results.jsonl")
@@ -111,7 +121,7 @@ def load_results(path: str | Path, extractor: str = "default") -> ResultsFile:
     for number, raw in enumerate(iter_jsonl(path, tolerate_torn_tail=False), start=1):
         if not isinstance(raw.get("correct"), bool):
             try:
-                raw = grade_row(raw, extractor)
+                raw = grade_row(raw, extractor, lenient)
             except PrimekdError as e:
                 raise PrimekdError(
                     f"{path}:{number}: no boolean `correct` field and cannot grade it: {e}"
@@ -130,6 +140,7 @@ def compare_files(
     match: str = "auto",
     bootstrap: int = 10_000,
     seed: int = 0,
+    lenient: bool = False,
 ) -> Comparison:
     """Summarise every file and compare each non-reference file with the reference."""
     if match not in MATCH_MODES:
@@ -144,7 +155,7 @@ def compare_files(
     if reference_index < 0:
         paths.insert(0, Path(reference))  # type: ignore[arg-type]
         reference_index = 0
-    files = _with_labels([load_results(p, extractor) for p in paths])
+    files = _with_labels([load_results(p, extractor, lenient) for p in paths])
     ref = files[reference_index]
     others = [f for i, f in enumerate(files) if i != reference_index]
     pairs = [_pair(ref, other, match, bootstrap, seed) for other in others]
@@ -155,7 +166,8 @@ def render_comparison(comparison: Comparison) -> Group:
     """Two rich tables (accuracy per file; each file against the reference) and notes on
     questions that could not be paired."""
     accuracy = Table(title="accuracy", title_justify="left")
-    for header in ("file", "n", "correct", "accuracy", "95% CI"):
+    for header in ("file", "n", "correct", "accuracy", "95% CI", "strict", "flexible",
+                   "truncated", "no number"):
         accuracy.add_column(header, justify="left" if header == "file" else "right")
     for summary in comparison.files:
         accuracy.add_row(*_summary_cells(summary))
@@ -170,6 +182,9 @@ def render_comparison(comparison: Comparison) -> Group:
         parts.append(paired)
     parts += [Text(note, style="yellow") for note in _unmatched_notes(comparison.pairs)]
     parts.append(Text(
+        "accuracy: the file's own `correct` (default rule: a truncated answer needs a stated "
+        "answer); strict: stated answers only; flexible: last number anywhere; truncated: cut "
+        "at the token limit (? unknown).\n"
         f"Δ = file - reference; paired bootstrap ({comparison.bootstrap} resamples, seed "
         f"{comparison.seed}); exact McNemar; Holm over {len(comparison.pairs)} comparison(s).",
         style="dim",
@@ -186,8 +201,18 @@ def _to_row(raw: dict[str, Any]) -> Row:
         id=None if raw.get("id") is None else str(raw["id"]),
         question=" ".join(question.split()) if isinstance(question, str) else None,
         correct=raw["correct"],
-        no_answer="extracted" in raw and raw["extracted"] is None,
+        no_answer=raw.get("no_answer") is not None if "no_answer" in raw
+        else "extracted" in raw and raw["extracted"] is None,
+        correct_strict=_flag(raw.get("correct_strict")),
+        correct_flexible=_flag(raw.get("correct_flexible")),
+        truncated=_flag(raw.get("truncated")) if "truncated" in raw
+        else (None if row_finish_reason(raw) is None else row_finish_reason(raw) == "length"),
+        no_number="extracted" in raw and raw["extracted"] is None,
     )
+
+
+def _flag(value: Any) -> bool | None:
+    return value if isinstance(value, bool) else None
 
 
 def _reference_index(paths: list[Path], reference: str | Path | None) -> int:
@@ -214,7 +239,19 @@ def _with_labels(files: list[ResultsFile]) -> list[ResultsFile]:
 def _summary(f: ResultsFile) -> FileSummary:
     s = stats.summarize([row.correct for row in f.rows], sum(row.no_answer for row in f.rows))
     return FileSummary(f.label, str(f.path), s["n"], s["correct"], s["accuracy"],
-                       tuple(s["ci95"]), s["no_answer"], f.graded_here)
+                       tuple(s["ci95"]), s["no_answer"], f.graded_here,
+                       _share(f.rows, "correct_strict"), _share(f.rows, "correct_flexible"),
+                       _count(f.rows, "truncated"), sum(row.no_number for row in f.rows))
+
+
+def _share(rows: list[Row], attribute: str) -> float | None:
+    values = [getattr(row, attribute) for row in rows]
+    return None if any(v is None for v in values) else sum(values) / len(values)
+
+
+def _count(rows: list[Row], attribute: str) -> int | None:
+    values = [getattr(row, attribute) for row in rows]
+    return None if all(v is None for v in values) else sum(bool(v) for v in values)
 
 
 # --- pairing --------------------------------------------------------------------------------
@@ -294,7 +331,10 @@ def _with_holm(pairs: list[PairedComparison]) -> list[PairedComparison]:
 
 def _summary_cells(s: FileSummary) -> list[str]:
     return [s.label, str(s.n), str(s.correct), _pct(s.accuracy),
-            f"{_pct(s.ci95[0])}–{_pct(s.ci95[1])}"]
+            f"{_pct(s.ci95[0])}–{_pct(s.ci95[1])}",
+            "–" if s.accuracy_strict is None else _pct(s.accuracy_strict),
+            "–" if s.accuracy_flexible is None else _pct(s.accuracy_flexible),
+            "?" if s.truncated is None else str(s.truncated), str(s.no_number)]
 
 
 def _pair_cells(pair: PairedComparison) -> list[str]:

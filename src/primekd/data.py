@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import asdict, dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -13,6 +14,7 @@ from primekd.grading import reference_number
 from primekd.io import iter_jsonl
 
 BUNDLED_SPLITS = ("train", "test", "test_socratic")
+_CALCULATOR = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations, e.g. <<48/2=24>>
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,11 @@ class Example:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def strip_calculator(text: str) -> str:
+    """GSM8K's `<<48/2=24>>` annotations removed: dataset markup, not language."""
+    return _CALCULATOR.sub("", text)
 
 
 def bundled_path(split: str) -> Path:
@@ -61,8 +68,11 @@ def load_examples(
     if sample is not None:
         if sample < 1:
             raise PrimekdError("--sample must be at least 1")
+        if sample > len(examples):
+            raise PrimekdError(f"--sample {sample} is more than the {len(examples)} questions "
+                               f"in {spec!r}; give at most {len(examples)}, or no --sample")
         rng = random.Random(seed)
-        examples = rng.sample(examples, min(sample, len(examples)))
+        examples = rng.sample(examples, sample)
     if offset < 0:
         raise PrimekdError("--offset must not be negative")
     if limit is not None and limit < 1:
@@ -74,10 +84,17 @@ def load_examples(
     return selected
 
 
+def _brief(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
 def _to_example(row: dict[str, Any], index: int, prefix: str, path: Path) -> Example:
     if "question" not in row or "answer" not in row:
         raise PrimekdError(f"{path}: row {index + 1} needs `question` and `answer` fields")
     answer = str(row["answer"])
+    if reference_number(row["answer"]) is None:
+        raise PrimekdError(f"{path}:{index + 1}: `answer` {_brief(answer)} holds no number to "
+                           "grade against (write a solution ending `#### N`, or a number)")
     return Example(
         id=str(row.get("id", f"{prefix}-{index:05d}")),
         question=str(row["question"]),

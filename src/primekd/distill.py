@@ -44,7 +44,7 @@ from primekd.distill_config import (  # noqa: F401  re-exported: primekd.distill
     load_distill_config,
 )
 from primekd.errors import PrimekdError
-from primekd.io import write_json
+from primekd.io import atomic_write, atomic_write_text, dumps, write_json
 from primekd.kd_loss import kd_loss_parts
 from primekd.models import (
     default_device,
@@ -560,11 +560,10 @@ class _ValidateAtStart(TrainerCallback):
     (placed, sharded) the model: the only point where that works under FSDP and DeepSpeed."""
 
     def __init__(self, trainer: KDTrainer):
-        self.trainer, self.loss = trainer, None
+        self.trainer = trainer
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.loss is None:
-            self.loss = self.trainer.evaluate()["eval_loss"]
+        self.trainer.evaluate()  # logged at step 0; `_val_before` reads it from the history
 
 
 class _RichProgress(TrainerCallback):
@@ -595,7 +594,9 @@ class _RichProgress(TrainerCallback):
 
 
 class TrainLogWriter(TrainerCallback):
-    """One row per logging step (and per evaluation) to train_log.jsonl and train_log.csv."""
+    """The Trainer's log history as train_log.jsonl and train_log.csv: one row per logging
+    step (and per evaluation). A resumed run starts again from its checkpoint's history, so
+    rows logged after that checkpoint are dropped."""
 
     def __init__(self, out: Path):
         self.jsonl, self.csv = out / LOG_JSONL, out / LOG_CSV
@@ -603,10 +604,9 @@ class TrainLogWriter(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not state.is_world_process_zero:
             return
-        rows = self._read()  # a resumed run drops rows logged after its checkpoint
-        kept = [r for r in rows if r.get("step", 0) <= state.global_step]
-        if len(kept) != len(rows) or not self.csv.exists():
-            self._rewrite(kept)
+        rows = [row for h in state.log_history if (row := log_row(h.get("step", 0), h))]
+        atomic_write_text(self.jsonl, "".join(dumps(r) + "\n" for r in rows))
+        atomic_write(self.csv, lambda tmp: self._write_csv(tmp, "w", rows))
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any):
         if not state.is_world_process_zero or not logs:
@@ -615,30 +615,16 @@ class TrainLogWriter(TrainerCallback):
         if row is None:
             return
         with self.jsonl.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-        new = not self.csv.exists()
-        with self.csv.open("a", encoding="utf-8", newline="") as f:
+            f.write(dumps(row) + "\n")
+        self._write_csv(self.csv, "a", [row])
+
+    @staticmethod
+    def _write_csv(path: Path, mode: str, rows: list[dict[str, Any]]) -> None:
+        new = mode == "w" or not path.exists()
+        with path.open(mode, encoding="utf-8", newline="") as f:
             writer = csv.DictWriter(f, LOG_COLUMNS, extrasaction="ignore")
             if new:
                 writer.writeheader()
-            writer.writerow(row)
-
-    def _read(self) -> list[dict[str, Any]]:
-        if not self.jsonl.exists():
-            return []
-        rows = []
-        for line in self.jsonl.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a torn last line
-        return rows
-
-    def _rewrite(self, rows: list[dict[str, Any]]) -> None:
-        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        with self.csv.open("w", encoding="utf-8", newline="") as f:
-            writer = csv.DictWriter(f, LOG_COLUMNS, extrasaction="ignore")
-            writer.writeheader()
             writer.writerows(rows)
 
 
@@ -797,6 +783,25 @@ def distill(config: DistillConfig, callbacks: list[TrainerCallback] | None = Non
         return distill_on_policy(config, progress)
     check_config(config)
     out = Path(config.out)
+    with _claimed(out, config.force):
+        return _distill(config, out, callbacks, progress)
+
+
+def _claimed(out: Path, force: bool) -> Any:
+    """The output directory checked, locked and marked (by the first process only: under
+    `accelerate launch` every rank writes into the same --out)."""
+    from contextlib import nullcontext
+
+    from primekd import outdir
+
+    # before the Trainer exists (no is_world_process_zero yet): the launcher's rank
+    if int(os.environ.get("RANK", "0")) != 0:
+        return nullcontext(out)
+    return outdir.claimed(out, "distill", force)
+
+
+def _distill(config: DistillConfig, out: Path, callbacks: list[TrainerCallback] | None,
+             progress: bool) -> DistillResult:
     resume_from = _prepare_out(config, out)
     started = time.perf_counter()
     device = config.device or default_device()
@@ -810,6 +815,7 @@ def distill(config: DistillConfig, callbacks: list[TrainerCallback] | None = Non
     # TrainingArguments first: under ZeRO-3 it registers the config from_pretrained reads to
     # partition the weights while loading (zero.Init) instead of loading all of them per rank.
     args = training_arguments(config, out, device, progress, bool(data.val))
+    _write_config(config, out, args)
     model = build_student(config, device)
     counts = trainable_parameters(model)
     trainer = KDTrainer(
@@ -821,12 +827,11 @@ def distill(config: DistillConfig, callbacks: list[TrainerCallback] | None = Non
     _quiet_callbacks(trainer, progress)
     trainer.resumed_totals = _resumed_totals(resume_from)
     trainer.tokens_seen = trainer.resumed_totals[1]
-    at_start = _ValidateAtStart(trainer)
     if data.val and resume_from is None:
-        trainer.add_callback(at_start)
+        trainer.add_callback(_ValidateAtStart(trainer))
     try:
         output = trainer.train(resume_from_checkpoint=resume_from)
-        val_before = at_start.loss if resume_from is None else _val_before(out)
+        val_before = _val_before(trainer.state.log_history) if data.val else None
         val_after = _val_after(trainer) if data.val else None
     finally:
         _stop_progress(trainer)
@@ -925,6 +930,7 @@ def _prepare_out(config: DistillConfig, out: Path) -> str | None:
     """Create `out`; with --resume return the last checkpoint, refusing a changed config."""
     from transformers.trainer_utils import get_last_checkpoint
 
+    out.mkdir(parents=True, exist_ok=True)
     checkpoints = out / CHECKPOINTS
     saved = out / CONFIG_FILE
     if config.resume:
@@ -936,34 +942,27 @@ def _prepare_out(config: DistillConfig, out: Path) -> str | None:
                 raise PrimekdError(f"--resume with changed options ({', '.join(changed)}) "
                                    f"would mix two runs in {out}; use the saved "
                                    f"{CONFIG_FILE} or a new --out")
-        last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-        _write_config(config, out)
-        return last
+        return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     if checkpoints.exists() or (out / SUMMARY_FILE).exists():
         raise PrimekdError(f"{out} already holds a distill run: pass --resume to continue it, "
                            "or choose a new --out")
-    if int(os.environ.get("RANK", "0")) == 0:
-        for name in (LOG_JSONL, LOG_CSV):  # left by a run killed before its first checkpoint
-            (out / name).unlink(missing_ok=True)
-    _write_config(config, out)
-    return None
+    return None  # a train log left by a run killed before its first checkpoint is rewritten
 
 
-def _write_config(config: DistillConfig, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    if int(os.environ.get("RANK", "0")) == 0:
-        from primekd.io import atomic_write_text
-
+def _write_config(config: DistillConfig, out: Path, args: TrainingArguments) -> None:
+    if args.process_index == 0:
         atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def _tensorboard(out: Path) -> list[TrainerCallback]:
-    if importlib.util.find_spec("tensorboard") is None or int(os.environ.get("RANK", "0")):
+    """TensorBoard events in out/tensorboard; the callback writes on process zero only."""
+    if importlib.util.find_spec("tensorboard") is None:
         return []
-    from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
-    return [TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(out / "tensorboard")))]
+    callback = TensorBoardCallback()
+    callback.logging_dir = str(out / "tensorboard")
+    return [callback]
 
 
 def _quiet_callbacks(trainer: Trainer, progress: bool) -> None:
@@ -973,13 +972,11 @@ def _quiet_callbacks(trainer: Trainer, progress: bool) -> None:
         trainer.add_callback(_RichProgress())
 
 
-def _val_before(out: Path) -> float | None:
-    """A resumed run's validation loss before training, from its train log."""
-    summary_rows = [json.loads(line) for line in
-                    (out / LOG_JSONL).read_text(encoding="utf-8").splitlines()
-                    if line.strip()] if (out / LOG_JSONL).exists() else []
-    first = next((r for r in summary_rows if r.get("step") == 0 and "val_loss" in r), None)
-    return first["val_loss"] if first else None
+def _val_before(history: list[dict[str, Any]]) -> float | None:
+    """The validation loss before training (step 0), also for a resumed run: the Trainer
+    restores the log history from the checkpoint."""
+    return next((h["eval_loss"] for h in history if h.get("step") == 0 and "eval_loss" in h),
+                None)
 
 
 def _val_after(trainer: KDTrainer) -> float:

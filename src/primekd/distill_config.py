@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from primekd.errors import PrimekdError
+from primekd.errors import PrimekdError, did_you_mean
 from primekd.io import read_yaml
 from primekd.models import BUNDLED_ALIAS
 
@@ -20,7 +20,8 @@ OBJECTIVES = ("kd", "sft")
 OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd"}
 SCHEDULERS = ("cosine", "linear", "constant")
 # Fields that do not change what is trained: a --resume may differ in these.
-_RUN_ONLY_FIELDS = {"resume", "out", "logging_steps", "save_steps", "num_workers", "config"}
+_RUN_ONLY_FIELDS = {"resume", "out", "logging_steps", "save_steps", "num_workers", "config",
+                    "force"}
 
 
 @dataclass
@@ -66,6 +67,7 @@ class DistillConfig:
     dtype: str | None = None  # None: bfloat16 on CUDA, float32 on CPU
     num_workers: int = 0
     resume: bool = False
+    force: bool = False  # write into a non-empty --out of someone else's (never overwriting)
     # on-policy distillation (`--on-policy`, see primekd.onpolicy and docs/distill.md)
     on_policy: bool = False
     teacher: str | None = None  # the scoring teacher; None: the student's base model
@@ -101,8 +103,8 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> DistillC
     values = {k.replace("-", "_"): v for k, v in values.items()}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise PrimekdError(f"{source}: unknown distill option(s) {', '.join(unknown)}; "
-                           f"known: {', '.join(sorted(names))}")
+        raise PrimekdError(f"{source}: unknown distill option(s) {', '.join(unknown)}"
+                           f"{did_you_mean(unknown[0], names)}; known: {', '.join(sorted(names))}")
     if isinstance(values.get("target_modules"), str):
         values["target_modules"] = _split_modules(values["target_modules"])
     return DistillConfig(**values)
@@ -115,9 +117,13 @@ def _split_modules(text: str) -> list[str]:
 def check_config(config: DistillConfig) -> None:
     """Refuse invalid combinations before anything heavy is loaded."""
     from primekd.kd_loss import DIVERGENCES, resolve_beta
+    from primekd.validate import check_distill_types, device
 
     def bad(message: str) -> None:
         raise PrimekdError(message)
+
+    check_distill_types(config)
+    device(config.device)
 
     if not config.out:
         bad("--out is required: the directory for the adapter, logs and checkpoints")

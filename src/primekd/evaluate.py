@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from primekd import __version__
+from primekd import __version__, answer_stop
 from primekd.data import BUNDLED_SPLITS, Example, load_examples, resolve_data_path
 from primekd.engines import EngineSpec, Generation, SamplingParams, encode_chats, get_engine
 from primekd.errors import PrimekdError
-from primekd.grading import check_extractor, grade
+from primekd.grading import check_extractor, grade, grade_fields, summarize_grades
 from primekd.io import (
     append_jsonl,
     atomic_write_text,
@@ -38,7 +38,6 @@ from primekd.io import (
 )
 from primekd.progress import progress_bar
 from primekd.prompts import PromptTemplate, load_template
-from primekd.stats import summarize
 
 RESULTS, SUMMARY, CONFIG = "results.jsonl", "summary.json", "eval_config.json"
 
@@ -64,9 +63,14 @@ class EvalConfig:
     engine: str = "hf"  # hf | vllm (see primekd.engines)
     base_url: str | None = None  # vllm: a running server to use instead of starting one
     engine_options: dict[str, Any] = field(default_factory=dict)  # vllm server options
+    lenient: bool = False  # grade as harnesses do: a truncated answer's last number counts
+    stop_at_answer: bool = False  # end generation at the end of the final-answer line
+    force: bool = False  # write into a non-empty --out of someone else's (never overwriting)
 
     def sampling(self, stop: tuple[str, ...] = ()) -> SamplingParams:
-        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.seed, stop)
+        # --stop-at-answer: the engines' `cut` hook with grading's answer-line rule
+        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.seed, stop,
+                              **answer_stop.sampling_options(self.stop_at_answer))
 
     def engine_spec(self) -> EngineSpec:
         return EngineSpec(self.engine, self.base_url, dict(self.engine_options))
@@ -79,7 +83,10 @@ def evaluate(config: EvalConfig, progress: bool = True, loaded: tuple[Any, Any] 
     `loaded` is an already loaded (model, tokenizer) for `config.model`, to skip loading
     (hf engine).
     """
+    from primekd import outdir, validate
+
     started = time.perf_counter()
+    validate.check_eval(config)
     check_extractor(config.extractor)
     config.sampling().validate()
     config.engine_spec().check()
@@ -88,7 +95,31 @@ def evaluate(config: EvalConfig, progress: bool = True, loaded: tuple[Any, Any] 
     _check_unique_ids(examples, config.data)
     if loaded is None:
         _check_model(config)  # before claiming the directory for a model that cannot load
+    _check_prompts_fit(config, template, examples, loaded)
     out = Path(config.out)
+    with outdir.claimed(out, "eval", config.force):
+        return _run(config, template, examples, out, progress, loaded, started)
+
+
+def _check_prompts_fit(config: EvalConfig, template: PromptTemplate, examples: list[Example],
+                       loaded: tuple[Any, Any] | None) -> None:
+    """A prompt longer than the model's context is refused before anything is generated."""
+    from primekd.chat import render
+    from primekd.validate import model_context, prompts_fit
+
+    tokenizer = loaded[1] if loaded else _load_tokenizer(config)
+    if loaded:
+        context = model_context(loaded[0])
+    else:
+        from primekd.models import resolve
+
+        context = model_context(resolve(config.model).path)
+    texts = [render(tokenizer, template.build(e.question)) for e in examples]
+    prompts_fit(tokenizer, texts, context, config.max_new_tokens, "the prompt of question")
+
+
+def _run(config: EvalConfig, template: PromptTemplate, examples: list[Example], out: Path,
+         progress: bool, loaded: tuple[Any, Any] | None, started: float) -> dict[str, Any]:
     claim_directory(out, run_identity(config, template))
 
     done = _done_ids(out / RESULTS)
@@ -105,7 +136,7 @@ def evaluate(config: EvalConfig, progress: bool = True, loaded: tuple[Any, Any] 
     else:
         tokenizer = loaded[1] if loaded else _load_tokenizer(config)
         run = _previous_run(out / SUMMARY, config)
-    rows = finalize_results(out / RESULTS, config.data, config.extractor)
+    rows = finalize_results(out / RESULTS, config.data, config.extractor, config.lenient)
     summary = build_summary(config, template, rows, run, tokenizer)
     write_json(out / SUMMARY, summary)
     return summary
@@ -143,6 +174,8 @@ def run_identity(config: EvalConfig, template: PromptTemplate) -> dict[str, Any]
         "top_p": config.top_p,
         "seed": config.seed if config.temperature > 0 else None,
         "engine": config.engine,
+        # only when set, so directories written before the option still resume
+        **({"stop_at_answer": True} if config.stop_at_answer else {}),
     }
 
 
@@ -208,7 +241,8 @@ def _generate_into(path: Path, engine: Any, template: PromptTemplate, todo: list
     n_tokens, started = 0, time.perf_counter()
     with _progress_bar(progress, len(todo)) as advance:
         for i, generation in engine.generate(prompts, config.sampling(template.stop)):
-            append_jsonl(path, [result_row(todo[i], generation, config.extractor)])
+            append_jsonl(path, [result_row(todo[i], generation, config.extractor,
+                                           config.lenient)])
             n_tokens += generation.n_tokens
             advance(1, n_tokens)
     seconds = time.perf_counter() - started
@@ -226,38 +260,42 @@ def _previous_run(summary_path: Path, config: EvalConfig) -> dict[str, Any]:
                                                  "generated_this_run": 0}
 
 
-def result_row(example: Example, generation: Generation, extractor: str) -> dict[str, Any]:
-    graded = grade(generation.text, example.answer, extractor)
+def result_row(example: Example, generation: Generation, extractor: str,
+               lenient: bool = False) -> dict[str, Any]:
+    graded = grade(generation.text, example.answer, extractor, generation.finish_reason,
+                   lenient)
     return {
         "id": example.id,
         "question": example.question,
         "reference": example.answer,
         "gold": example.gold,
         "response": generation.text,
-        "extracted": graded.extracted,
-        "correct": graded.correct,
+        **grade_fields(graded),
         "n_tokens": generation.n_tokens,
         "finish_reason": generation.finish_reason,
     }
 
 
-def finalize_results(path: Path, data: str, extractor: str) -> list[dict[str, Any]]:
-    """Rewrite results in data order, one row per id, graded with `extractor`."""
+def finalize_results(path: Path, data: str, extractor: str, lenient: bool = False
+                     ) -> list[dict[str, Any]]:
+    """Rewrite results in data order, one row per id, graded with `extractor` (truncated
+    answers without a marker are not correct unless `lenient`)."""
     rows: dict[str, dict[str, Any]] = {}
     for row in read_jsonl(path) if path.exists() else []:
         rows.setdefault(str(row["id"]), row)
     position = {e.id: i for i, e in enumerate(load_examples(data))}
     ordered = sorted(rows.values(), key=lambda r: position.get(str(r["id"]), len(position)))
     for row in ordered:
-        graded = grade(row["response"], row["reference"], extractor)
-        row["extracted"], row["correct"] = graded.extracted, graded.correct
+        graded = grade(row["response"], row["reference"], extractor, row.get("finish_reason"),
+                       lenient)
+        row.update(grade_fields(graded))
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
     return ordered
 
 
 def accuracy_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    flags = [bool(r["correct"]) for r in rows]
-    return summarize(flags, no_answer=sum(r["extracted"] is None for r in rows))
+    """Accuracy (the grading rule's), strict and flexible accuracy, truncation counts."""
+    return summarize_grades(rows)
 
 
 def build_summary(config: EvalConfig, template: PromptTemplate, rows: list[dict[str, Any]],
@@ -268,7 +306,7 @@ def build_summary(config: EvalConfig, template: PromptTemplate, rows: list[dict[
                    "generated_this_run")
     return {
         **accuracy_summary(rows),
-        "truncated": sum(r.get("finish_reason") == "length" for r in rows),
+        "grading": "lenient" if config.lenient else "default",
         "mean_tokens": sum(r["n_tokens"] for r in rows) / len(rows) if rows else 0.0,
         "model": config.model,
         "adapter": config.adapter,

@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import fcntl
+import fnmatch
 import hashlib
 import importlib
 import json
-import os
-import shutil
 import time
 import types
 import typing
@@ -43,12 +41,13 @@ from typing import Any
 
 import yaml
 
-from primekd.errors import PrimekdError
+from primekd import report
+from primekd.errors import PrimekdError, did_you_mean
 from primekd.io import read_json, read_yaml, write_json
+from primekd.report import RECORDS, record_path
 
 PRESETS = ("quick", "paper")
 CONTROLS = ("base", "sft")
-RECORDS = ".stages"  # <run>/.stages/<stage name, / as -->.json
 CACHE_VERSION = 1  # bump to invalidate every cached stage after a format change
 
 # --- config schema ----------------------------------------------------------------------------
@@ -123,6 +122,9 @@ class ExperimentConfig:
     )
     controls: list[str] = field(default_factory=lambda: list(CONTROLS))
     engine: EngineSection = field(default_factory=EngineSection)
+    # teacher stages per strategy, each answering every n-th question (`teach --shard i/n`);
+    # the students train on all of them. Run shards in parallel with `primekd run --only`.
+    teacher_shards: int = 1
     teacher: dict[str, Any] = field(default_factory=dict)
     distill: dict[str, Any] = field(default_factory=dict)
     sft: dict[str, Any] = field(default_factory=dict)
@@ -201,21 +203,21 @@ STAGE_KINDS: dict[str, StageKind] = {
     "teacher": StageKind(
         "teacher", "primekd.teacher", "TeachConfig",
         ("teacher", "strategy", "strategies_file", "data", "limit", "offset", "sample", "out",
-         "shard", "engine", "engine_options", "base_url"),
+         "shard", "force", "engine", "engine_options", "base_url"),
     ),
     "distill": StageKind(
         "distill", "primekd.distill_config", "DistillConfig",
         ("student", "teacher_store", "data", "objective", "out", "resume", "limit",
-         *ON_POLICY_FIELDS),
+         "force", *ON_POLICY_FIELDS),
     ),
     "eval": StageKind(
         "eval", "primekd.evaluate", "EvalConfig",
-        ("model", "adapter", "data", "limit", "offset", "sample", "out", "engine", "engine_options",
-         "base_url"),
+        ("model", "adapter", "data", "limit", "offset", "sample", "out", "force", "engine",
+         "engine_options", "base_url"),
     ),
     "attention": StageKind(
         "attention", "primekd.attention", "AttentionConfig",
-        ("model", "adapters", "results", "out", "data", "base_name"),
+        ("model", "adapters", "results", "out", "data", "base_name", "force"),
     ),
 }
 # config section -> stage kind whose fields it takes
@@ -403,10 +405,9 @@ def _build_strategies(value: Any) -> dict[str, StrategySpec]:
 
 def unknown_key_error(key: str, known: typing.Iterable[str]) -> PrimekdError:
     leaf = key.rsplit(".", 1)[-1]
-    close = difflib.get_close_matches(leaf, list(known), n=1)
-    hint = f"did you mean `{close[0]}`? " if close else ""
     return PrimekdError(
-        f"unknown config key `{key}`: {hint}valid keys here: {', '.join(sorted(known))}"
+        f"unknown config key `{key}`{did_you_mean(leaf, known)}; "
+        f"valid keys here: {', '.join(sorted(known))}"
     )
 
 
@@ -516,6 +517,8 @@ def _check_semantics(config: ExperimentConfig) -> None:
             raise PrimekdError(f"config key `{key}.offset` must not be negative")
     if config.report.examples < 0:
         raise PrimekdError("config key `report.examples` must not be negative")
+    if config.teacher_shards < 1:
+        raise PrimekdError("config key `teacher_shards` must be at least 1")
 
 
 def _check_strategy_name(name: str, spec: StrategySpec) -> None:
@@ -634,10 +637,6 @@ class Stage:
         return "cached" if record.get("status") == "complete" else "resume"
 
 
-def record_path(run_dir: str | Path, stage_name: str) -> Path:
-    return Path(run_dir) / RECORDS / (stage_name.replace("/", "--") + ".json")
-
-
 def _has_content(directory: Path) -> bool:
     return directory.is_dir() and any(directory.iterdir())
 
@@ -656,7 +655,7 @@ def plan(config: ExperimentConfig, out: str | Path) -> list[Stage]:
     out = Path(out)
     stages: list[Stage] = []
     for name, spec in config.strategies.items():
-        stages.append(teacher_stage(config, out, name, spec))
+        stages += teacher_stages(config, out, name, spec)
     on_policy = on_policy_students(config)
     for experiment in config.experiments:
         if experiment in on_policy:
@@ -696,19 +695,44 @@ def _with_seed(kind: str, values: dict[str, Any], seed: int) -> dict[str, Any]:
 # Params whose key starts with `_` are hashed but not passed to the stage's config.
 
 
-def teacher_stage(config: ExperimentConfig, out: Path, name: str, spec: StrategySpec) -> Stage:
+def teacher_stages(
+    config: ExperimentConfig, out: Path, name: str, spec: StrategySpec
+) -> list[Stage]:
+    """One teacher stage per strategy, or one per shard with `teacher_shards` > 1."""
     params = _with_seed("teacher", {**config.teacher, **spec.teacher}, config.seed)
     params |= {"teacher": config.models.teacher, "strategy": name,
                "_transfer": _slice(config.data.transfer), **_engine(config)}
-    directory = out / "teacher" / name
-    paths: dict[str, Any] = {"out": directory, "data": data_file(out, "transfer"),
-                             **_base_url(config, params)}
+    paths: dict[str, Any] = {"data": data_file(out, "transfer"), **_base_url(config, params)}
     if spec.custom:
         params["_strategy_spec"] = {
             "description": spec.description or f"custom strategy {name}",
             "user": spec.user, "system": spec.system, "prefill": spec.prefill or ""}
         paths["strategies_file"] = out / RECORDS / "strategies" / f"{name}.yaml"
-    return Stage(f"teacher/{name}", "teacher", directory, params, paths)
+    shards = config.teacher_shards
+    if shards == 1:
+        directory = out / "teacher" / name
+        return [Stage(f"teacher/{name}", "teacher", directory, params,
+                      {**paths, "out": directory})]
+    stages = []
+    for index in range(shards):
+        shard = shard_name(index, shards)
+        directory = out / "teacher" / name / shard
+        stages.append(Stage(f"teacher/{name}/{shard}", "teacher", directory,
+                            {**params, "shard": f"{index}/{shards}"},
+                            {**paths, "out": directory}))
+    return stages
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"shard-{index}-of-{count}"
+
+
+def teacher_store_dirs(config: ExperimentConfig, out: Path, strategy: str) -> list[Path]:
+    """The store directories of one strategy's teacher: one, or one per shard."""
+    root = out / "teacher" / strategy
+    if config.teacher_shards == 1:
+        return [root]
+    return [root / shard_name(i, config.teacher_shards) for i in range(config.teacher_shards)]
 
 
 def _engine(config: ExperimentConfig) -> dict[str, Any]:
@@ -735,9 +759,11 @@ def student_stage(config: ExperimentConfig, out: Path, experiment: str) -> Stage
     params = {**config.distill, **config.strategies[strategy].distill}
     params = _with_seed("distill", params, config.seed)
     params |= {"student": config.models.student, "objective": "kd"}
-    paths["teacher_store"] = out / "teacher" / strategy
+    stores = teacher_store_dirs(config, out, strategy)
+    paths["teacher_store"] = stores[0] if len(stores) == 1 else stores
+    upstream = tuple(f"teacher/{d.relative_to(out / 'teacher').as_posix()}" for d in stores)
     return Stage(f"students/{experiment}", "distill", directory, params, paths,
-                 upstream=(f"teacher/{strategy}",))
+                 upstream=upstream)
 
 
 def on_policy_stage(config: ExperimentConfig, out: Path, name: str, entry: dict[str, Any]
@@ -762,13 +788,15 @@ def on_policy_stage(config: ExperimentConfig, out: Path, name: str, entry: dict[
     directory = out / "students" / name
     paths: dict[str, Any] = {"out": directory, "resume": True,
                              "data": data_file(out, "transfer")}
+    # The teacher stage(s) only when the store (lmbda < 1) or the strategy file (custom) is read.
+    stores = teacher_store_dirs(config, out, strategy)
+    upstream: tuple[str, ...] = ()
+    if params["lmbda"] < 1 or config.strategies[strategy].custom:
+        upstream = tuple(f"teacher/{d.relative_to(out / 'teacher').as_posix()}" for d in stores)
     if params["lmbda"] < 1:
-        paths["teacher_store"] = out / "teacher" / strategy
+        paths["teacher_store"] = stores[0] if len(stores) == 1 else [str(d) for d in stores]
     if config.strategies[strategy].custom:
         paths["strategies_file"] = out / RECORDS / "strategies" / f"{strategy}.yaml"
-    # The teacher stage only when its store (lmbda < 1) or its strategy file (custom) is read.
-    upstream = (f"teacher/{strategy}",) if "teacher_store" in paths or \
-        "strategies_file" in paths else ()
     return Stage(f"students/{name}", "distill", directory, params, paths, upstream=upstream)
 
 
@@ -803,15 +831,13 @@ def attention_stage(config: ExperimentConfig, out: Path) -> Stage:
 
 
 def report_stage(config: ExperimentConfig, out: Path, stages: list[Stage]) -> Stage:
-    from primekd import report
-
     hashed = _plain(config.to_dict())
     hashed["engine"].pop("base_url", None)  # where the server runs changes no result
     params = {"report": dataclasses.asdict(config.report), "format": report.FORMAT_VERSION,
               "config": hashed}
     layout = report.Layout(
         run_dir=out,
-        teachers={s.name.split("/", 1)[1]: s.directory for s in stages if s.kind == "teacher"},
+        teachers={name: out / "teacher" / name for name in config.strategies},
         students={s.name.split("/", 1)[1]: s.directory for s in stages if s.kind == "distill"},
         evals={s.name.split("/", 1)[1]: s.directory for s in stages if s.kind == "eval"},
         attention=next((s.directory for s in stages if s.kind == "attention"), None),
@@ -864,6 +890,8 @@ def _path_value(value: Any) -> Any:
         return str(value)
     if isinstance(value, dict):
         return {k: _path_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_path_value(v) for v in value]
     return value
 
 
@@ -903,8 +931,6 @@ def run_attention(stage: Stage, progress: bool) -> Any:
 
 
 def run_report(stage: Stage, progress: bool) -> Any:
-    from primekd import report
-
     options = stage.params["report"]
     return report.write_report(stage.paths["out"], stage.paths["layout"], **options)
 
@@ -945,22 +971,36 @@ def run_experiment(
     progress: bool = True,
     callback: Callback | None = None,
     stage_functions: dict[str, StageFunction] | None = None,
+    force: bool = False,
+    only: list[str] | None = None,
 ) -> RunSummary:
-    """Run every stage that is not cached, in order; returns what ran and what was cached."""
+    """Run every stage that is not cached, in order; returns what ran and what was cached.
+
+    `force`: run in a non-empty directory primekd did not make, beside the files there.
+    `only` (stage names or globs such as `teacher/none/shard-*`) runs just those stages, whose
+    upstream stages must be complete: several `run --only` processes (one per teacher shard,
+    say) can share a run directory."""
+    from primekd import outdir
+
     out = Path(out or Path("runs") / config.name)
     functions = {**STAGE_FUNCTIONS, **(stage_functions or {})}
     stages = plan(config, out)
+    for stage in stages:
+        precheck(stage)
     start = time.perf_counter()
     outcomes = []
-    with run_lock(out):
+    selected = select_stages(stages, only)
+    with outdir.claimed(out, "run", force, shared=bool(only)), \
+            stage_locks(out, [s.name for s in selected] if only else []):
         write_config(config, out)
         write_data_files(config, out)
+        clear_stale_teachers(stages, out)
         try:
-            for index, stage in enumerate(stages, start=1):
+            for index, stage in enumerate(selected, start=1):
                 if stage.kind not in ("teacher", "eval"):
                     _stop_engine_server()  # training needs the memory a server holds
                 outcomes.append(run_stage(stage, functions[stage.kind], progress, callback,
-                                          index, len(stages)))
+                                          index, len(selected)))
         finally:
             _stop_engine_server()
     return RunSummary(str(out), outcomes, time.perf_counter() - start,
@@ -1035,13 +1075,48 @@ def run_stage(
     return StageOutcome(stage.name, state, True, wall, str(stage.directory))
 
 
+_COMMANDS = {"teacher": "teach", "distill": "distill", "eval": "eval",
+             "attention": "attention", "report": "report"}
+
+
+def precheck(stage: Stage) -> None:
+    """The stage's options checked (types, finiteness, ranges) before any stage runs."""
+    from primekd import validate
+
+    if stage.kind not in ("teacher", "distill", "eval"):
+        return
+    config = stage_config(stage)
+    try:
+        if stage.kind == "teacher":
+            from primekd.teacher import check_config
+
+            check_config(config)
+        elif stage.kind == "distill":
+            validate.check_distill_types(config)
+        else:
+            validate.check_eval(config)
+            config.engine_spec().check()
+    except PrimekdError as e:
+        raise PrimekdError(f"{stage.name}: {e}") from None
+
+
 def clear_stage_dir(stage: Stage) -> None:
-    """Remove a stage's outputs made under another hash (stale, never mixed with new ones)."""
+    """Remove a stage's outputs made under another hash (stale, never mixed with new ones).
+
+    Only what primekd wrote goes (by the directory's marker, or, for a stage this run
+    recorded, the stage's output names); anything else stops the run with one line."""
+    from primekd import outdir
+
     if stage.kind == "report":
         for name in ("report.md", "report.html"):
             (stage.paths["out"] / name).unlink(missing_ok=True)
-    if stage.directory.is_dir():
-        shutil.rmtree(stage.directory)
+    trusted = _COMMANDS[stage.kind] if stage.record() is not None else None
+    kept = outdir.remove_owned(stage.directory, trust=trusted)
+    if kept:
+        names = ", ".join(kept[:3]) + (f" and {len(kept) - 3} more" if len(kept) > 3 else "")
+        raise PrimekdError(f"{stage.directory} holds files primekd did not write ({names}); "
+                           "the stage must be redone there: move them, or choose another "
+                           "--out")
     stage.record_path.unlink(missing_ok=True)
 
 
@@ -1074,27 +1149,77 @@ def _summary_of(result: Any) -> Any:
         return str(result)
 
 
+def select_stages(stages: list[Stage], only: list[str] | None) -> list[Stage]:
+    """The stages `--only` names (all of them without it); their upstream must be complete."""
+    if not only:
+        return stages
+    selected = [s for s in stages if any(fnmatch.fnmatchcase(s.name, p) for p in only)]
+    unmatched = [p for p in only if not any(fnmatch.fnmatchcase(s.name, p) for s in stages)]
+    if unmatched:
+        raise PrimekdError(f"--only {unmatched[0]} names no stage of this run; "
+                           "`primekd run --dry-run` lists them")
+    chosen = {s.name for s in selected}
+    by_name = {s.name: s for s in stages}
+    for stage in selected:
+        for name in stage.upstream:
+            if name not in chosen and by_name[name].state() != "cached":
+                raise PrimekdError(f"{stage.name} needs {name}, which is not complete: "
+                                   "run it first (or include it in --only)")
+    return selected
+
+
+def clear_stale_teachers(stages: list[Stage], out: Path) -> None:
+    """After `teacher_shards` changed, remove the teacher stores made under the other layout
+    (their records say primekd made them), so a strategy's directory holds one layout only."""
+    from primekd import outdir
+
+    planned = {s.name for s in stages if s.kind == "teacher"}
+    records = out / RECORDS
+    if not records.is_dir():
+        return
+    for path in sorted(records.glob("teacher--*.json")):
+        try:
+            name = read_json(path)["stage"]
+        except (PrimekdError, KeyError, TypeError):
+            continue
+        if name in planned:
+            continue
+        directory = out / "teacher" / name.removeprefix("teacher/")
+        # only the old store's own files go: new shard directories and the user's files stay
+        if not outdir.remove_owned(directory, trust="teach") and directory.is_dir():
+            directory.rmdir()
+        path.unlink(missing_ok=True)  # another `run --only` may have cleared it first
+
+
 @contextmanager
-def run_lock(out: Path) -> Iterator[None]:
-    """One `primekd run` per run directory at a time."""
-    out.mkdir(parents=True, exist_ok=True)
-    handle = (out / ".lock").open("a+")
+def run_lock(out: Path, only_stages: list[str] | None = None) -> Iterator[None]:
+    """One `primekd run` per run directory at a time (a lock on the directory itself).
+    `run --only` processes share the directory (a shared lock) and each holds its own stages,
+    so that teacher shards can run in parallel, on several machines over a shared file system."""
+    from primekd.outdir import locked
+
+    with locked(out, "run", shared=only_stages is not None), stage_locks(out, only_stages or []):
+        yield
+
+
+@contextmanager
+def stage_locks(out: Path, names: list[str]) -> Iterator[None]:
+    """An exclusive lock per stage, on a file beside the stage's record in `.stages/`."""
+    handles = []
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise PrimekdError(
-            f"another `primekd run` is using {out}; wait for it or choose another --out"
-        ) from None
-    try:
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
+        for name in names:
+            path = record_path(out, name).with_suffix(".lock")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handles.append(path.open("a+"))
+            try:
+                fcntl.flock(handles[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise PrimekdError(
+                    f"another `primekd run --only` is running {name} in {out}") from None
         yield
     finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
+        for handle in handles:
+            handle.close()  # closing releases the lock; the files stay (unlinking would race)
 
 
 # --- helpers ------------------------------------------------------------------------------------

@@ -65,6 +65,9 @@ def resolve(reference: str) -> ModelSource:
         if not (path / "config.json").exists():
             raise PrimekdError(f"{reference} has no config.json: not a HF model directory")
         return ModelSource(reference, "directory", str(path))
+    if path.is_file():
+        raise PrimekdError(f"model {reference} is a file, not a model: give the bundled alias "
+                           f"{BUNDLED_ALIAS!r}, a HF model directory, a .gguf file or a hub id")
     if path.exists() or reference.startswith((".", "/", "~")) or reference.count("/") > 1:
         raise PrimekdError(f"model path {reference} does not exist")
     if "/" not in reference:
@@ -72,7 +75,40 @@ def resolve(reference: str) -> ModelSource:
             f"unknown model {reference!r}: use the bundled alias {BUNDLED_ALIAS!r}, "
             "a local HF directory, a .gguf file, or a hub id like org/name"
         )
+    _check_hub(reference)
     return ModelSource(reference, "hub", reference)
+
+
+def _check_hub(reference: str) -> None:
+    """A hub id is used from the local hub cache when it is there; otherwise, offline
+    (HF_HUB_OFFLINE) or with the hub unreachable, refuse at once instead of after minutes of
+    retries."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(reference, "config.json")
+    if isinstance(cached, str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise PrimekdError(f"{reference!r} is not in the local Hugging Face cache and "
+                           "HF_HUB_OFFLINE is set; download it where the hub is reachable "
+                           "and pass the local directory")
+    if not _reachable(constants.ENDPOINT):
+        raise PrimekdError(f"cannot reach the Hugging Face hub ({constants.ENDPOINT}) to "
+                           f"fetch {reference!r}; download it where the hub is reachable and "
+                           "pass the local directory")
+
+
+def _reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _converted_gguf(gguf: Path) -> Path:
@@ -200,7 +236,22 @@ def apply_adapter(model: Any, adapter: str | Path, trainable: bool = False) -> A
         raise PrimekdError(f"adapter directory {adapter} has no adapter_config.json")
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+    try:
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+    except RuntimeError as e:
+        if "size mismatch" not in str(e):
+            raise
+        base = _adapter_base(adapter)
+        raise PrimekdError(f"adapter {adapter} does not fit this model (its weights have other "
+                           f"shapes); it was trained on {base or 'another base model'}") from None
+
+
+def _adapter_base(adapter: Path) -> str | None:
+    try:
+        return json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get(
+            "base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def load(reference: str, adapter: str | Path | None = None, **kwargs: Any) -> tuple[Any, Any]:

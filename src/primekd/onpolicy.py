@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import yaml
 from transformers import TrainerCallback
 
 from primekd import __version__, store
@@ -48,11 +49,11 @@ from primekd.distill import (
     KDSettings,
     KDTrainer,
     TrainLogWriter,
+    _claimed,
     _make_portable,
     _quiet_callbacks,
     _resumed_totals,
     _stop_progress,
-    _write_config,
     build_datasets,
     build_student,
     check_config,
@@ -107,8 +108,13 @@ def round_off_policy(pool: list[Item], r: int, n: int) -> list[Item]:
 
 def distill_on_policy(config: DistillConfig, progress: bool = True) -> DistillResult:
     check_config(config)
-    started = time.perf_counter()
     out = Path(config.out)
+    with _claimed(out, config.force):
+        return _distill_on_policy(config, out, progress)
+
+
+def _distill_on_policy(config: DistillConfig, out: Path, progress: bool) -> DistillResult:
+    started = time.perf_counter()
     state = _prepare(config, out)
     device = config.device or default_device()
     mixed_precision(config, device)
@@ -188,8 +194,6 @@ def _prepare(config: DistillConfig, out: Path) -> dict[str, Any]:
     """`rounds.json` of a run being resumed (with --resume), else a fresh state."""
     saved = out / CONFIG_FILE
     if config.resume and saved.exists():
-        import yaml
-
         before = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
         changed = sorted(k for k, v in config.to_dict().items()
                          if k not in _RUN_ONLY_FIELDS and before.get(k, v) != v)
@@ -200,7 +204,7 @@ def _prepare(config: DistillConfig, out: Path) -> dict[str, Any]:
     elif (out / ROUNDS_DIR).exists() or (out / SUMMARY_FILE).exists():
         raise PrimekdError(f"{out} already holds a distill run: pass --resume to continue it, "
                            "or choose a new --out")
-    _write_config(config, out)
+    atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
     if (out / ROUNDS_FILE).exists():
         return read_json(out / ROUNDS_FILE)
     return {"format": "primekd-on-policy-rounds", "rounds": []}

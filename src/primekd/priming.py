@@ -16,15 +16,12 @@ follow Goyal et al. (2024); users add their own from a YAML file:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from functools import cache
 from pathlib import Path
 from typing import Any
 
-import jinja2
-import jinja2.meta
-
+from primekd import templates
 from primekd.chat import ChatPrompt
-from primekd.errors import PrimekdError
+from primekd.errors import PrimekdError, did_you_mean
 from primekd.io import read_yaml
 
 VARIABLES = ("question", "reference", "answer")
@@ -126,7 +123,8 @@ def get_strategy(name: str, strategies_file: str | Path | None = None) -> Strate
     available = all_strategies(strategies_file)
     if name not in available:
         raise PrimekdError(
-            f"unknown strategy {name!r}; choose one of {', '.join(available)} "
+            f"unknown strategy {name!r}{did_you_mean(name, available)}; "
+            f"choose one of {', '.join(available)} "
             "(see `primekd teach --list-strategies`)"
         )
     return available[name]
@@ -169,7 +167,8 @@ def _parse_strategy(path: Path, name: str, spec: Any) -> Strategy:
     for key in spec:
         if key not in allowed:
             raise PrimekdError(
-                f"{where}: unknown field {key!r}; allowed fields: {', '.join(sorted(allowed))}"
+                f"{where}: unknown field {key!r}{did_you_mean(key, allowed)}; "
+                f"allowed fields: {', '.join(sorted(allowed))}"
             )
     if not isinstance(spec.get("user"), str) or not spec["user"].strip():
         raise PrimekdError(f"{where}, field 'user': required, a non-empty template string")
@@ -183,47 +182,15 @@ def _parse_strategy(path: Path, name: str, spec: Any) -> Strategy:
         system=spec.get("system") or None,
         prefill=spec.get("prefill") or "",
     )
+    used: set[str] = set()
     for field in TEMPLATE_FIELDS:
-        _check_template(strategy, field, where)
+        source = getattr(strategy, field)
+        if source:
+            used |= templates.check(source, VARIABLES, f"{where}, field {field!r}", _EXAMPLE)
+    templates.require(used, "question", where)
     return strategy
 
 
-def _check_template(strategy: Strategy, field: str, where: str) -> None:
-    source = getattr(strategy, field)
-    if not source:
-        return
-    try:
-        parsed = _environment().parse(source)
-        unknown = sorted(jinja2.meta.find_undeclared_variables(parsed) - set(VARIABLES))
-    except jinja2.TemplateError as e:
-        line = f" on line {e.lineno}" if getattr(e, "lineno", None) else ""
-        raise PrimekdError(f"{where}, field {field!r}: template error{line}: {e.message}") from None
-    if unknown:
-        raise PrimekdError(
-            f"{where}, field {field!r}: unknown variable(s) {', '.join(unknown)}; "
-            f"templates may use {', '.join(VARIABLES)}"
-        )
-    try:  # runtime errors (bad filter arguments, wrong types) surface now, not mid-run
-        _template(source).render(**_EXAMPLE)
-    except jinja2.TemplateError as e:
-        raise PrimekdError(f"{where}, field {field!r}: template error: {e}") from None
-
-
 def _render(strategy: Strategy, field: str, context: dict[str, str]) -> str:
-    try:
-        return _template(getattr(strategy, field)).render(**context)
-    except jinja2.TemplateError as e:
-        raise PrimekdError(
-            f"strategy {strategy.name!r}, field {field!r}: template error: {e}"
-        ) from None
-
-
-@cache
-def _environment() -> jinja2.Environment:
-    # StrictUndefined: a misspelt variable is an error, not a silently empty prompt.
-    return jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-
-
-@cache
-def _template(source: str) -> jinja2.Template:
-    return _environment().from_string(source)
+    where = f"strategy {strategy.name!r}, field {field!r}"
+    return templates.render(getattr(strategy, field), context, where)

@@ -22,16 +22,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from primekd import stats
+from primekd import stats, store
 from primekd.errors import PrimekdError
-from primekd.experiment import record_path
-from primekd.io import atomic_write_text, read_json, read_jsonl
+from primekd.io import atomic_write, atomic_write_text, read_json, read_jsonl
 
 FORMAT_VERSION = 1
 ASSETS = "report_files"
 PACKAGES = ("primekd", "torch", "transformers", "peft", "accelerate", "datasets", "numpy",
             "pyarrow", "scipy", "statsmodels", "matplotlib")
 SMALL_SAMPLE = 200  # below this many test questions the report warns about the intervals
+ALPHA = 0.05  # significance level of the Holm-adjusted paired tests
+TRUNCATION_WARNING = 0.10  # above this share of answers cut at the token limit, warn first
+RECORDS = ".stages"  # <run>/.stages/<stage name, / as -->.json: what each stage of `run` did
+
+
+def record_path(run_dir: str | Path, stage_name: str) -> Path:
+    """A stage's run record (wall and CPU time, summary), written by `primekd run`."""
+    return Path(run_dir) / RECORDS / (stage_name.replace("/", "--") + ".json")
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -90,6 +97,26 @@ class EvalRun:
     def accuracy(self) -> float:
         return self.correct / self.n if self.n else 0.0
 
+    def share(self, field_name: str) -> float | None:
+        """The share of rows with a true `field_name` (None when a row does not carry it:
+        results written before strict/flexible grading)."""
+        values = [r.get(field_name) for r in self.rows.values()]
+        if not values or any(not isinstance(v, bool) for v in values):
+            return None
+        return sum(values) / len(values)
+
+    @property
+    def truncated(self) -> int:
+        return sum(r.get("finish_reason") == "length" for r in self.rows.values())
+
+    @property
+    def truncation_rate(self) -> float:
+        return self.truncated / self.n if self.n else 0.0
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return _pick(self.summary, "generation.max_new_tokens")
+
 
 def load_evals(layout: Layout) -> dict[str, EvalRun]:
     runs = {}
@@ -136,6 +163,11 @@ class ResultRow:
     ci95: tuple[float, float]
     vs: dict[str, tuple[float, float | None]] = field(default_factory=dict)  # ref -> (Δ, p_holm)
     gain: float | None = None  # relative gain in % over the gain reference
+    ci_vs: dict[str, tuple[float, float]] = field(default_factory=dict)  # ref -> bootstrap CI
+
+    def significant(self, ref: str) -> bool:
+        p = self.vs.get(ref, (None, None))[1]
+        return p is not None and p < ALPHA
 
 
 def results_rows(runs: dict[str, EvalRun]) -> tuple[list[ResultRow], list[str], str | None]:
@@ -152,6 +184,9 @@ def results_rows(runs: dict[str, EvalRun]) -> tuple[list[ResultRow], list[str], 
             a, b = _paired(runs[ref], runs[name])
             diffs.append(_mean(b) - _mean(a))
             ps.append(stats.mcnemar_exact_p(a, b) if a else math.nan)
+            if a:
+                rows[name].ci_vs[ref] = stats.paired_bootstrap_ci(a, b, n_resamples=2000,
+                                                                  seed=0)
         valid = [p for p in ps if not math.isnan(p)]
         adjusted = iter(stats.holm_adjust(valid))
         for name, diff, p in zip(others, diffs, ps, strict=True):
@@ -216,18 +251,23 @@ def _num(x: Any, digits: int = 1) -> str:
 
 def section_results(runs: dict[str, EvalRun], assets: Path) -> str:
     rows, references, gain_ref = results_rows(runs)
-    headers = ["experiment", "accuracy", "correct/total", "95% CI (Wilson)"]
+    headers = ["experiment", "accuracy", "correct/total", "95% CI (Wilson)", "strict",
+               "flexible", "truncated"]
     for ref in references:
         headers += [f"Δ vs {ref} (pts)", "p (Holm)"]
     if gain_ref:
         headers.append(f"rel. gain vs {gain_ref}")
     body = []
     for row in rows:
-        cells = [f"**{row.name}**", _pct(row.accuracy), f"{row.correct}/{row.n}",
-                 f"{_pct(row.ci95[0])} – {_pct(row.ci95[1])}"]
+        run = runs[row.name]
+        cells = [f"`{row.name}`", _pct(row.accuracy), f"{row.correct}/{row.n}",
+                 f"{_pct(row.ci95[0])} – {_pct(row.ci95[1])}", _pct(run.share("correct_strict")),
+                 _pct(run.share("correct_flexible")), f"{_pct(run.truncation_rate, 0)} "
+                 f"({run.truncated})"]
         for ref in references:
             diff, p = row.vs.get(ref, (None, None))
-            cells += ([_pts(diff), _p(p)] if ref != row.name else ["ref.", ""])
+            mark = "**" if row.significant(ref) else ""  # emphasis only where it is earned
+            cells += ([f"{mark}{_pts(diff)}{mark}", _p(p)] if ref != row.name else ["ref.", ""])
         if gain_ref:
             cells.append("ref." if row.name == gain_ref else
                          ("–" if row.gain is None else f"{row.gain:+.1f}%"))
@@ -237,9 +277,14 @@ def section_results(runs: dict[str, EvalRun], assets: Path) -> str:
     notes = [
         _table(headers, body),
         "",
-        f"Differences are in percentage points on the questions both runs answered; p-values "
-        f"are exact McNemar tests on the paired questions, Holm-adjusted within each "
-        f"reference's column ({len(rows) - 1} comparisons each).",
+        f"Accuracy is graded by the default rule: an answer cut at the token limit counts "
+        f"only if it stated its answer (`The answer is`, `####`, `\\boxed{{}}`, ...). Strict "
+        f"counts stated answers only; flexible takes the last number anywhere, as "
+        f"lm-evaluation-harness's flexible-extract does. Truncated: answers that hit "
+        f"`max_new_tokens`. Differences are in percentage points on the questions both runs "
+        f"answered; p-values are exact McNemar tests on the paired questions, Holm-adjusted "
+        f"within each reference's column ({len(rows) - 1} comparisons each); a difference in "
+        f"bold is significant at {ALPHA}.",
     ]
     if gain_ref and runs[gain_ref].accuracy == 0:
         notes += ["", f"Relative gain is undefined here: `{gain_ref}` answered none correctly."]
@@ -258,8 +303,9 @@ def accuracy_chart(rows: list[ResultRow], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 0.55 * len(rows) + 1.2))
     names = [r.name for r in rows][::-1]
     acc = [100 * r.accuracy for r in rows][::-1]
-    lo = [100 * (r.accuracy - r.ci95[0]) for r in rows][::-1]
-    hi = [100 * (r.ci95[1] - r.accuracy) for r in rows][::-1]
+    # clamped: at 0% or 100% the closed-form interval can miss the estimate by float noise
+    lo = [max(0.0, 100 * (r.accuracy - r.ci95[0])) for r in rows][::-1]
+    hi = [max(0.0, 100 * (r.ci95[1] - r.accuracy)) for r in rows][::-1]
     colors = ["#9aa5b1" if n in ("base", "sft") else "#3b75af" for n in names]
     ax.barh(names, acc, xerr=[lo, hi], color=colors, capsize=4, ecolor="#333333")
     for y, value in enumerate(acc):
@@ -275,10 +321,12 @@ def section_teachers(layout: Layout) -> str:
         return "## Teachers\n\nNo teacher stage in this run.\n"
     body = []
     for name, directory in layout.teachers.items():
-        m = _read_optional(directory / "manifest.json")
+        m = _teacher_manifest(directory)
         body.append([
-            f"**{name}**",
+            f"`{name}`",
             _pct(_pick(m, "teacher_accuracy", "accuracy", "counts.accuracy")),
+            _pct(_pick(m, "teacher_accuracy_strict")),
+            _teacher_truncation(m),
             _kept(m),
             _num(_pick(m, "mean_answer_tokens", "counts.mean_answer_tokens",
                        "stats.mean_answer_tokens")),
@@ -286,16 +334,37 @@ def section_teachers(layout: Layout) -> str:
             _num(_pick(m, "compute_seconds", "wall_time_s")),
             _cell(_pick(m, "target", default="generated")),
         ])
-    headers = ["strategy", "teacher accuracy", "kept answers", "mean answer tokens",
-               "tokens/s", "compute (s)", "target"]
+    headers = ["strategy", "teacher accuracy", "strict", "truncated", "kept answers",
+               "mean answer tokens", "tokens/s", "compute (s)", "target"]
     return ("## Teachers\n\nThe teacher answered the transfer set once under each priming "
-            "strategy; the student later sees only the bare question.\n\n"
-            + _table(headers, body) + "\n")
+            "strategy; the student later sees only the bare question. Teacher accuracy uses "
+            "the same grading rule as the results above; truncated answers hit the teacher's "
+            "`max_new_tokens`.\n\n" + _table(headers, body) + "\n")
+
+
+def _teacher_truncation(manifest: dict[str, Any]) -> str:
+    rate, count = _pick(manifest, "truncation_rate"), _pick(manifest, "truncated")
+    if rate is None:
+        return "–"
+    return f"{_pct(rate, 0)} ({count})"
+
+
+def _teacher_manifest(directory: Path) -> dict[str, Any]:
+    """A teacher stage's manifest; for a sharded teacher (`teacher_shards`), its shards'
+    manifests merged."""
+    shards = sorted(p for p in directory.glob("shard-*") if (p / "manifest.json").exists())
+    if (directory / "manifest.json").exists() or not shards:
+        return _read_optional(directory / "manifest.json")
+    try:
+        return store.merged_manifest(shards)
+    except PrimekdError:
+        return {}
 
 
 def _kept(manifest: dict[str, Any]) -> str:
     kept = _pick(manifest, "counts.kept", "kept", "counts.rows")
-    total = _pick(manifest, "counts.answers", "counts.total", "counts.generated",
+    # answers, not questions: with several samples per question the rows outnumber them
+    total = _pick(manifest, "counts.rows", "counts.answers", "counts.total",
                   "counts.questions")
     if kept is None:
         return "–"
@@ -359,8 +428,9 @@ def section_examples(runs: dict[str, EvalRun], count: int, max_chars: int) -> st
 
     parts = ["## Worked examples\n",
              f"The same test question answered by {', '.join(f'`{n}`' for n in shown)}"
-             + (f" (`{best}` is the most accurate student besides kd-none)" if best else "")
-             + ". Questions where the best student is right and the base model wrong are "
+             + (f" (`{best}` has the highest point estimate among the trained students; the "
+                "Results section says whether its lead is significant)" if best else "")
+             + f". Questions where `{best or shown[-1]}` is right and `{shown[0]}` wrong are "
              "shown first.\n"]
     for number, i in enumerate(sorted(ids, key=interest)[:count], start=1):
         first = runs[shown[0]].rows[i]
@@ -371,6 +441,8 @@ def section_examples(runs: dict[str, EvalRun], count: int, max_chars: int) -> st
         for name in shown:
             row = runs[name].rows[i]
             mark = "correct" if row.get("correct") else "wrong"
+            if row.get("no_answer") == "truncated":
+                mark += ": cut at the token limit without a stated answer"
             parts.append(f"**{name}**: extracted {_answer(row.get('extracted'))} ({mark})\n")
             parts.append(_fence(_clip(str(row.get("response", "")), max_chars)) + "\n")
     return "\n".join(parts)
@@ -450,14 +522,12 @@ def _on_policy_costs(layout: Layout) -> str:
 def _stage_tokens(name: str, directory: Path, record: dict[str, Any]) -> int | None:
     summary = record.get("summary") if isinstance(record.get("summary"), dict) else {}
     if name.startswith("teacher/"):
-        m = _read_optional(directory / "manifest.json")
-        value = _pick(m, "counts.answer_tokens", "answer_tokens")
+        m = _read_optional(directory / "manifest.json")  # what teacher.py's manifest holds
         mean, rows = _pick(m, "mean_answer_tokens"), _pick(m, "counts.rows")
-        if value is None and mean is not None and rows is not None:
-            value = round(mean * rows)
+        value = round(mean * rows) if mean is not None and rows is not None else None
     elif name.startswith("students/"):
         s = _read_optional(directory / "summary.json") or summary
-        value = _pick(s, "tokens", "train_tokens", "tokens_processed", "total_tokens")
+        value = _pick(s, "tokens")  # distill's summary.json
     elif name.startswith("eval/"):
         results = directory / "results.jsonl"
         value = sum(int(r.get("n_tokens") or 0) for r in read_jsonl(results)) \
@@ -510,8 +580,9 @@ def section_overview(layout: Layout, runs: dict[str, EvalRun], title: str) -> st
     teacher, student = models.get("teacher", "?"), models.get("student", "?")
     n = max(r.n for r in runs.values())
     strategies = ", ".join(f"`{s}`" for s in layout.teachers) or "none"
-    lines = [f"# {title}\n",
-             f"Teacher `{teacher}`, student `{student}`"
+    lines = [f"# {title}\n", headline(runs) + "\n"]
+    lines += [w + "\n" for w in truncation_warnings(layout, runs)]
+    lines += [f"Teacher `{teacher}`, student `{student}`"
              + (" (self-distillation: the same model primed and unprimed)"
                 if teacher == student else "") + ". "
              f"Priming strategies: {strategies}. Every model answered the same {n} test "
@@ -521,6 +592,82 @@ def section_overview(layout: Layout, runs: dict[str, EvalRun], title: str) -> st
              "[Compute](#compute) · [Attention heads](#attention-heads) · "
              "[Reproduce](#reproduce)\n"]
     return "\n".join(lines)
+
+
+def headline(runs: dict[str, EvalRun]) -> str:
+    """The report's first paragraph: which differences are significant after Holm's
+    correction, in words, with their intervals; plainly "none" when none is."""
+    rows, references, _ = results_rows(runs)
+    found, tested = [], 0
+    for row in rows:
+        for ref in references:
+            if ref == row.name or row.vs.get(ref, (None, None))[1] is None:
+                continue
+            tested += 1
+            if row.significant(ref):
+                found.append(_claim(row, ref))
+    n = max(r.n for r in runs.values())
+    if not tested:
+        return f"Only one model was evaluated ({n} test questions); there is nothing to compare."
+    if not found:
+        best = max(rows, key=lambda r: r.accuracy)
+        return (f"**No difference between models is significant** (exact McNemar tests on "
+                f"{n} paired test questions, Holm-adjusted over the {tested} comparisons, "
+                f"alpha {ALPHA}). The highest point estimate, `{best.name}` at "
+                f"{_pct(best.accuracy)} (95% CI {_pct(best.ci95[0])}–{_pct(best.ci95[1])}), "
+                f"is not evidence that it is better: {_strongest(rows, references)}.")
+    return (f"Significant after Holm's correction (alpha {ALPHA}, {tested} comparisons on "
+            f"{n} paired test questions): " + "; ".join(found) + ". Every other difference "
+            "is not significant.")
+
+
+def _claim(row: ResultRow, ref: str) -> str:
+    diff, p = row.vs[ref]
+    low, high = row.ci_vs.get(ref, (math.nan, math.nan))
+    direction = "more" if diff > 0 else "less"
+    return (f"`{row.name}` is {direction} accurate than `{ref}` by {abs(100 * diff):.1f} "
+            f"points (95% CI {_pts(low)} to {_pts(high)}, Holm p {_p(p)})")
+
+
+def _strongest(rows: list[ResultRow], references: list[str]) -> str:
+    """The smallest Holm p among the comparisons, said with its difference and interval."""
+    tested = [(row.vs[ref][1], row, ref) for row in rows for ref in references
+              if ref != row.name and row.vs.get(ref, (None, None))[1] is not None]
+    p, row, ref = min(tested, key=lambda t: t[0])
+    diff = row.vs[ref][0]
+    low, high = row.ci_vs.get(ref, (math.nan, math.nan))
+    return (f"the largest-evidence comparison, `{row.name}` vs `{ref}`, differs by "
+            f"{_pts(diff)} points (95% CI {_pts(low)} to {_pts(high)}), Holm p {_p(p)}, "
+            "not significant")
+
+
+def truncation_warnings(layout: Layout, runs: dict[str, EvalRun]) -> list[str]:
+    """A warning per model (student or teacher) with more than TRUNCATION_WARNING of its
+    answers cut at the token limit, naming the cap to raise."""
+    warnings = []
+    for name, run in runs.items():
+        if run.truncation_rate > TRUNCATION_WARNING:
+            cap = run.max_new_tokens
+            warnings.append(
+                f"> **Warning: `{name}` hit the token limit on {run.truncated} of {run.n} "
+                f"answers ({_pct(run.truncation_rate, 0)}).** Raise `eval.max_new_tokens` "
+                f"(now {cap if cap is not None else '?'})"
+                + ("" if _pick(run.summary, "generation.stop_at_answer")
+                   else " or set `eval.stop_at_answer: true`")
+                + "; truncated answers without a stated answer are graded wrong.")
+    for name, directory in layout.teachers.items():
+        m = _teacher_manifest(directory)
+        rate = _pick(m, "truncation_rate")
+        if rate is not None and rate > TRUNCATION_WARNING:
+            cap = _pick(m, "generation.max_new_tokens")
+            warnings.append(
+                f"> **Warning: the `{name}` teacher hit the token limit on "
+                f"{_pick(m, 'truncated')} of {_pick(m, 'counts.rows')} answers "
+                f"({_pct(rate, 0)}).** Raise `teacher.max_new_tokens` (now {cap})"
+                + ("" if _pick(m, "generation.stop_at_answer")
+                   else " or set `teacher.stop_at_answer: true`")
+                + ": its students learn from unfinished answers.")
+    return warnings
 
 
 def _read_yaml(path: Path) -> Any:
@@ -584,17 +731,14 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     _pyplot().close(fig)
     return path
 
 
 # --- Markdown -> self-contained HTML ------------------------------------------------------------
 
-_IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
-_LINK = re.compile(r"(?<!!)\[([^\]]+)\]\(([^)\s]+)\)")
 _CSS = """
 body{font:15px/1.5 -apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:#1f2328;
 max-width:1100px;margin:2rem auto;padding:0 1.2rem}
@@ -615,7 +759,7 @@ img{max-width:100%;height:auto;display:block;margin:.8rem 0}
 
 def markdown_to_html(markdown: str, base_dir: str | Path, title: str) -> str:
     """Convert the report's Markdown to one HTML file with every image embedded."""
-    body = _blocks(markdown.splitlines(), Path(base_dir))
+    body = _markdown_parser().render(markdown, {"base": Path(base_dir)})
     csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
@@ -626,143 +770,48 @@ def markdown_to_html(markdown: str, base_dir: str | Path, title: str) -> str:
     )
 
 
-def _blocks(lines: list[str], base: Path) -> str:
-    out: list[str] = []
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        stripped = line.strip()
-        if not stripped:
-            i += 1
-        elif stripped.startswith("```"):
-            i = _code_block(lines, i, out)
-        elif re.match(r"^#{1,6} ", stripped):
-            level = len(stripped) - len(stripped.lstrip("#"))
-            text = stripped[level:].strip()
-            out.append(f'<h{level} id="{_slug(text)}">{_inline(text, base)}</h{level}>')
-            i += 1
-        elif stripped.startswith("|") and i + 1 < len(lines) and _is_rule(lines[i + 1]):
-            i = _table_block(lines, i, out, base)
-        elif stripped.startswith(">"):
-            quote = []
-            while i < len(lines) and lines[i].strip().startswith(">"):
-                quote.append(lines[i].strip()[1:].lstrip())
-                i += 1
-            out.append(f"<blockquote>{_blocks(quote, base)}</blockquote>")
-        elif re.match(r"^([-*+]|\d+\.) ", stripped):
-            i = _list_block(lines, i, out, base)
-        elif re.fullmatch(r"(-{3,}|\*{3,})", stripped):
-            out.append("<hr>")
-            i += 1
-        elif stripped.startswith("<") and re.match(r"^</?(details|summary|div)\b", stripped):
-            out.append(stripped)  # the few block tags a section may use, passed through
-            i += 1
-        else:
-            para = []
-            while i < len(lines) and lines[i].strip() and not _starts_block(lines, i):
-                para.append(lines[i].strip())
-                i += 1
-            out.append(f"<p>{_inline(' '.join(para), base)}</p>")
-    return "\n".join(out)
+def _markdown_parser() -> Any:
+    """CommonMark + GFM tables (markdown-it-py), raw HTML escaped, with three local rules:
+    headings get ids, right-aligned cells a class, and images and links stay inside the file."""
+    from markdown_it import MarkdownIt
+
+    parser = MarkdownIt("commonmark", {"html": False}).enable("table")
+    parser.core.ruler.push("primekd_self_contained", _self_contained)
+    parser.add_render_rule("image", _render_image)
+    return parser
 
 
-def _starts_block(lines: list[str], i: int) -> bool:
-    s = lines[i].strip()
-    return bool(s.startswith(("```", ">", "#")) or re.match(r"^([-*+]|\d+\.) ", s)
-                or (s.startswith("|") and i + 1 < len(lines) and _is_rule(lines[i + 1])))
+def _self_contained(state: Any) -> None:
+    tokens = state.tokens
+    for i, token in enumerate(tokens):
+        if token.type == "heading_open":
+            token.attrSet("id", _slug(tokens[i + 1].content))
+        elif token.type in ("th_open", "td_open") and "right" in str(token.attrGet("style")):
+            token.attrs.pop("style")
+            token.attrSet("class", "r")
+        elif token.type == "inline" and token.children:
+            token.children = _drop_local_links(token.children)
 
 
-def _code_block(lines: list[str], i: int, out: list[str]) -> int:
-    opening = lines[i].strip()
-    fence = opening[: len(opening) - len(opening.lstrip("`"))]
-    language = opening[len(fence):].strip()
-    body = []
-    i += 1
-    while i < len(lines) and lines[i].strip() != fence:
-        body.append(lines[i])
-        i += 1
-    cls = f' class="language-{html.escape(language)}"' if language else ""
-    out.append(f"<pre><code{cls}>{html.escape(chr(10).join(body))}</code></pre>")
-    return i + 1
-
-
-def _is_rule(line: str) -> bool:
-    return bool(re.fullmatch(r"\s*\|?(\s*:?-{3,}:?\s*\|)+\s*:?-{0,}:?\s*\|?\s*", line))
-
-
-def _split_row(line: str) -> list[str]:
-    line = line.strip()
-    line = line[1:] if line.startswith("|") else line
-    line = line[:-1] if line.endswith("|") and not line.endswith("\\|") else line
-    cells = re.split(r"(?<!\\)\|", line)
-    return [c.strip().replace("\\|", "|") for c in cells]
-
-
-def _table_block(lines: list[str], i: int, out: list[str], base: Path) -> int:
-    headers = _split_row(lines[i])
-    aligns = ["r" if c.strip().endswith(":") else "" for c in _split_row(lines[i + 1])]
-    i += 2
-    rows = []
-    while i < len(lines) and lines[i].strip().startswith("|"):
-        rows.append(_split_row(lines[i]))
-        i += 1
-
-    def cell(tag: str, text: str, k: int) -> str:
-        cls = ' class="r"' if k < len(aligns) and aligns[k] else ""
-        return f"<{tag}{cls}>{_inline(text, base)}</{tag}>"
-
-    head = "".join(cell("th", h, k) for k, h in enumerate(headers))
-    body = "\n".join("<tr>" + "".join(cell("td", c, k) for k, c in enumerate(r)) + "</tr>"
-                     for r in rows)
-    out.append(f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>")
-    return i
-
-
-def _list_block(lines: list[str], i: int, out: list[str], base: Path) -> int:
-    ordered = bool(re.match(r"^\d+\. ", lines[i].strip()))
-    items: list[str] = []
-    while i < len(lines) and lines[i].strip():
-        s = lines[i].strip()
-        marker = re.match(r"^([-*+]|\d+\.) ", s)
-        if marker:
-            items.append(s[marker.end():])
-        elif items:
-            items[-1] += " " + s
-        i += 1
-    tag = "ol" if ordered else "ul"
-    out.append(f"<{tag}>" + "".join(f"<li>{_inline(t, base)}</li>" for t in items) + f"</{tag}>")
-    return i
-
-
-def _inline(text: str, base: Path) -> str:
-    """Escape, then apply code spans, images, links, bold and italics (code left alone)."""
-    pieces = re.split(r"(`[^`]+`)", text)
-    rendered = []
-    images: list[str] = []
-
-    def stash(match: re.Match[str]) -> str:
-        images.append(_image(match.group(1), match.group(2), base))
-        return f"\x00{len(images) - 1}\x00"
-
-    for piece in pieces:
-        if len(piece) > 1 and piece.startswith("`") and piece.endswith("`"):
-            rendered.append(f"<code>{html.escape(piece[1:-1])}</code>")
+def _drop_local_links(children: list[Any]) -> list[Any]:
+    """A link to a local file would not open from a shared HTML file: keep only its text."""
+    kept, dropping = [], []
+    for child in children:
+        if child.type == "link_open":
+            href = str(child.attrGet("href") or "")
+            dropping.append(not (href.startswith("#") or re.match(r"^https?://", href)))
+            if dropping[-1]:
+                continue
+        elif child.type == "link_close" and dropping.pop():
             continue
-        piece = _IMAGE.sub(stash, piece)
-        piece = html.escape(piece, quote=False)
-        piece = _LINK.sub(_link, piece)
-        piece = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", piece)
-        piece = re.sub(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])", r"<em>\1</em>", piece)
-        piece = re.sub(r"\x00(\d+)\x00", lambda m: images[int(m.group(1))], piece)
-        rendered.append(piece)
-    return "".join(rendered)
+        kept.append(child)
+    return kept
 
 
-def _link(match: re.Match[str]) -> str:
-    text, target = match.group(1), match.group(2)
-    if target.startswith("#") or re.match(r"^https?://", target):
-        return f'<a href="{html.escape(target)}">{text}</a>'
-    return text  # a link to a local file would not open from a shared HTML file
+def _render_image(renderer: Any, tokens: list[Any], idx: int, options: Any, env: Any) -> str:
+    token = tokens[idx]
+    alt = renderer.renderInlineAsText(token.children or [], options, env)
+    return _image(alt, str(token.attrGet("src")), env["base"])
 
 
 def _image(alt: str, src: str, base: Path) -> str:

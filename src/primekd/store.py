@@ -15,9 +15,7 @@ from them.
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,7 +26,7 @@ import pyarrow.compute  # noqa: F401  pa.compute
 import pyarrow.parquet as pq
 
 from primekd.errors import PrimekdError
-from primekd.io import read_json, write_json
+from primekd.io import atomic_write, read_json, write_json
 
 FORMAT = "primekd-teacher-store"
 FORMAT_VERSION = 1
@@ -51,7 +49,13 @@ SCHEMA = pa.schema(
         ("topk_logprobs", pa.list_(pa.list_(pa.float32()))),
         ("finish_reason", pa.string()),  # stop | length | reference
         ("extracted", pa.float64()),
-        ("correct", pa.bool_()),
+        ("correct", pa.bool_()),  # under the store's grading rule (see grading.grade)
+        # how the answer was graded; stores written before these columns read them as null
+        ("found_by", pa.string()),  # marker kind, "fallback", or null (no number)
+        ("no_answer", pa.string()),  # "no_number" | "truncated" | null
+        ("truncated", pa.bool_()),  # null for reference targets
+        ("correct_strict", pa.bool_()),
+        ("correct_flexible", pa.bool_()),
     ]
 )
 COLUMNS = tuple(SCHEMA.names)
@@ -63,20 +67,10 @@ COLUMNS = tuple(SCHEMA.names)
 @contextmanager
 def locked(directory: str | Path) -> Iterator[None]:
     """Hold an exclusive lock on a store directory (released by the OS if we are killed)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PrimekdError(
-                f"{directory} is being written by another `primekd teach` process; "
-                "wait for it, or use another --out"
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    from primekd.outdir import locked as locked_directory
+
+    with locked_directory(directory, "teach"):
+        yield
 
 
 def part_files(directory: str | Path) -> list[Path]:
@@ -85,7 +79,7 @@ def part_files(directory: str | Path) -> list[Path]:
 
 def clean_temp_files(directory: str | Path) -> None:
     """Remove half-written parts left by a killed writer."""
-    for pattern in (".part-*.tmp", f".{MANIFEST}.*.tmp"):
+    for pattern in (".part-*.tmp*", f".{MANIFEST}.*.tmp*"):
         for tmp in Path(directory).glob(pattern):
             tmp.unlink(missing_ok=True)
 
@@ -112,15 +106,7 @@ def write_part(
         return empty
     table = pa.Table.from_pylist(list(rows), schema=SCHEMA)
     table = table.replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
     return path
 
 
@@ -228,7 +214,8 @@ def load_store(
         tables += parts
     if not tables:
         return SCHEMA.empty_table().select(list(columns or COLUMNS))
-    table = pa.concat_tables(tables).replace_schema_metadata(None)
+    table = _with_all_columns(pa.concat_tables(tables, promote_options="default"),
+                              columns).replace_schema_metadata(None)
     _check_unique(table, dirs)
     return table if columns is None else table.select(list(columns))
 
@@ -258,6 +245,9 @@ def store_directories(spec: str | Path | Sequence[str | Path]) -> list[Path]:
 
 def _read_part(path: Path, columns: Sequence[str] | None) -> pa.Table:
     try:
+        if columns is not None:  # a part written before a column existed lacks it
+            present = set(pq.read_schema(path).names)
+            columns = [c for c in columns if c in present]
         return pq.read_table(path, columns=columns)
     except (OSError, pa.ArrowException) as e:
         raise PrimekdError(f"{path} is not a readable Parquet part (truncated or corrupt: "
@@ -305,6 +295,21 @@ def check_compatible(dirs: Sequence[Path], manifests: Sequence[dict[str, Any]]) 
     shards = [json.dumps(m["params"].get("shard")) for m in manifests]
     if len(set(shards)) != len(shards):
         raise PrimekdError("the same shard was given twice: " + ", ".join(map(str, dirs)))
+    _check_all_shards(manifests)
+
+
+def _check_all_shards(manifests: Sequence[dict[str, Any]]) -> None:
+    """Shards of a teach run load together only all of them: a missing shard would silently
+    drop every n-th question."""
+    shards = [m["params"].get("shard") for m in manifests]
+    if any(s is None for s in shards):
+        return
+    count = shards[0]["count"]
+    missing = sorted(set(range(count)) - {s["index"] for s in shards})
+    if missing:
+        names = ", ".join(f"{i}/{count}" for i in missing)
+        raise PrimekdError(f"shard(s) {names} of this {count}-shard teach run are missing: "
+                           "give every shard directory (or a glob that matches them all)")
 
 
 def validate_store(directory: str | Path) -> dict[str, Any]:
@@ -328,6 +333,42 @@ def validate_store(directory: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def merged_manifest(directories: Sequence[str | Path]) -> dict[str, Any]:
+    """One manifest for the shards of a teach run: counts and compute summed, rates and
+    accuracy recomputed over all rows. A single directory's manifest is returned unchanged."""
+    dirs = [Path(d) for d in directories]
+    manifests = [read_manifest(d) for d in dirs]
+    if len(manifests) == 1:
+        return manifests[0]
+    check_compatible(dirs, manifests)
+    merged = {k: v for k, v in manifests[0].items() if k != "shard"}
+    merged["params"] = _unsharded_params(manifests[0])
+    counts: dict[str, int] = {}
+    for manifest in manifests:
+        for key, value in manifest.get("counts", {}).items():
+            if isinstance(value, int):
+                counts[key] = counts.get(key, 0) + value
+    merged["counts"] = counts
+    rows = counts.get("rows", 0)
+    tokens = sum((m.get("mean_answer_tokens") or 0) * m["counts"].get("rows", 0)
+                 for m in manifests)
+    seconds = sum(m.get("compute_seconds") or 0 for m in manifests)
+    merged["mean_answer_tokens"] = tokens / rows if rows else None
+    merged["compute_seconds"] = round(seconds, 3)
+    merged["tokens_per_s"] = round(tokens / seconds, 2) if seconds else None
+    if manifests[0].get("teacher_accuracy") is not None:
+        merged["teacher_accuracy"] = counts.get("correct", 0) / rows if rows else None
+    for key in ("truncated", "no_number"):  # grading counts (absent in older stores)
+        if all(isinstance(m.get(key), int) for m in manifests):
+            merged[key] = sum(m[key] for m in manifests)
+    for key in ("teacher_accuracy_strict", "teacher_accuracy_flexible", "truncation_rate"):
+        if rows and all(m.get(key) is not None for m in manifests):
+            merged[key] = sum(m[key] * m["counts"].get("rows", 0) for m in manifests) / rows
+    merged["complete"] = all(m.get("complete") for m in manifests)
+    merged["shards"] = [str(d) for d in dirs]
+    return merged
+
+
 def _unsharded_params(manifest: dict[str, Any]) -> dict[str, Any]:
     params = dict(manifest["params"])
     params.pop("shard", None)
@@ -341,6 +382,15 @@ def _check_unique(table: pa.Table, dirs: Sequence[Path]) -> None:
         key = (first["id"][0].as_py(), first["sample"][0].as_py())
         raise PrimekdError(f"duplicate (id, sample) rows, e.g. {key}, in "
                            + ", ".join(map(str, dirs)) + ": a part was copied in twice")
+
+
+def _with_all_columns(table: pa.Table, columns: Sequence[str] | None) -> pa.Table:
+    """Parts written before a column existed lack it: add it as nulls."""
+    for name in columns or COLUMNS:
+        if name not in table.column_names:
+            table = table.append_column(SCHEMA.field(name), pa.nulls(table.num_rows,
+                                                                     SCHEMA.field(name).type))
+    return table
 
 
 def _check_columns(columns: Sequence[str] | None) -> None:

@@ -24,19 +24,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from primekd import __version__, store
+from primekd import __version__, answer_stop, store
 from primekd.chat import encode_prompts, render
-from primekd.data import Example, load_examples, resolve_data_path
+from primekd.data import Example, load_examples, resolve_data_path, strip_calculator
 from primekd.engines import EngineSpec, SamplingParams, TopK, get_engine
 from primekd.errors import PrimekdError
-from primekd.grading import EXTRACTORS, grade
+from primekd.grading import EXTRACTORS, grade, grade_fields
 from primekd.models import load_tokenizer, resolve, tokenizer_fingerprint
 from primekd.priming import Strategy, get_strategy
 from primekd.progress import progress_bar
 
 TARGETS = ("generated", "reference")
 KEEP = ("all", "correct")
-_CALCULATOR = re.compile(r"<<[^<>]*>>")
 
 
 @dataclass
@@ -63,6 +62,9 @@ class TeachConfig:
     engine: str = "hf"  # hf | vllm (see primekd.engines)
     base_url: str | None = None  # vllm: a running server to use instead of starting one
     engine_options: dict[str, Any] = field(default_factory=dict)  # vllm server options
+    lenient: bool = False  # a truncated answer's last number counts (harness-style grading)
+    stop_at_answer: bool = False  # end each answer at its final-answer line
+    force: bool = False  # write into a non-empty --out of someone else's (never overwriting)
 
     def engine_spec(self) -> EngineSpec:
         return EngineSpec(self.engine, self.base_url, dict(self.engine_options))
@@ -86,9 +88,12 @@ def teach(config: TeachConfig, progress: bool = True) -> dict[str, Any]:
     examples = select_examples(config)
     source = resolve(config.teacher)
     tokenizer = load_tokenizer(source)
+    _check_fits(config, strategy, examples, source, tokenizer)
     params = identity(config, strategy, tokenizer)
     out = Path(config.out)
-    with store.locked(out):
+    from primekd import outdir
+
+    with outdir.claimed(out, "teach", config.force):
         existing = _existing_manifest(out, params)
         date = _chat_date(existing)
         store.clean_temp_files(out)
@@ -123,6 +128,22 @@ def teach(config: TeachConfig, progress: bool = True) -> dict[str, Any]:
         return save()
 
 
+def _check_fits(config: TeachConfig, strategy: Strategy, examples: Sequence[Example],
+                source: Any, tokenizer: Any) -> None:
+    """--top-k within the vocabulary, and every primed prompt (plus the answer budget)
+    within the teacher's context, checked before the model loads or a file is written."""
+    from primekd.validate import model_context, prompts_fit
+
+    if config.top_k > len(tokenizer):
+        raise PrimekdError(f"--top-k {config.top_k} exceeds the teacher's vocabulary of "
+                           f"{len(tokenizer)} tokens")
+    texts = [render(tokenizer, strategy.render(e.question, e.answer, answer_text(e)))
+             for e in examples]
+    budget = config.max_new_tokens if config.target == "generated" else 0
+    prompts_fit(tokenizer, texts, model_context(source.path), budget,
+                "the primed prompt of question")
+
+
 # ---------------------------------------------------------------- the units
 
 
@@ -140,8 +161,11 @@ def run_units(
     prompts = encode_prompts(tokenizer, texts)
     if config.target == "generated":
         seed = zlib.crc32(f"{config.seed}:{units[0].example.id}:{units[0].sample}".encode())
+        # --stop-at-answer: the engines' `cut` hook with grading's answer-line rule; the cut
+        # answer ends with EOS, so a student trained on it learns to stop there
         sampling = SamplingParams(config.max_new_tokens, config.temperature, 1.0, seed,
-                                  logprobs=config.top_k)
+                                  logprobs=config.top_k, eos_after_cut=True,
+                                  **answer_stop.sampling_options(config.stop_at_answer))
         answers = ((i, g.token_ids, g.finish_reason, g.topk)
                    for i, g in engine.generate(prompts, sampling))
     else:
@@ -152,7 +176,7 @@ def run_units(
     started = time.perf_counter()
     for i, token_ids, reason, topk in answers:
         finished.append((i, _row(tokenizer, units[i], chats[i], texts[i], token_ids, reason,
-                                 topk, config.extractor)))
+                                 topk, config)))
         if len(finished) == config.batch_size or len(finished) == len(units):
             yield _part(finished, units, config, started)
             finished, started = [], time.perf_counter()
@@ -170,9 +194,10 @@ def _part(finished: list[tuple[int, dict[str, Any]]], units: Sequence[Unit],
 
 
 def _row(tokenizer: Any, unit: Unit, chat: Any, text: str, answer: list[int], reason: str,
-         topk: TopK | None, extractor: str) -> dict[str, Any]:
+         topk: TopK | None, config: TeachConfig) -> dict[str, Any]:
     response = tokenizer.decode(answer, skip_special_tokens=True)
-    graded = grade(chat.prefill + response, unit.example.answer, extractor)
+    graded = grade(chat.prefill + response, unit.example.answer, config.extractor,
+                   None if reason == "reference" else reason, config.lenient)
     return {
         "id": unit.example.id,
         "sample": unit.sample,
@@ -185,8 +210,7 @@ def _row(tokenizer: Any, unit: Unit, chat: Any, text: str, answer: list[int], re
         "topk_ids": topk.ids.tolist() if topk is not None else [],
         "topk_logprobs": topk.logprobs.tolist() if topk is not None else [],
         "finish_reason": reason,
-        "extracted": graded.extracted,
-        "correct": graded.correct,
+        **grade_fields(graded),
     }
 
 
@@ -198,6 +222,10 @@ def _batch_stats(rows: list[dict[str, Any]], config: TeachConfig, generation_s: 
         "rows": len(rows),
         "kept": len(kept),
         "correct": sum(r["correct"] for r in rows),
+        "correct_strict": sum(r["correct_strict"] for r in rows),
+        "correct_flexible": sum(r["correct_flexible"] for r in rows),
+        "truncated": sum(r["finish_reason"] == "length" for r in rows),
+        "no_number": sum(r["extracted"] is None for r in rows),
         "answer_tokens": tokens,
         "kept_answer_tokens": sum(len(r["token_ids"]) for r in kept),
         "generated_tokens": tokens if config.target == "generated" else 0,
@@ -219,7 +247,7 @@ def reference_tokens(tokenizer: Any, example: Example) -> list[int]:
     """The reference solution as the teacher reads it: calculator annotations removed
     (GSM8K's `<<48/2=24>>` is dataset markup, not language), ending with the EOS token so the
     student learns where an answer stops."""
-    text = _CALCULATOR.sub("", example.answer).strip()
+    text = strip_calculator(example.answer).strip()
     if not text:
         raise PrimekdError(f"question {example.id} has an empty reference solution")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -230,8 +258,12 @@ def reference_tokens(tokenizer: Any, example: Example) -> list[int]:
 
 
 def check_config(config: TeachConfig) -> None:
+    from primekd.validate import check_teach
+
     def bad(message: str) -> None:
         raise PrimekdError(message)
+
+    check_teach(config)
 
     if config.target not in TARGETS:
         bad(f"--target must be one of {', '.join(TARGETS)}, not {config.target!r}")
@@ -310,10 +342,13 @@ def identity(config: TeachConfig, strategy: Strategy, tokenizer: Any) -> dict[st
             "temperature": config.temperature if generated else None,
             "max_new_tokens": config.max_new_tokens if generated else None,
             "seed": config.seed,
+            # only when set, so stores written before the option still resume
+            **({"stop_at_answer": True} if config.stop_at_answer and generated else {}),
         },
         "top_k": config.top_k,
         "keep": config.keep,
         "extractor": config.extractor,
+        **({"grading": "lenient"} if config.lenient else {}),
         "engine": config.engine,
         "shard": _shard_dict(config.shard),
     }
@@ -351,7 +386,10 @@ def _existing_manifest(out: Path, params: dict[str, Any]) -> dict[str, Any] | No
                 "or choose a new --out"
             )
         return manifest
-    strays = [p.name for p in out.iterdir() if p.name != ".lock"]
+    from primekd.outdir import MARKER, is_ours
+
+    strays = [p.name for p in out.iterdir()
+              if p.name not in (".lock", MARKER) and is_ours(p.name, "teach")]
     if strays:
         raise PrimekdError(f"{out} is not empty and holds no teacher store "
                            f"({', '.join(sorted(strays)[:3])}...); choose a new --out")
@@ -393,6 +431,12 @@ def _manifest(
             "correct": int(totals.get("correct", 0)),
         },
         "teacher_accuracy": totals["correct"] / rows if rows and generated else None,
+        "grading": "lenient" if config.lenient else "default",
+        "teacher_accuracy_strict": _share(totals, "correct_strict", rows, generated),
+        "teacher_accuracy_flexible": _share(totals, "correct_flexible", rows, generated),
+        "truncated": int(totals.get("truncated", 0)),
+        "truncation_rate": _share(totals, "truncated", rows, generated),
+        "no_number": int(totals.get("no_number", 0)),
         "mean_answer_tokens": totals["answer_tokens"] / rows if rows else None,
         "compute_seconds": round(totals.get("seconds", 0.0), 3),
         "generation_tokens_per_s": _rate(totals, "generated_tokens", "generation_seconds"),
@@ -406,6 +450,14 @@ def _manifest(
         "params": params,
         "params_hash": hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest(),
     }
+
+
+def _share(totals: dict[str, float], key: str, rows: int, generated: bool) -> float | None:
+    """A count over the rows as a fraction; None for reference targets or stores written
+    before the count was kept."""
+    if not rows or not generated or key not in totals:
+        return None
+    return totals[key] / rows
 
 
 def _rate(totals: dict[str, float], tokens: str, seconds: str) -> float | None:

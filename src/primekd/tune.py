@@ -18,10 +18,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import difflib
 import hashlib
 import json
-import os
+import math
 import random
 import time
 import traceback
@@ -33,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from primekd.errors import PrimekdError
-from primekd.io import atomic_write_text, read_yaml, write_json
+from primekd.errors import PrimekdError, did_you_mean
+from primekd.io import atomic_write, atomic_write_text, read_yaml, write_json
 
 if TYPE_CHECKING:
     import optuna
@@ -188,10 +187,8 @@ def _check_field(name: str, known: dict[str, Any]) -> None:
             "(use its command-line options), not by the search space"
         )
     if name not in known:
-        close = difflib.get_close_matches(name, list(known), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise PrimekdError(
-            f"search space: {name!r} is not a DistillConfig field{hint}; "
+            f"search space: {name!r} is not a DistillConfig field{did_you_mean(name, known)}; "
             f"fields: {', '.join(sorted(set(known) - set(RESERVED_FIELDS)))}"
         )
 
@@ -231,7 +228,21 @@ def _parse_choices(name: str, spec: dict[str, Any]) -> Param:
             raise PrimekdError(
                 f"search space: {name}: choice {choice!r} must be a string, number or boolean"
             )
+        _check_choice_type(name, choice)
     return Param(name, "categorical", choices=tuple(choices))
+
+
+def _check_choice_type(name: str, choice: Any) -> None:
+    """A choice must have the type of its distill option (`lora_r: [4, "eight"]` fails)."""
+    from primekd.distill_config import DistillConfig
+    from primekd.validate import check_distill_types
+
+    try:
+        check_distill_types(DistillConfig(**{name: choice}))
+    except PrimekdError as e:
+        raise PrimekdError(f"search space: {name}: choice {choice!r}: {e}") from None
+    except TypeError:
+        return  # not a distill field; _check_field reports that
 
 
 def _infer_kind(spec: dict[str, Any], default: Any) -> str:
@@ -245,12 +256,13 @@ def _number(name: str, key: str, value: Any) -> float:
     """A number from YAML; accepts `1e-5`, which PyYAML reads as a string."""
     if isinstance(value, bool):
         raise PrimekdError(f"search space: {name}.{key} must be a number, not {value!r}")
-    if isinstance(value, (int, float)):
-        return value
     try:
-        return float(value)
+        number = value if isinstance(value, (int, float)) else float(value)
     except (TypeError, ValueError):
         raise PrimekdError(f"search space: {name}.{key} must be a number, not {value!r}") from None
+    if not math.isfinite(number):
+        raise PrimekdError(f"search space: {name}.{key} must be a finite number, not {value!r}")
+    return number
 
 
 def _check_range(
@@ -508,8 +520,13 @@ def tune(config: TuneConfig, progress: bool = True) -> TuneResult:
     """
     import optuna
 
+    from primekd import outdir
+
     start = time.monotonic()
+    # no lock: several tune workers may share one --out
+    foreign = outdir.check_out(config.out, "tune")
     Path(config.out).mkdir(parents=True, exist_ok=True)
+    outdir.write_marker(Path(config.out), "tune", foreign)
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
@@ -988,7 +1005,5 @@ def _save(axes: Any, path: Path) -> None:
     figure = axes.get_figure()
     figure.set_size_inches(7, 4.5)
     figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=110, bbox_inches="tight"))
     plt.close(figure)

@@ -16,13 +16,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from scipy.stats import pearsonr, spearmanr
 
 from primekd.attention.hooks import AttentionCollector, ModelBank
 from primekd.attention.metrics import JS_METRIC, METRIC_LABELS, METRICS
 from primekd.chat import ChatPrompt, encode_prompts, render
 from primekd.data import Example, load_examples
 from primekd.errors import PrimekdError
-from primekd.io import read_jsonl, write_json
+from primekd.io import atomic_write, read_jsonl, write_json
 from primekd.progress import progress_bar
 
 DEFAULT_LIMIT = 32
@@ -48,6 +49,7 @@ class AttentionConfig:
     base_name: str = "base"
     device: str | None = None
     plots: bool = True
+    force: bool = False  # write into a non-empty --out of someone else's (never overwriting)
 
 
 @dataclass
@@ -67,7 +69,15 @@ class _Prompt:
 
 def analyse(config: AttentionConfig, progress: bool = True) -> AttentionResult:
     """Run the analysis and write every output into `config.out`."""
+    from primekd import outdir
+
     validate(config)
+    outdir.check_out(config.out, "attention", config.force)  # before minutes of computing
+    with outdir.claimed(config.out, "attention", config.force):
+        return _analyse(config, progress)
+
+
+def _analyse(config: AttentionConfig, progress: bool) -> AttentionResult:
     started = time.time()
     out_dir = Path(config.out)
     accuracies = {name: accuracy(path) for name, path in config.results.items()}
@@ -97,6 +107,14 @@ def analyse(config: AttentionConfig, progress: bool = True) -> AttentionResult:
 
 
 def validate(config: AttentionConfig) -> None:
+    from primekd import validate as checks
+
+    checks.data_slice(config)
+    checks.integer("max_length", config.max_length)
+    checks.number("threshold", config.threshold)
+    checks.integer("top_k", config.top_k)
+    checks.integer("heads_top", config.heads_top)
+    checks.device(config.device)
     if config.max_length < 2:
         raise PrimekdError("--max-length must be at least 2 tokens")
     if not 0 < config.threshold <= 1:
@@ -306,17 +324,9 @@ def accuracy_correlation(table: pd.DataFrame, accuracies: dict[str, float]) -> p
 def _correlations(values: np.ndarray, target: np.ndarray) -> tuple[int, float, float]:
     keep = ~np.isnan(values)
     x, y = values[keep], target[keep]
-    if len(x) < 2:
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:  # undefined: nan, without a warning
         return len(x), float("nan"), float("nan")
-    from scipy.stats import rankdata
-
-    return len(x), _pearson(x, y), _pearson(rankdata(x), rankdata(y))
-
-
-def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-    dx, dy = x - x.mean(), y - y.mean()
-    denominator = np.sqrt((dx**2).sum() * (dy**2).sum())
-    return float((dx * dy).sum() / denominator) if denominator > 0 else float("nan")
+    return len(x), float(pearsonr(x, y).statistic), float(spearmanr(x, y).statistic)
 
 
 def _plot_heads(ranking: pd.DataFrame, table: pd.DataFrame, count: int) -> list[tuple[int, int]]:
@@ -350,20 +360,14 @@ def capture_maps(
 def _write_tables(
     out_dir: Path, table: pd.DataFrame, ranking: pd.DataFrame, correlation: pd.DataFrame
 ) -> None:
-    _atomic(out_dir / "head_metrics.parquet", lambda path: table.to_parquet(path, index=False))
-    _atomic(out_dir / "head_metrics.csv", lambda path: table.to_csv(path, index=False))
-    _atomic(out_dir / "head_ranking.csv", lambda path: ranking.to_csv(path, index=False))
+    atomic_write(out_dir / "head_metrics.parquet", lambda path: table.to_parquet(path, index=False))
+    atomic_write(out_dir / "head_metrics.csv", lambda path: table.to_csv(path, index=False))
+    atomic_write(out_dir / "head_ranking.csv", lambda path: ranking.to_csv(path, index=False))
     correlation_path = out_dir / "accuracy_correlation.csv"
     if len(correlation):
-        _atomic(correlation_path, lambda path: correlation.to_csv(path, index=False))
+        atomic_write(correlation_path, lambda path: correlation.to_csv(path, index=False))
     else:
         correlation_path.unlink(missing_ok=True)
-
-
-def _atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    tmp.replace(path)
 
 
 def _write_plots(

@@ -16,13 +16,15 @@ from matplotlib.colors import PowerNorm  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from primekd.attention.metrics import METRIC_LABELS, METRICS  # noqa: E402
+from primekd.io import atomic_write  # noqa: E402
 
 DPI = 110
 
 
 def _save(fig: plt.Figure, path: Path, tight: bool = True) -> Path:
     """Write and close; `tight=False` for figures already laid out by tight_layout."""
-    fig.savefig(path, dpi=DPI, bbox_inches="tight" if tight else None)
+    bbox = "tight" if tight else None
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=DPI, bbox_inches=bbox))
     plt.close(fig)
     return path
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from rich.markup import escape
+
 from primekd.cli.app import app, err_console, state
 from primekd.errors import PrimekdError
 
@@ -20,22 +22,30 @@ from primekd.cli import (  # noqa: E402,F401  isort: skip
 )
 
 
+_INTERRUPTED = "interrupted: finished work is saved; rerun the same command to resume"
+
+
 def main() -> None:
     try:
         app()
     except PrimekdError as e:
         if state.debug:
             raise
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False,
+                          soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        err_console.print("interrupted: finished work is saved; rerun the same command to resume")
+        err_console.print(_INTERRUPTED, highlight=False)
         sys.exit(130)
+    except SystemExit as e:
+        if e.code == 130:  # typer turns Ctrl-C into a silent exit 130
+            err_console.print(_INTERRUPTED, highlight=False)
+        raise
     except Exception as e:  # noqa: BLE001 - unexpected failures still get one line
         if state.debug:
             raise
         err_console.print(
-            f"[bold red]internal error:[/] {type(e).__name__}: {e} "
+            f"[bold red]internal error:[/] {type(e).__name__}: {escape(str(e))} "
             "(rerun with --debug for the traceback)",
             highlight=False,
             soft_wrap=True,

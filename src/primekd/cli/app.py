@@ -11,6 +11,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # help texts are plain: `[...]` and `[vllm]` stay as written
 )
 console = Console()
 err_console = Console(stderr=True)
@@ -23,9 +24,19 @@ class State:
 state = State()
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from primekd import __version__
+
+        typer.echo(f"primekd {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                 help="Print the primekd version and exit."),
 ) -> None:
     state.debug = debug
     _quiet_libraries()

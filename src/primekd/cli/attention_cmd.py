@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
 from primekd.cli.app import app, console
 from primekd.errors import PrimekdError
+from primekd.io import dumps
 
 
 def parse_named(values: list[str], option: str) -> dict[str, str]:
@@ -71,6 +71,9 @@ def attention_command(
     no_plots: bool = typer.Option(False, "--no-plots", help="Write the tables only."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
     out: Path = typer.Option(..., "--out", help="Output directory (created if missing)."),
+    force: bool = typer.Option(False, "--force", help="Write into a non-empty --out that "
+                               "primekd did not make, beside the files there (never "
+                               "overwriting or deleting them)."),
 ) -> None:
     """Per-head attention metrics of a model and its adapters, compared on identical tokens.
 
@@ -97,10 +100,11 @@ def attention_command(
         results=parse_named(results, "--results"),
         device=device,
         plots=not no_plots,
+        force=force,
     )
     result = analyse(config, progress=True)
     if as_json:
-        print(json.dumps(result.summary, indent=2, default=str))
+        print(dumps(result.summary, indent=2, default=str))
         return
     _print_summary(result.summary, out)
 

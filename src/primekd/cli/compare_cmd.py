@@ -34,7 +34,12 @@ def compare_command(
     extractor: str = typer.Option(
         "default",
         "--extractor",
-        help="Extractor for rows that have no `correct` field: `default` or `paper`.",
+        help="Extractor for rows that have no `correct` field: `default`, `paper` or "
+        "`math-verify`.",
+    ),
+    lenient: bool = typer.Option(
+        False, "--lenient",
+        help="For rows graded here: count a truncated answer's last number (harness-style).",
     ),
     bootstrap: int = typer.Option(
         10_000, "--bootstrap", help="Resamples for the paired bootstrap interval (>= 100)."
@@ -50,7 +55,8 @@ def compare_command(
     """Accuracy with Wilson 95% intervals per file; against the reference, the difference
     in points, exact McNemar p, a paired bootstrap 95% interval and Holm-adjusted p."""
     with err_console.status(f"comparing {len(files)} file(s), {bootstrap} bootstrap resamples"):
-        comparison = compare_files(files, reference, extractor, match, bootstrap, seed)
+        comparison = compare_files(files, reference, extractor, match, bootstrap, seed,
+                                   lenient)
     if json_output:
         print(json.dumps(comparison.to_dict()))
     else:

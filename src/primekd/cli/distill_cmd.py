@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ from rich.table import Table
 
 from primekd.cli.app import app, console
 from primekd.distill_config import DistillConfig, config_from_dict, load_distill_config
+from primekd.io import dumps
 
 _D = DistillConfig()
 
@@ -41,8 +41,9 @@ def distill_command(
     limit: int = _opt("--limit", help="Use only the first N questions (by id)."),
     val_size: int = _opt("--val-size", help="Questions held out of training for the "
                          f"validation loss, every --eval-steps (default: {_D.val_size})."),
-    prompt: str = _opt("--prompt", help="Student prompt template (text with {question}, or "
-                       "a file); default: the zero-shot template `primekd eval` uses."),
+    prompt: str = _opt("--prompt", help="Student prompt template (Jinja text with "
+                       "{{ question }}, or a file); default: the zero-shot template "
+                       "`primekd eval` uses."),
     divergence: str = _opt("--divergence", help="forward_kl, reverse_kl, jsd, skew_kl or tvd "
                            f" (default: {_D.divergence})."),
     alpha: float = _opt("--alpha", help="Weight of CE; the divergence gets 1 - alpha. 1 = "
@@ -99,6 +100,9 @@ def distill_command(
     resume: bool = typer.Option(None, "--resume/--no-resume", show_default=False,
                                 help="Continue a killed run in --out from its last "
                                 "checkpoint."),
+    force: bool = typer.Option(None, "--force", show_default=False,
+                               help="Write into a non-empty --out that primekd did not make, "
+                               "beside the files there (never overwriting or deleting them)."),
     on_policy: bool = typer.Option(
         None, "--on-policy/--off-policy", show_default=False,
         help="On-policy distillation: in rounds the student answers training questions, the "
@@ -156,11 +160,16 @@ def distill_command(
                                    if m.strip()]
     config = (load_distill_config(config_file, **given) if config_file
               else config_from_dict(given, source="options"))
+    from primekd.distill_config import check_config
+    from primekd.outdir import check_out
+
+    check_config(config)  # before the seconds it takes to import torch and transformers
+    check_out(config.out, "distill", config.force)
     from primekd.distill import distill  # torch and transformers: load only to train
 
     result = distill(config, progress=not quiet)
     if as_json:
-        print(json.dumps(result.summary, indent=2, default=str))
+        print(dumps(result.summary, indent=2, default=str))
         return
     _print_summary(result.summary)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from primekd.cli.app import (
     engine_options,
 )
 from primekd.evaluate import EvalConfig, evaluate
+from primekd.io import dumps
 from primekd.models import BUNDLED_ALIAS
 
 
@@ -72,8 +72,8 @@ def eval_command(
     prompt: str | None = typer.Option(
         None, "--prompt",
         help="Custom prompt template (the user turn), as text or a path to a file; "
-        "`{question}` marks where the question goes. Default: zero-shot, step by step, "
-        "ending with 'The answer is N'.",
+        "a Jinja template, `{{ question }}` marks where the question goes. Default: "
+        "zero-shot, step by step, ending with 'The answer is N'.",
     ),
     few_shot: int = typer.Option(
         0, "--few-shot",
@@ -82,7 +82,18 @@ def eval_command(
     extractor: str = typer.Option(
         "default", "--extractor",
         help="How to find the final answer: `default` (boxed, ####, 'the answer is', "
-        "'Answer:', last number) or `paper` (the precedence of Goyal et al. 2024).",
+        "'Answer:', last number), `paper` (the precedence of Goyal et al. 2024) or "
+        "`math-verify` (Hugging Face's Math-Verify).",
+    ),
+    lenient: bool = typer.Option(
+        False, "--lenient",
+        help="Count a truncated answer's last number (harness-style flexible grading). By "
+        "default an answer cut at --max-new-tokens without a stated answer is wrong.",
+    ),
+    stop_at_answer: bool = typer.Option(
+        False, "--stop-at-answer",
+        help="End each answer at the end of its final-answer line ('The answer is N.', "
+        "'#### N', a closed \\boxed{}): saves tokens and keeps rambling out of the grade.",
     ),
     device: str | None = typer.Option(
         None, "--device", help="hf engine: cpu, cuda, cuda:1, mps, ... (default: cuda if "
@@ -94,6 +105,11 @@ def eval_command(
     json_output: bool = typer.Option(
         False, "--json", help="Print summary.json to stdout instead of a table."
     ),
+    force: bool = typer.Option(
+        False, "--force",
+        help="Write into a non-empty --out that primekd did not make, beside the files "
+        "there (never overwriting or deleting them).",
+    ),
 ) -> None:
     """Answer questions with a model (+ adapter), grade them, and write results + summary."""
     config = EvalConfig(
@@ -101,11 +117,12 @@ def eval_command(
         limit=limit, offset=offset, sample=sample, seed=seed, batch_size=batch_size,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, prompt=prompt,
         few_shot=few_shot, extractor=extractor, device=device, engine=engine,
-        base_url=base_url, engine_options=engine_options(engine_option),
+        base_url=base_url, engine_options=engine_options(engine_option), lenient=lenient,
+        stop_at_answer=stop_at_answer, force=force,
     )
     summary = evaluate(config, progress=True)
     if json_output:
-        print(json.dumps(summary))
+        print(dumps(summary))
     else:
         _print_summary(summary, out)
 
@@ -121,5 +138,9 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
         f"--max-new-tokens{speed}",
         highlight=False,
     )
+    console.print(
+        f"strict (stated answer only) {100 * summary['accuracy_strict']:.1f}%, flexible "
+        f"(last number anywhere) {100 * summary['accuracy_flexible']:.1f}%, grading "
+        f"{summary['grading']}", highlight=False)
     console.print(f"results in {out / 'results.jsonl'}, summary in {out / 'summary.json'}",
                   highlight=False)

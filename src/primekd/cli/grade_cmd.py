@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
+from rich.table import Table
 
+from primekd import grading
 from primekd.cli.app import app, console
-from primekd.grading import grade_file
+from primekd.grading import check_extractor, grade_file, summarize_grades
 from primekd.io import atomic_write_text
-from primekd.stats import summarize
 
 
 @app.command("grade")
@@ -26,37 +28,95 @@ def grade_command(
         "default",
         "--extractor",
         help="How to find the final answer: `default` (boxed, ####, 'the answer is', "
-        "'Answer:', last number) or `paper` (Goyal et al. 2024: boxed, an agreeing first "
-        "line, 'the answer is', last number).",
+        "'Answer:', last number), `paper` (Goyal et al. 2024: boxed, an agreeing first "
+        "line, 'the answer is', last number) or `math-verify` (Hugging Face's Math-Verify).",
+    ),
+    lenient: bool = typer.Option(
+        False,
+        "--lenient",
+        help="Count a truncated answer's last number as its answer (the flexible rule of "
+        "lm-evaluation-harness), for comparison with harnesses. By default an answer that "
+        "hit the token limit (`finish_reason: length`) without a stated answer is wrong.",
+    ),
+    cross_check: bool = typer.Option(
+        False,
+        "--cross-check",
+        help="Also grade with every extractor (default, paper, math-verify) and list, for "
+        "each pair, the rows on which they disagree, with up to 5 examples of each kind.",
     ),
     out: Path | None = typer.Option(
         None,
         "--out",
         help="Write the graded rows here as JSONL: every input field plus `gold`, "
-        "`extracted` (number or null) and `correct`.",
+        "`extracted` (number or null), `correct`, `found_by`, `no_answer`, `truncated`, "
+        "`correct_strict` and `correct_flexible`.",
     ),
     json_output: bool = typer.Option(
         False,
         "--json",
         help='Print one JSON object: {"n", "correct", "accuracy", "ci95": [lo, hi], '
-        '"no_answer"}.',
+        '"no_answer", "accuracy_strict", "accuracy_flexible", "truncated", "no_number", ...} '
+        "(every key in docs/grading.md).",
     ),
 ) -> None:
     """Grade model outputs from any source: extract each final number and check it."""
-    rows = grade_file(file, extractor)
-    summary = summarize([row["correct"] for row in rows],
-                        no_answer=sum(row["extracted"] is None for row in rows))
+    check_extractor(extractor)
+    rows = grade_file(file, extractor, lenient)
+    summary = {**summarize_grades(rows), "extractor": extractor,
+               "grading": "lenient" if lenient else "default"}
+    if cross_check:
+        summary["cross_check"] = grading.cross_check(rows, lenient=lenient)
     if out is not None:
         atomic_write_text(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     if json_output:
         print(json.dumps(summary))
         return
-    lo, hi = summary["ci95"]
-    console.print(
-        f"[bold]{summary['correct']}/{summary['n']}[/] correct: "
-        f"[bold]{100 * summary['accuracy']:.1f}%[/] (95% CI {100 * lo:.1f}–{100 * hi:.1f}%), "
-        f"{summary['no_answer']} without an answer, extractor {extractor}",
-        highlight=False,
-    )
+    for line in summary_lines(summary):
+        console.print(line, highlight=False)
+    if cross_check:
+        console.print(cross_check_table(summary["cross_check"]))
     if out is not None:
         console.print(f"graded rows written to {out}", highlight=False)
+
+
+def summary_lines(s: dict[str, Any]) -> list[str]:
+    """The human summary of `grade`: accuracy under the rule, strict/flexible beside it,
+    and what truncation did."""
+    lo, hi = s["ci95"]
+    lines = [
+        f"[bold]{s['correct']}/{s['n']}[/] correct: [bold]{100 * s['accuracy']:.1f}%[/] "
+        f"(95% CI {100 * lo:.1f}–{100 * hi:.1f}%), grading {s['grading']}, "
+        f"extractor {s['extractor']}",
+        f"strict (stated answer only) {100 * s['accuracy_strict']:.1f}%, flexible (last "
+        f"number anywhere) {100 * s['accuracy_flexible']:.1f}%",
+    ]
+    if s["truncation_known"]:
+        lines.append(f"{s['truncated']} truncated at the token limit "
+                     f"({s['truncated_no_marker']} without a stated answer), "
+                     f"{s['no_number']} without any number")
+    else:
+        lines.append(f"[yellow]truncation unknown for {s['truncation_unknown_rows']} row(s) "
+                     "(no `finish_reason` or `truncated` field): graded as complete answers"
+                     f"[/]; {s['no_number']} without any number")
+    return lines
+
+
+def cross_check_table(result: dict[str, Any]) -> Table:
+    table = Table(title="extractor agreement (rows graded differently)", title_justify="left")
+    for header in ("extractors", "disagree", "only first correct", "only second correct",
+                   "examples (row: gold, first, second)"):
+        table.add_column(header, justify="left" if header.startswith("ex") else "right")
+    for pair in result["pairs"]:
+        a, b = pair["a"], pair["b"]
+        shown = [f"{e['row']}: {_n(e['gold'])}, {_n(e[a])}, {_n(e[b])}"
+                 for kind in ("only_a_correct", "only_b_correct")
+                 for e in pair["examples"][kind]]
+        table.add_row(f"{a} vs {b}", str(pair["disagree"]), str(pair["only_a_correct"]),
+                      str(pair["only_b_correct"]), "; ".join(shown) or "–")
+    return table
+
+
+def _n(value: float | None) -> str:
+    if value is None:
+        return "none"
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from primekd import experiment
 from primekd.cli.app import app, console
 from primekd.errors import PrimekdError
 from primekd.experiment import RunSummary, Stage
+from primekd.io import dumps
 
 _STATE_TEXT = {
     "cached": "[green]cached[/]",
@@ -54,9 +54,20 @@ def run_command(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="List the stages and whether each is cached, run nothing.",
     ),
+    force: bool = typer.Option(
+        False, "--force",
+        help="Run in a non-empty --out that primekd did not make, beside the files there "
+        "(never overwriting or deleting them).",
+    ),
     json_output: bool = typer.Option(
         False, "--json", help="Print one JSON object (stages, wall times, report paths) "
         "instead of progress and tables.",
+    ),
+    only: list[str] = typer.Option(
+        [], "--only", help="Run only this stage (a name from --dry-run, or a glob such as "
+        "'teacher/none/shard-*'); its upstream stages must be complete. Repeatable. Several "
+        "`run --only` processes can share the run directory, e.g. one per teacher shard.",
+        show_default=False,
     ),
 ) -> None:
     """Run the experiment: teachers per priming strategy, students, evaluation, attention
@@ -80,10 +91,10 @@ def run_command(
         return
     summary = experiment.run_experiment(
         resolved, run_dir, progress=not json_output,
-        callback=None if json_output else _announce,
+        callback=None if json_output else _announce, force=force, only=only or None,
     )
     if json_output:
-        typer.echo(json.dumps(summary.to_dict(), indent=2))
+        typer.echo(dumps(summary.to_dict(), indent=2))
         return
     _print_summary(summary)
 
@@ -111,7 +122,7 @@ def _print_plan(stages: list[Stage], json_output: bool) -> None:
     rows = [{"stage": s.name, "state": s.state(), "hash": s.hash, "directory": str(s.directory),
              "upstream": list(s.upstream)} for s in stages]
     if json_output:
-        typer.echo(json.dumps({"stages": rows}, indent=2))
+        typer.echo(dumps({"stages": rows}, indent=2))
         return
     table = Table(title="stages (--dry-run: nothing runs)")
     for header in ("stage", "would", "hash", "needs"):
@@ -134,8 +145,10 @@ def _print_summary(summary: RunSummary) -> None:
         table.add_row(outcome.name, status, f"{outcome.wall_time_s:.1f}")
     console.print(table)
     ran = sum(o.ran for o in summary.stages)
+    reported = any(o.name == "report" for o in summary.stages)
     console.print(
         f"{ran} stage(s) ran, {len(summary.stages) - ran} cached, "
-        f"{summary.wall_time_s:.1f} s. Report: {summary.report_html}",
+        f"{summary.wall_time_s:.1f} s. "
+        + (f"Report: {summary.report_html}" if reported else "No report (--only)."),
         highlight=False,
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -17,6 +16,7 @@ from primekd.cli.app import (
     engine_options,
 )
 from primekd.errors import PrimekdError
+from primekd.io import dumps
 from primekd.priming import all_strategies
 from primekd.teacher import TeachConfig, teach
 
@@ -68,6 +68,15 @@ def teach_command(
                                    "the hf engine's batch)."),
     device: str = typer.Option(None, "--device", help="Torch device for --engine hf "
                                "(default: cuda if available, else cpu)."),
+    stop_at_answer: bool = typer.Option(False, "--stop-at-answer", help="End each answer "
+                                        "at its final-answer line ('The answer is N.', "
+                                        "'#### N'), followed by the end-of-turn token."),
+    lenient: bool = typer.Option(False, "--lenient", help="Grade a truncated answer by its "
+                                 "last number (by default it is wrong without a stated "
+                                 "answer); affects `correct` and --keep correct."),
+    force: bool = typer.Option(False, "--force", help="Write into a non-empty --out that "
+                               "primekd did not make, beside the files there (never "
+                               "overwriting or deleting them)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Run a teacher under a priming strategy and write a teacher store (resumable)."""
@@ -83,11 +92,12 @@ def teach_command(
         samples_per_question=samples_per_question, temperature=temperature,
         max_new_tokens=max_new_tokens, top_k=top_k, target=target, keep=keep,
         shard=shard, batch_size=batch_size, device=device, engine=engine, base_url=base_url,
-        engine_options=engine_options(engine_option),
+        engine_options=engine_options(engine_option), stop_at_answer=stop_at_answer,
+        lenient=lenient, force=force,
     )
     manifest = teach(config, progress=True)
     if as_json:
-        print(json.dumps(manifest, indent=2, ensure_ascii=False))
+        print(dumps(manifest, indent=2, ensure_ascii=False))
     else:
         _print_summary(manifest, out)
 
@@ -95,7 +105,7 @@ def teach_command(
 def _print_strategies(strategies_file: Path | None, as_json: bool) -> None:
     strategies = all_strategies(strategies_file)
     if as_json:
-        print(json.dumps([s.to_dict() for s in strategies.values()], indent=2,
+        print(dumps([s.to_dict() for s in strategies.values()], indent=2,
                          ensure_ascii=False))
         return
     for s in strategies.values():

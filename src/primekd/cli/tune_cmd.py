@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
 
 from primekd.cli.app import app, console
+from primekd.io import dumps
 
 if TYPE_CHECKING:
     from primekd.tune import TuneResult
@@ -131,7 +131,7 @@ def tune_command(
     )
     result = tune(config, progress=True)
     if as_json:
-        print(json.dumps(result.to_dict(), indent=2, default=str))
+        print(dumps(result.to_dict(), indent=2, default=str))
         return
     _print_summary(result)
 

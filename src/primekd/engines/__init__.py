@@ -46,6 +46,9 @@ class SamplingParams:
     # hf engine also stops a row as soon as it applies; the vllm engine cuts after
     # generation. Deterministic, and not part of the run identity: name it there yourself.
     cut: Cut | None = field(default=None, compare=False, repr=False)
+    # hf engine: look for the cut only after a token whose text holds this (None: every
+    # token), e.g. "\n" for a cut that ends lines: fewer decodes per step
+    cut_trigger: str | None = field(default=None, compare=False, repr=False)
     eos_after_cut: bool = False  # teachers: end a cut answer with EOS (its log-probs too)
 
     def validate(self) -> None:

@@ -150,15 +150,21 @@ def _cut_criteria(tokenizer: Any, sampling: SamplingParams, prompt_width: int) -
     """A `StoppingCriteriaList` that ends each row once `sampling.cut` finds its end."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
+    trigger = sampling.cut_trigger
+
+    def ended(ids: list[int]) -> bool:
+        if not ids or (trigger is not None and trigger not in tokenizer.decode(
+                ids[-1:], skip_special_tokens=True)):
+            return False  # nothing new that could complete the cut (a finished row stays so)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        end = sampling.cut(text)
+        return end is not None and end <= len(text)
+
     class CutStop(StoppingCriteria):
         def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
             import torch
 
-            rows = input_ids[:, prompt_width:].tolist()
-            texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in rows]
-            ends = [sampling.cut(t) for t in texts]
-            return torch.tensor([end is not None and end <= len(t)
-                                 for end, t in zip(ends, texts, strict=True)],
+            return torch.tensor([ended(ids) for ids in input_ids[:, prompt_width:].tolist()],
                                 dtype=torch.bool, device=input_ids.device)
 
     return StoppingCriteriaList([CutStop()])
