@@ -296,3 +296,25 @@ def test_run_config_on_policy_entries(tmp_path):
                            ({"strategy": "none", "lmbda": "high"}, "lmbda")):
         with pytest.raises(PrimekdError, match=message):
             build(entry)
+
+
+def test_each_round_rolls_out_the_student_trained_so_far(tiny_model_dir, tmp_path):
+    """Round 1's rollouts (same questions as round 0) are the greedy answers of the adapter
+    checkpointed at the end of round 0, and differ from round 0's: the student moved."""
+    from peft import PeftModel
+
+    from primekd.engines import SamplingParams, collect
+    from primekd.engines.hf import HFEngine
+
+    out = tmp_path / "two"
+    distill(_config(tiny_model_dir, out, rounds=2, round_size=4, limit=4, lr=5e-2),
+            progress=False)
+    first, second = (_rows(out / "rounds" / f"round-00{r}") for r in (0, 1))
+    assert [r["id"] for r in first] == [r["id"] for r in second]
+    assert [r["token_ids"] for r in first] != [r["token_ids"] for r in second]
+    checkpoint = json.loads((out / "rounds.json").read_text())["rounds"][0]["checkpoint"]
+    base, tok = _base(tiny_model_dir)
+    student = PeftModel.from_pretrained(base, checkpoint).eval()
+    prompts = student_prompts(tok, [r["question"] for r in second], None)
+    answers = collect(HFEngine(student, tok).generate(prompts, SamplingParams(12)), len(prompts))
+    assert [a.token_ids for a in answers] == [r["token_ids"] for r in second]
