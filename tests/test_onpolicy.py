@@ -197,7 +197,8 @@ def test_lmbda_zero_reproduces_off_policy_training(tiny_model_dir, tmp_path):
 def test_lmbda_mixes_on_and_off_policy_sequences(tiny_model_dir, tmp_path):
     teacher = write_store(tiny_model_dir, tmp_path / "teacher", n=6, top_k=TOP_K)
     result = distill(_config(tiny_model_dir, tmp_path / "mix", teacher_store=str(teacher),
-                             lmbda=0.5, rounds=1, round_size=4), progress=False)
+                             lmbda=0.5, rounds=1, round_size=4, rollout_stop_at_answer=True),
+                     progress=False)
     (record,) = result.summary["on_policy"]["rounds"]
     assert record["on_sequences"] == 2 and record["off_sequences"] == 2
     assert len(_rows(tmp_path / "mix" / "rounds" / "round-000")) == 2

@@ -79,6 +79,7 @@ class DistillConfig:
     samples_per_question: int = 1
     rollout_temperature: float = 1.0
     rollout_max_new_tokens: int = 256
+    rollout_stop_at_answer: bool = False  # cut rollouts after the final-answer line (+ EOS)
     top_k: int = 20  # the teacher's top-k per student token (a --teacher-store's own k)
     engine: str = "hf"  # rollouts and scoring: hf (this process) or vllm
     engine_options: dict[str, Any] = field(default_factory=dict)

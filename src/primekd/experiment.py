@@ -196,7 +196,8 @@ class StageKind:
 
 # Set per on-policy student (its `on_policy` entry; `teacher`, `engine` from the experiment)
 ON_POLICY_ENTRY = ("strategy", "lmbda", "rounds", "round_size", "samples_per_question",
-                   "rollout_temperature", "rollout_max_new_tokens", "top_k")
+                   "rollout_temperature", "rollout_max_new_tokens", "rollout_stop_at_answer",
+                   "top_k")
 ON_POLICY_FIELDS = ("on_policy", "teacher", "strategies_file", "engine", "engine_options",
                     *ON_POLICY_ENTRY)
 STAGE_KINDS: dict[str, StageKind] = {

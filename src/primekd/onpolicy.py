@@ -277,8 +277,11 @@ def _rollouts(config: DistillConfig, model: Any, tokenizer: Any, teacher: _Teach
     if todo:
         prompts = student_prompts(tokenizer, [e.question for e, _ in todo], config.prompt)
         seed = zlib.crc32(f"{config.seed}:on-policy:{r}".encode())
+        from primekd.answer_stop import sampling_options
+
+        stop = sampling_options(config.rollout_stop_at_answer)
         sampling = SamplingParams(config.rollout_max_new_tokens, config.rollout_temperature,
-                                  1.0, seed)
+                                  1.0, seed, eos_after_cut=bool(stop), **stop)
         engine = teacher.student_engine(model, r)
         with path.open("a", encoding="utf-8") as handle:
             for i, generation in engine.generate(prompts, sampling):
@@ -365,6 +368,7 @@ def _manifest(config: DistillConfig, round_dir: Path, strategy: Strategy, tokeni
               "generation": {"samples_per_question": config.samples_per_question,
                              "temperature": config.rollout_temperature,
                              "max_new_tokens": config.rollout_max_new_tokens,
+                             "stop_at_answer": config.rollout_stop_at_answer,
                              "seed": config.seed},
               "top_k": config.top_k, "keep": "all", "engine": config.engine, "shard": None}
     return {

@@ -128,6 +128,10 @@ def distill_command(
     rollout_max_new_tokens: int = _opt("--rollout-max-new-tokens", help="On-policy: longest "
                                        "rollout in tokens "
                                        f"(default: {_D.rollout_max_new_tokens})."),
+    rollout_stop_at_answer: bool = typer.Option(
+        None, "--rollout-stop-at-answer/--no-rollout-stop-at-answer", show_default=False,
+        help="On-policy: end each rollout at its final-answer line, then EOS (scored by the "
+        "teacher like every token, so the student learns to stop) (default: off)."),
     top_k: int = _opt("--top-k", help="On-policy: teacher log-probs kept per student token "
                       f"(default: {_D.top_k}; with --teacher-store, the store's k)."),
     engine: str = _opt("--engine", help="On-policy: hf (in this process) or vllm for "
