@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 SECTIONS = ("Results in the paper's layout", "Results", "Teachers", "Training curves",
             "Worked examples", "Compute", "Attention heads", "Reproduce")
-EXPERIMENTS = ("base", "sft", "kd-none", "kd-ground_truth")
+EXPERIMENTS = ("base", "sft", "kd-none", "kd-ground_truth", "op-ground_truth")
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu",
                   "--disable-background-networking", "--disable-component-update",
                   "--disable-sync", "--no-first-run", "--disable-dev-shm-usage")
@@ -40,6 +40,7 @@ distill: {{max_steps: 2, batch_size: 2, logging_steps: 1, val_size: 1, eval_step
            save_steps: 1, max_length: 1024, lora_r: 2, lora_alpha: 4}}
 eval: {{max_new_tokens: 8, batch_size: 4}}
 attention: {{enabled: true, sample: 2, max_length: 48, heads_top: 1}}
+on_policy: [{{strategy: ground_truth, rounds: 2, round_size: 2, rollout_max_new_tokens: 8}}]
 report: {{examples: 1}}
 """
 
@@ -89,7 +90,7 @@ def test_every_stage_and_report_section(run_dir: Path) -> None:
     assert "Small sample" in results
     teachers = md.split("## Teachers", 1)[1].split("## Training", 1)[0]
     assert "| `none` |" in teachers and "| `ground_truth` |" in teachers
-    for name in ("sft", "kd-none", "kd-ground_truth"):
+    for name in ("sft", "kd-none", "kd-ground_truth", "op-ground_truth"):
         assert (run_dir / "report_files" / f"curves-{name}.png").stat().st_size > 1000
     assert (run_dir / "report_files" / "accuracy.png").stat().st_size > 1000
     examples = md.split("## Worked examples", 1)[1].split("## Compute", 1)[0]
@@ -97,6 +98,13 @@ def test_every_stage_and_report_section(run_dir: Path) -> None:
     compute = md.split("## Compute", 1)[1].split("## Attention", 1)[0]
     assert "`teacher/none`" in compute and "`eval/kd-ground_truth`" in compute
     assert "**total**" in compute
+    assert "On-policy students" in compute and "| `op-ground_truth` | ground_truth |" in compute
+    on_policy = json.loads((run_dir / "students" / "op-ground_truth" / "summary.json")
+                           .read_text())["on_policy"]
+    assert len(on_policy["rounds"]) == 2 and on_policy["lmbda"] == 1.0
+    assert on_policy["strategy"] == "ground_truth" and on_policy["cost_s"]["rollout_s"] > 0
+    assert (run_dir / "students" / "op-ground_truth" / "rounds" / "round-001" /
+            "manifest.json").exists()
     attention = md.split("## Attention heads", 1)[1].split("## Reproduce", 1)[0]
     assert "attention/plots/" in attention
     reproduce = md.split("## Reproduce", 1)[1]
@@ -201,7 +209,8 @@ def test_sharded_teacher_stages_train_one_student(run_dir: Path, tmp_path: Path)
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     config = load_config(run_dir / "config.yaml", overrides=[
-        "teacher_shards=2", "strategies=[none]", "controls=[]", "attention.enabled=false"])
+        "teacher_shards=2", "strategies=[none]", "controls=[]", "attention.enabled=false",
+        "on_policy=[]"])
     for shard in ("teacher/none/shard-1-of-2", "teacher/none/shard-0-of-2"):
         summary = run_experiment(config, copy, progress=False, only=[shard])
         assert [s.name for s in summary.stages if s.ran] == [shard]

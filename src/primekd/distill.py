@@ -795,6 +795,10 @@ def _checkpointing_args(enabled: bool) -> dict[str, Any]:
 def distill(config: DistillConfig, callbacks: list[TrainerCallback] | None = None,
             progress: bool = True) -> DistillResult:
     """Train a student adapter (or full model) as `config` says; write everything to `out`."""
+    if config.on_policy:
+        from primekd.onpolicy import distill_on_policy
+
+        return distill_on_policy(config, progress)
     check_config(config)
     out = Path(config.out)
     with _claimed(out, config.force):

@@ -70,6 +70,21 @@ class DistillConfig:
     num_workers: int = 0
     resume: bool = False
     force: bool = False  # write into a non-empty --out of someone else's (never overwriting)
+    # on-policy distillation (`--on-policy`, see primekd.onpolicy and docs/distill.md)
+    on_policy: bool = False
+    teacher: str | None = None  # the scoring teacher; None: the student's base model
+    strategy: str = "ground_truth"  # the teacher's priming strategy when it scores
+    strategies_file: str | None = None
+    lmbda: float = 1.0  # on-policy share of each round's sequences (rest: --teacher-store)
+    rounds: int = 4
+    round_size: int = 16  # sequences' questions per round (x samples_per_question)
+    samples_per_question: int = 1
+    rollout_temperature: float = 1.0
+    rollout_max_new_tokens: int = 256
+    rollout_stop_at_answer: bool = False  # cut rollouts after the final-answer line (+ EOS)
+    top_k: int = 20  # the teacher's top-k per student token (a --teacher-store's own k)
+    engine: str = "hf"  # rollouts and scoring: hf (this process) or vllm
+    engine_options: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,12 +132,14 @@ def check_config(config: DistillConfig) -> None:
         bad("--out is required: the directory for the adapter, logs and checkpoints")
     if config.objective not in OBJECTIVES:
         bad(f"--objective must be one of {', '.join(OBJECTIVES)}, not {config.objective!r}")
-    if config.objective == "kd" and not config.teacher_store:
+    if config.on_policy:
+        _check_on_policy(config)
+    elif config.objective == "kd" and not config.teacher_store:
         bad("--objective kd needs --teacher-store DIR (from `primekd teach`); to train on "
             "GSM8K references instead use --objective sft --data train")
     if config.keep not in KEEP:
         bad(f"--keep must be one of {', '.join(KEEP)}, not {config.keep!r}")
-    if config.teacher_store and config.data:
+    if config.teacher_store and config.data and not config.on_policy:
         bad("give either --teacher-store or --data, not both")
     if config.teacher_store:
         from primekd.store import store_directories
@@ -174,3 +191,38 @@ def check_config(config: DistillConfig) -> None:
         bad("--dtype must be float32, bfloat16 or float16")
     if config.device not in (None, "cpu", "cuda") and not str(config.device).startswith("cuda"):
         bad("--device must be cpu or cuda")
+
+
+def _check_on_policy(config: DistillConfig) -> None:
+    """The on-policy options (`--on-policy`)."""
+    from primekd.engines import EngineSpec
+
+    def bad(message: str) -> None:
+        raise PrimekdError(message)
+
+    if config.objective != "kd":
+        bad("--on-policy trains with --objective kd (the teacher scores the student's tokens)")
+    if not isinstance(config.lmbda, int | float) or not 0.0 <= config.lmbda <= 1.0:
+        bad(f"--lmbda must be in [0, 1], got {config.lmbda!r}")
+    if config.lmbda < 1.0 and not config.teacher_store:
+        bad("--lmbda below 1 mixes in off-policy rows: give --teacher-store DIR")
+    for name in ("rounds", "round_size", "samples_per_question", "rollout_max_new_tokens",
+                 "top_k"):
+        if getattr(config, name) < 1:
+            bad(f"--{name.replace('_', '-')} must be at least 1")
+    if config.rollout_temperature < 0:
+        bad("--rollout-temperature must not be negative (0 means greedy)")
+    if config.samples_per_question > 1 and config.rollout_temperature == 0:
+        bad("several samples per question need sampling: --rollout-temperature above 0")
+    if config.val_size:
+        bad("--on-policy has no validation split: use --val-size 0")
+    if config.max_steps is not None or config.epochs is not None:
+        bad("--on-policy trains one pass over each round's sequences (--rounds x "
+            "--round-size): drop --max-steps/--epochs")
+    if config.full_finetune:
+        bad("--on-policy trains a LoRA adapter (the self-teacher is the base model without "
+            "it); drop --full-finetune")
+    EngineSpec(config.engine, None, dict(config.engine_options or {})).check()
+    from primekd.priming import get_strategy
+
+    get_strategy(config.strategy, config.strategies_file)

@@ -130,6 +130,8 @@ class ExperimentConfig:
     sft: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)
     attention: dict[str, Any] = field(default_factory=lambda: {"enabled": True})
+    # on-policy students: {strategy, name?, lmbda?, divergence?, rounds?, ...} each
+    on_policy: list[dict[str, Any]] = field(default_factory=list)
     report: ReportSection = field(default_factory=ReportSection)
 
     def to_dict(self) -> dict[str, Any]:
@@ -145,8 +147,19 @@ class ExperimentConfig:
 
     @property
     def experiments(self) -> list[str]:
-        """The rows of the results table, in order: controls, then one KD student a strategy."""
-        return [c for c in CONTROLS if c in self.controls] + [f"kd-{s}" for s in self.strategies]
+        """The rows of the results table, in order: controls, one KD student a strategy, then
+        the on-policy students."""
+        return [c for c in CONTROLS if c in self.controls] + [
+            f"kd-{s}" for s in self.strategies] + list(on_policy_students(self))
+
+
+def on_policy_students(config: ExperimentConfig) -> dict[str, dict[str, Any]]:
+    """Name -> entry of every on-policy student (`op-<strategy>` unless the entry names it)."""
+    named = {}
+    for entry in config.on_policy:
+        strategy = entry.get("strategy") if isinstance(entry, dict) else None
+        named[str(entry.get("name") or f"op-{strategy}") if strategy else "?"] = entry
+    return named
 
 
 # --- the stage configs the sections map onto ----------------------------------------------------
@@ -181,6 +194,12 @@ class StageKind:
                 if f.name not in self.reserved and f.init}
 
 
+# Set per on-policy student (its `on_policy` entry; `teacher`, `engine` from the experiment)
+ON_POLICY_ENTRY = ("strategy", "lmbda", "rounds", "round_size", "samples_per_question",
+                   "rollout_temperature", "rollout_max_new_tokens", "rollout_stop_at_answer",
+                   "top_k")
+ON_POLICY_FIELDS = ("on_policy", "teacher", "strategies_file", "engine", "engine_options",
+                    *ON_POLICY_ENTRY)
 STAGE_KINDS: dict[str, StageKind] = {
     "teacher": StageKind(
         "teacher", "primekd.teacher", "TeachConfig",
@@ -190,7 +209,7 @@ STAGE_KINDS: dict[str, StageKind] = {
     "distill": StageKind(
         "distill", "primekd.distill_config", "DistillConfig",
         ("student", "teacher_store", "data", "objective", "out", "resume", "limit",
-         "force"),
+         "force", *ON_POLICY_FIELDS),
     ),
     "eval": StageKind(
         "eval", "primekd.evaluate", "EvalConfig",
@@ -534,6 +553,35 @@ def check_stage_sections(config: ExperimentConfig) -> None:
         for section in ("teacher", "distill", "eval"):
             _check_section(f"strategies.{name}.{section}", getattr(spec, section),
                            STAGE_KINDS[section])
+    _check_on_policy(config)
+
+
+def _check_on_policy(config: ExperimentConfig) -> None:
+    """Each `on_policy` entry: a strategy of `strategies`, a free name, known fields."""
+    kind = STAGE_KINDS["distill"]
+    known = {f.name: f.type for f in dataclasses.fields(kind.config_type())}
+    hints = typing.get_type_hints(kind.config_type())
+    taken = set(CONTROLS) | {f"kd-{s}" for s in config.strategies}
+    for i, entry in enumerate(config.on_policy):
+        where = f"on_policy[{i}]"
+        if not isinstance(entry, dict) or entry.get("strategy") not in config.strategies:
+            raise PrimekdError(f"config key `{where}.strategy` must name one of `strategies` "
+                               f"({', '.join(config.strategies)})")
+        name = str(entry.get("name") or f"op-{entry['strategy']}")
+        if name in taken or not name.replace("_", "").replace("-", "").isalnum():
+            raise PrimekdError(f"config key `{where}.name`: {name!r} is taken or not a plain "
+                               "name (letters, digits, `_`, `-`); give each on-policy student "
+                               "its own `name`")
+        taken.add(name)
+        for key, value in entry.items():
+            if key == "name":
+                continue
+            if key in kind.reserved and key not in ON_POLICY_ENTRY:
+                raise PrimekdError(f"config key `{where}.{key}` is set by the experiment "
+                                   "itself (see `models`, `data`, `engine`); remove it")
+            if key not in known:
+                raise unknown_key_error(f"{where}.{key}", [*known, "name"])
+            check_value(f"{where}.{key}", value, hints.get(key, Any))
 
 
 def _check_section(prefix: str, values: dict[str, Any], kind: StageKind) -> None:
@@ -613,8 +661,11 @@ def plan(config: ExperimentConfig, out: str | Path) -> list[Stage]:
     # (self-distillation) on the vllm engine it reuses their server instead of starting one
     if "base" in config.experiments:
         stages.append(eval_stage(config, out, "base"))
+    on_policy = on_policy_students(config)
     for experiment in config.experiments:
-        if experiment != "base":
+        if experiment in on_policy:
+            stages.append(on_policy_stage(config, out, experiment, on_policy[experiment]))
+        elif experiment != "base":
             stages.append(student_stage(config, out, experiment))
     for experiment in config.experiments:
         if experiment != "base":
@@ -719,6 +770,40 @@ def student_stage(config: ExperimentConfig, out: Path, experiment: str) -> Stage
     upstream = tuple(f"teacher/{d.relative_to(out / 'teacher').as_posix()}" for d in stores)
     return Stage(f"students/{experiment}", "distill", directory, params, paths,
                  upstream=upstream)
+
+
+def on_policy_stage(config: ExperimentConfig, out: Path, name: str, entry: dict[str, Any]
+                    ) -> Stage:
+    """An on-policy student: the student's rollouts on the transfer questions, scored by the
+    teacher under the entry's strategy (`distill --on-policy`); lmbda < 1 mixes in the
+    strategy's teacher store."""
+    from primekd.distill_config import DistillConfig
+
+    strategy = entry["strategy"]
+    defaults = DistillConfig()
+    settings = {key: getattr(defaults, key) for key in ON_POLICY_ENTRY}
+    settings["alpha"] = 0.0  # the divergence alone: CE on its own samples self-trains
+    params = {**config.distill, **config.strategies[strategy].distill, **settings}
+    params |= {k: v for k, v in entry.items() if k != "name"}
+    params = _with_seed("distill", params, config.seed)
+    params |= {"student": config.models.student, "objective": "kd", "on_policy": True,
+               "teacher": config.models.teacher, "_transfer": _slice(config.data.transfer),
+               **_engine(config)}
+    for key in ("val_size", "epochs", "max_steps"):  # rounds decide the steps
+        params.pop(key, None)
+    directory = out / "students" / name
+    paths: dict[str, Any] = {"out": directory, "resume": True,
+                             "data": data_file(out, "transfer")}
+    # The teacher stage(s) only when the store (lmbda < 1) or the strategy file (custom) is read.
+    stores = teacher_store_dirs(config, out, strategy)
+    upstream: tuple[str, ...] = ()
+    if params["lmbda"] < 1 or config.strategies[strategy].custom:
+        upstream = tuple(f"teacher/{d.relative_to(out / 'teacher').as_posix()}" for d in stores)
+    if params["lmbda"] < 1:
+        paths["teacher_store"] = stores[0] if len(stores) == 1 else [str(d) for d in stores]
+    if config.strategies[strategy].custom:
+        paths["strategies_file"] = out / RECORDS / "strategies" / f"{strategy}.yaml"
+    return Stage(f"students/{name}", "distill", directory, params, paths, upstream=upstream)
 
 
 def eval_stage(config: ExperimentConfig, out: Path, experiment: str) -> Stage:

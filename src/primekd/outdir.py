@@ -49,7 +49,8 @@ _DISTILL = ("adapter_*", "*.safetensors", "*.bin", "README.md", "distill_config.
             "checkpoints", "tensorboard", "tokenizer*", "special_tokens_map.json",
             "chat_template.*", "vocab.json", "merges.txt", "config.json",
             "generation_config.json", "added_tokens.json",
-            "trial.json", "val_questions.jsonl", "val_eval")  # the last three: tune's trials
+            "trial.json", "val_questions.jsonl", "val_eval",  # these three: tune's trials
+            "rounds", "rounds.json")  # on-policy rounds
 
 OUTPUTS: dict[str, Outputs] = {
     "eval": Outputs(("results.jsonl", "summary.json", "eval_config.json"), "eval_config.json"),

@@ -602,7 +602,36 @@ def section_compute(layout: Layout) -> str:
             "evaluation. The report stage itself is not listed.\n\n"
             + _table(["stage", "wall time (s)", "CPU time (s)", "tokens", "tokens/s",
                       "completed"], body)
-            + "\n")
+            + "\n" + _on_policy_costs(layout))
+
+
+def _on_policy_costs(layout: Layout) -> str:
+    """The cost split of on-policy students: rollout, teacher scoring and training time."""
+    rows = []
+    for name, directory in layout.students.items():
+        summary = _read_optional(directory / "summary.json")
+        info = summary.get("on_policy")
+        if not isinstance(info, dict):
+            continue
+        rounds = info.get("rounds") or []
+        cost = info.get("cost_s") or {}
+        tokens = summary.get("tokens")
+        total = sum(float(cost.get(k) or 0.0) for k in ("rollout_s", "score_s", "train_s"))
+        per_1k = total / tokens * 1000 if tokens else None
+        last = rounds[-1].get("student_accuracy") if rounds else None
+        rows.append([f"`{name}`", info.get("strategy"), _num(info.get("lmbda"), 2),
+                     str(len(rounds)), _num(cost.get("rollout_s")), _num(cost.get("score_s")),
+                     _num(cost.get("train_s")), _num(tokens, 0), _num(per_1k, 2),
+                     _pct(last) if last is not None else "–"])
+    if not rows:
+        return ""
+    return ("\nOn-policy students: seconds spent on the student's rollouts, the primed "
+            "teacher's scoring of them and training, summed over rounds; seconds per 1,000 "
+            "training tokens (all three); the student's accuracy on its last round's "
+            "rollouts (training questions).\n\n"
+            + _table(["student", "strategy", "lmbda", "rounds", "rollout (s)", "scoring (s)",
+                      "training (s)", "train tokens", "s / 1k tokens", "last-round accuracy"],
+                     rows) + "\n")
 
 
 def _stage_tokens(name: str, directory: Path, record: dict[str, Any]) -> int | None:

@@ -35,9 +35,9 @@ def distill_command(
                           "divergence to its distributions (needs --teacher-store); sft: CE "
                           "only, on the teacher's text or, without a store, on GSM8K "
                           f"references (--data) (default: {_D.objective})."),
-    data: str = _opt("--data", help="For --objective sft without a store: train, test, "
-                     "test_socratic, or a JSONL file with question and answer "
-                     " (default: train)."),
+    data: str = _opt("--data", help="For --objective sft without a store, and the questions "
+                     "of --on-policy rollouts: train, test, test_socratic, or a JSONL file "
+                     "with question and answer (default: train)."),
     limit: int = _opt("--limit", help="Use only the first N questions (by id)."),
     keep: str = _opt("--keep", help="all, or correct: train only on the teacher answers the "
                      "store graded correct (rejection sampling); references (sft without a "
@@ -106,6 +106,41 @@ def distill_command(
     force: bool = typer.Option(None, "--force", show_default=False,
                                help="Write into a non-empty --out that primekd did not make, "
                                "beside the files there (never overwriting or deleting them)."),
+    on_policy: bool = typer.Option(
+        None, "--on-policy/--off-policy", show_default=False,
+        help="On-policy distillation: in rounds the student answers training questions, the "
+        "teacher scores its tokens under --strategy, the student trains on them (default: "
+        "--off-policy, a teacher store's answers). --alpha then defaults to 0."),
+    teacher: str = _opt("--teacher", help="On-policy: the model that scores the student's "
+                        "answers (default: the student's base model, without the adapter)."),
+    strategy: str = _opt("--strategy", help="On-policy: the teacher's priming strategy "
+                         f"(default: {_D.strategy})."),
+    strategies_file: str = _opt("--strategies-file", help="On-policy: YAML file of custom "
+                                "strategies."),
+    lmbda: float = _opt("--lmbda", help="On-policy: share of each round's sequences that are "
+                        "the student's own; the rest come from --teacher-store "
+                        f"(default: {_D.lmbda})."),
+    rounds: int = _opt("--rounds", help=f"On-policy: rounds (default: {_D.rounds})."),
+    round_size: int = _opt("--round-size", help="On-policy: questions per round, times "
+                           f"--samples-per-question sequences (default: {_D.round_size})."),
+    samples_per_question: int = _opt("--samples-per-question", help="On-policy: rollouts per "
+                                     f"question (default: {_D.samples_per_question})."),
+    rollout_temperature: float = _opt("--rollout-temperature", help="On-policy: sampling "
+                                      "temperature of the student's rollouts, 0 = greedy "
+                                      f"(default: {_D.rollout_temperature})."),
+    rollout_max_new_tokens: int = _opt("--rollout-max-new-tokens", help="On-policy: longest "
+                                       "rollout in tokens "
+                                       f"(default: {_D.rollout_max_new_tokens})."),
+    rollout_stop_at_answer: bool = typer.Option(
+        None, "--rollout-stop-at-answer/--no-rollout-stop-at-answer", show_default=False,
+        help="On-policy: end each rollout at its final-answer line, then EOS (scored by the "
+        "teacher like every token, so the student learns to stop) (default: off)."),
+    top_k: int = _opt("--top-k", help="On-policy: teacher log-probs kept per student token "
+                      f"(default: {_D.top_k}; with --teacher-store, the store's k)."),
+    engine: str = _opt("--engine", help="On-policy: hf (in this process) or vllm for "
+                       f"rollouts and scoring (default: {_D.engine})."),
+    engine_option: list[str] = _opt("--engine-option", help="On-policy: vllm engine option "
+                                    "key=value (repeatable; see docs/engines.md)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -117,6 +152,13 @@ def distill_command(
     """
     given = {k: v for k, v in locals().items()
              if v is not None and k not in ("config_file", "as_json", "quiet")}
+    if given.get("engine_option"):
+        from primekd.engines import parse_options
+
+        given["engine_options"] = parse_options(given.pop("engine_option"))
+    given.pop("engine_option", None)
+    if given.get("on_policy") and "alpha" not in given and config_file is None:
+        given["alpha"] = 0.0  # on-policy: the divergence alone (CE on own samples self-trains)
     stores = given.get("teacher_store")
     if isinstance(stores, list):
         given["teacher_store"] = stores[0] if len(stores) == 1 else stores
