@@ -944,22 +944,29 @@ def _resumed_totals(resume_from: str | None) -> tuple[float, int]:
     return float(totals["loss_sum"]), int(totals["tokens"])
 
 
+def check_resume_config(config: DistillConfig, out: Path) -> None:
+    """A --resume whose options differ from the saved config (run-only fields aside) is
+    refused: it would mix two runs in one directory."""
+    saved = out / CONFIG_FILE
+    if not saved.exists():
+        return
+    before = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+    changed = sorted(k for k, v in config.to_dict().items()
+                     if k not in _RUN_ONLY_FIELDS and before.get(k, v) != v)
+    if changed:
+        raise PrimekdError(f"--resume with changed options ({', '.join(changed)}) "
+                           f"would mix two runs in {out}; use the saved "
+                           f"{CONFIG_FILE} or a new --out")
+
+
 def _prepare_out(config: DistillConfig, out: Path) -> str | None:
     """Create `out`; with --resume return the last checkpoint, refusing a changed config."""
     from transformers.trainer_utils import get_last_checkpoint
 
     out.mkdir(parents=True, exist_ok=True)
     checkpoints = out / CHECKPOINTS
-    saved = out / CONFIG_FILE
     if config.resume:
-        if saved.exists():
-            before = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
-            changed = sorted(k for k, v in config.to_dict().items()
-                             if k not in _RUN_ONLY_FIELDS and before.get(k, v) != v)
-            if changed:
-                raise PrimekdError(f"--resume with changed options ({', '.join(changed)}) "
-                                   f"would mix two runs in {out}; use the saved "
-                                   f"{CONFIG_FILE} or a new --out")
+        check_resume_config(config, out)
         return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     if checkpoints.exists() or (out / SUMMARY_FILE).exists():
         raise PrimekdError(f"{out} already holds a distill run: pass --resume to continue it, "

@@ -181,23 +181,31 @@ def answer_line_end(text: str) -> int | None:
     """The index of the newline that ends the first line stating a final answer with an
     explicit marker (`The answer is 18.`, `#### 18`, `\\boxed{18}`, `Answer: 18`), or None
     while there is no such complete line. Cutting `text` there keeps the whole answer line."""
-    ends = []
+    markers = _answer_markers(text)
+    if not markers:
+        return None
+    newline = text.find("\n", min(end for _, end in markers))
+    return None if newline < 0 else newline
+
+
+def _answer_markers(text: str) -> list[tuple[int, int]]:
+    """(start, end) of the first explicit final-answer marker of each kind (`####`,
+    `The answer is`, `Answer:`, `\\boxed{}`) that states a number: from the marker to the end
+    of its number (or the closing brace)."""
+    markers = []
     for pattern in (_HASHES, _ANSWER_IS, _ANSWER_COLON):
         for phrase in pattern.finditer(text):
             # bounded window: many markers without numbers must not make this quadratic
             number = _NUMBER.search(text, phrase.end(), phrase.end() + 120)
             if number and _MARKER_GAP.fullmatch(text, phrase.end(), number.start()):
-                ends.append(number.end())
+                markers.append((phrase.start(), number.end()))
                 break
     for box in _BOXED.finditer(text):
         close = _closing_brace(text, box.end())
         if close is not None and _DIGIT.search(text, box.end(), close):
-            ends.append(close)
+            markers.append((box.start(), close))
             break
-    if not ends:
-        return None
-    newline = text.find("\n", min(ends))
-    return None if newline < 0 else newline
+    return markers
 
 
 _DIGITS = re.compile(r"\d+")
@@ -222,21 +230,10 @@ def answer_line_span(text: str) -> tuple[int, int] | None:
     """(start, end) of the first line that states a final answer with an explicit marker,
     whether or not a newline ends it yet (a stored answer cut at its answer line does not
     end in one); None when no line states one."""
-    starts = []
-    for pattern in (_HASHES, _ANSWER_IS, _ANSWER_COLON):
-        for phrase in pattern.finditer(text):
-            number = _NUMBER.search(text, phrase.end(), phrase.end() + 120)
-            if number and _MARKER_GAP.fullmatch(text, phrase.end(), number.start()):
-                starts.append(phrase.start())
-                break
-    for box in _BOXED.finditer(text):
-        close = _closing_brace(text, box.end())
-        if close is not None and _DIGIT.search(text, box.end(), close):
-            starts.append(box.start())
-            break
-    if not starts:
+    markers = _answer_markers(text)
+    if not markers:
         return None
-    first = min(starts)
+    first = min(start for start, _ in markers)
     start = text.rfind("\n", 0, first) + 1
     end = text.find("\n", first)
     return start, len(text) if end < 0 else end

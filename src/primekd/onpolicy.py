@@ -57,13 +57,13 @@ from primekd.distill import (
     build_datasets,
     build_student,
     check_config,
+    check_resume_config,
     mixed_precision,
     save_final_model,
     student_prompts,
     trainable_parameters,
     training_arguments,
 )
-from primekd.distill_config import _RUN_ONLY_FIELDS
 from primekd.engines import EngineSpec, Generation, SamplingParams, TopK, collect
 from primekd.errors import PrimekdError
 from primekd.grading import grade
@@ -192,15 +192,8 @@ def _finish(config: DistillConfig, trainer: KDTrainer, state: dict[str, Any],
 
 def _prepare(config: DistillConfig, out: Path) -> dict[str, Any]:
     """`rounds.json` of a run being resumed (with --resume), else a fresh state."""
-    saved = out / CONFIG_FILE
-    if config.resume and saved.exists():
-        before = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
-        changed = sorted(k for k, v in config.to_dict().items()
-                         if k not in _RUN_ONLY_FIELDS and before.get(k, v) != v)
-        if changed:
-            raise PrimekdError(f"--resume with changed options ({', '.join(changed)}) would "
-                               f"mix two runs in {out}; use the saved {CONFIG_FILE} or a new "
-                               "--out")
+    if config.resume and (out / CONFIG_FILE).exists():
+        check_resume_config(config, out)
     elif (out / ROUNDS_DIR).exists() or (out / SUMMARY_FILE).exists():
         raise PrimekdError(f"{out} already holds a distill run: pass --resume to continue it, "
                            "or choose a new --out")
