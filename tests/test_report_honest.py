@@ -8,7 +8,8 @@ from pathlib import Path
 from primekd import report
 
 
-def _results(path: Path, flags: list[bool], truncated: int = 0, cap: int = 64) -> None:
+def _results(path: Path, flags: list[bool], truncated: int = 0, cap: int = 64,
+             stop_at_answer: bool = False) -> None:
     path.mkdir(parents=True)
     rows = [{"id": f"q{i}", "question": f"What is {i}+{i}?", "reference": f"#### {2 * i}",
              "gold": 2 * i, "response": f"The answer is {2 * i if ok else 0}",
@@ -17,8 +18,8 @@ def _results(path: Path, flags: list[bool], truncated: int = 0, cap: int = 64) -
              "finish_reason": "length" if i < truncated else "stop"}
             for i, ok in enumerate(flags)]
     (path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (path / "summary.json").write_text(json.dumps({"n": len(rows),
-                                                   "generation": {"max_new_tokens": cap}}))
+    generation = {"max_new_tokens": cap, "stop_at_answer": stop_at_answer}
+    (path / "summary.json").write_text(json.dumps({"n": len(rows), "generation": generation}))
 
 
 def _teacher(path: Path, truncated: int, rows: int = 16, cap: int = 128) -> None:
@@ -51,6 +52,25 @@ def test_no_significant_difference_is_said_plainly_without_emphasis(tmp_path: Pa
     assert "most accurate" not in markdown
     results = markdown.split("## Results", 1)[1].split("## Teachers", 1)[0]
     assert "**+" not in results  # no difference is set in bold
+
+
+def test_equal_accuracies_name_no_model(tmp_path: Path) -> None:
+    """All models at 0/20: no model has "the highest point estimate"."""
+    for name in ("base", "sft", "kd-none"):
+        _results(tmp_path / "eval" / name, [False] * 20)
+    first = _first_paragraph(_markdown(tmp_path))
+    assert first.startswith("**No difference between models is significant**")
+    assert "every model answered 0.0% of the 20 test questions" in first
+    assert "highest point estimate" not in first
+
+
+def test_truncation_warning_offers_stop_at_answer_only_when_it_is_off(tmp_path: Path) -> None:
+    _results(tmp_path / "eval" / "base", [False] * 20, truncated=5, stop_at_answer=True)
+    _results(tmp_path / "eval" / "kd-none", [False] * 20, truncated=5)
+    head = _markdown(tmp_path).split("## Results", 1)[0]
+    base = next(line for line in head.splitlines() if "`base` hit" in line)
+    other = next(line for line in head.splitlines() if "`kd-none` hit" in line)
+    assert "stop_at_answer" not in base and "stop_at_answer: true" in other
 
 
 def test_a_significant_difference_is_named_with_its_interval(tmp_path: Path) -> None:

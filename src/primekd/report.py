@@ -724,6 +724,9 @@ def headline(runs: dict[str, EvalRun]) -> str:
     n = max(r.n for r in runs.values())
     if not tested:
         return f"Only one model was evaluated ({n} test questions); there is nothing to compare."
+    if not found and len({r.accuracy for r in rows}) == 1:
+        return (f"**No difference between models is significant**: every model answered "
+                f"{_pct(rows[0].accuracy)} of the {n} test questions correctly.")
     if not found:
         best = max(rows, key=lambda r: r.accuracy)
         return (f"**No difference between models is significant** (exact McNemar tests on "

@@ -175,10 +175,22 @@ def distill_command(
     from primekd.distill import distill  # torch and transformers: load only to train
 
     result = distill(config, progress=not quiet)
+    _leave_process_group()
     if as_json:
         print(dumps(result.summary, indent=2, default=str))
         return
     _print_summary(result.summary)
+
+
+def _leave_process_group() -> None:
+    """Under `accelerate launch`, destroy the process group before the interpreter exits:
+    left to exit-time teardown, gloo's worker threads can abort the process ("terminate
+    called without an active exception", SIGABRT) after a run that succeeded."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _kept(data: dict[str, Any]) -> str | None:
