@@ -5,6 +5,7 @@ import pytest
 from primekd.chat import render
 from primekd.errors import PrimekdError
 from primekd.priming import BUILTIN_STRATEGIES, all_strategies, get_strategy, load_strategies
+from primekd.prompts import DEFAULT_TEMPLATE
 from primekd.testing import tiny_tokenizer
 
 QUESTION = "Ann has 2 cats and gets 3 more. How many cats does she have?"
@@ -15,7 +16,8 @@ def test_builtins_from_the_issue_with_the_papers_texts() -> None:
     assert {"none", "teacher", "ground_truth", "confidence", "student_friendly"} <= set(
         BUILTIN_STRATEGIES
     )
-    assert get_strategy("none").render(QUESTION, REFERENCE, "5").user == QUESTION
+    none = get_strategy("none").render(QUESTION, REFERENCE, "5").user
+    assert none == DEFAULT_TEMPLATE.replace("{{ question }}", QUESTION)  # the student's prompt
     teacher = get_strategy("teacher").render(QUESTION, REFERENCE, "5").user
     assert teacher.startswith(
         "As a teacher, guide your student through solving the question below. Provide a "
@@ -26,7 +28,10 @@ def test_builtins_from_the_issue_with_the_papers_texts() -> None:
            "much detail" in friendly
     assert "double-check" in get_strategy("confidence").render(QUESTION, REFERENCE, "5").user
     for strategy in BUILTIN_STRATEGIES.values():
-        assert QUESTION in strategy.render(QUESTION, REFERENCE, "5").user
+        user = strategy.render(QUESTION, REFERENCE, "5").user
+        assert QUESTION in user
+        # the answer line grading and stop-at-answer look for, as the student is asked
+        assert 'the form "The answer is N"' in user
 
 
 def test_ground_truth_shows_the_answer_and_solution_variant_the_reference() -> None:

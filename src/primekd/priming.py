@@ -23,8 +23,14 @@ from primekd import templates
 from primekd.chat import ChatPrompt
 from primekd.errors import PrimekdError, did_you_mean
 from primekd.io import read_yaml
+from primekd.prompts import DEFAULT_TEMPLATE
 
 VARIABLES = ("question", "reference", "answer")
+# Every built-in asks for the final-answer line the student's prompt asks for, so that the
+# priming is the only difference between teachers, answers end where grading and
+# stop-at-answer look, and students learn the format they are graded on.
+ANSWER_LINE = ('Write the final answer on its own last line in the form "The answer is N", '
+               "where N is a number.")
 TEMPLATE_FIELDS = ("user", "system", "prefill")
 _EXAMPLE = {
     "question": "Tom has 3 apples and buys 2 more. How many apples does he have?",
@@ -57,8 +63,8 @@ BUILTIN_STRATEGIES: dict[str, Strategy] = {
     for s in [
         Strategy(
             name="none",
-            description="The bare question, no priming (the baseline teacher).",
-            user="{{ question }}",
+            description="The student's own prompt, no priming (the baseline teacher).",
+            user=DEFAULT_TEMPLATE,
         ),
         Strategy(
             name="teacher",
@@ -66,7 +72,7 @@ BUILTIN_STRATEGIES: dict[str, Strategy] = {
             user=(
                 "As a teacher, guide your student through solving the question below. "
                 "Provide a clear, simple explanation for someone unfamiliar with the "
-                "problem.\n\nQuestion: {{ question }}"
+                "problem. " + ANSWER_LINE + "\n\nQuestion: {{ question }}"
             ),
         ),
         Strategy(
@@ -76,7 +82,8 @@ BUILTIN_STRATEGIES: dict[str, Strategy] = {
                 "Solve the following math problem step by step. The correct final answer "
                 "is {{ answer }}. Work through the problem as if you were solving it for "
                 "the first time, with clear reasoning that arrives at this answer, and do "
-                "not mention that you were given the answer.\n\nQuestion: {{ question }}"
+                "not mention that you were given the answer. " + ANSWER_LINE
+                + "\n\nQuestion: {{ question }}"
             ),
         ),
         Strategy(
@@ -86,8 +93,8 @@ BUILTIN_STRATEGIES: dict[str, Strategy] = {
                 "Solve the following math problem step by step. Here is a correct reference "
                 "solution:\n\n{{ reference }}\n\nWrite your own clear, step-by-step solution "
                 "as if you were solving the problem for the first time, arriving at the "
-                "same final answer, and do not mention that you were given a solution."
-                "\n\nQuestion: {{ question }}"
+                "same final answer, and do not mention that you were given a solution. "
+                + ANSWER_LINE + "\n\nQuestion: {{ question }}"
             ),
         ),
         Strategy(
@@ -95,8 +102,7 @@ BUILTIN_STRATEGIES: dict[str, Strategy] = {
             description="Ask the teacher to briefly double-check its answer before finishing.",
             user=(
                 "{{ question }}\n\nSolve the problem step by step. Before you give your "
-                "final answer, briefly double-check your calculations, then state the "
-                "final answer."
+                "final answer, briefly double-check your calculations. " + ANSWER_LINE
             ),
         ),
         Strategy(
@@ -105,13 +111,13 @@ BUILTIN_STRATEGIES: dict[str, Strategy] = {
             user=(
                 "As a smart language model, provide a detailed answer that is clear and "
                 "feasible for smaller models to understand and learn from without losing "
-                "too much detail.\n\nQuestion: {{ question }}"
+                "too much detail. " + ANSWER_LINE + "\n\nQuestion: {{ question }}"
             ),
         ),
         Strategy(
             name="step_by_step",
             description="Literal response priming: the teacher's reply starts with a prefill.",
-            user="{{ question }}",
+            user=DEFAULT_TEMPLATE,
             prefill="Let's solve this step by step.",
         ),
     ]
