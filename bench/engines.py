@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from primekd.data import load_examples
+from primekd.core.data import load_examples
+from primekd.core.grading import grade
+from primekd.core.models import BUNDLED_ALIAS
 from primekd.engines import EngineSpec, SamplingParams, collect, encode_chats, get_engine
 from primekd.engines.hf import HFEngine
-from primekd.grading import grade
-from primekd.models import BUNDLED_ALIAS
-from primekd.prompts import load_template
+from primekd.evaluate.prompts import load_template
 
 
 def timed(job: Callable[[], list[Any]]) -> tuple[list[Any], float]:

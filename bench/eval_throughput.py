@@ -13,11 +13,11 @@ import argparse
 import json
 import time
 
-from primekd.data import load_examples
+from primekd.core.data import load_examples
+from primekd.core.models import BUNDLED_ALIAS, load
 from primekd.engines import Generation, SamplingParams, collect, encode_chats
 from primekd.engines.hf import HFEngine
-from primekd.models import BUNDLED_ALIAS, load
-from primekd.prompts import load_template
+from primekd.evaluate.prompts import load_template
 
 
 def generate(model, tokenizer, prompts, params, batch_size=16) -> list[Generation]:

@@ -40,7 +40,7 @@ SRC = HERE.parent / "src"
 sys.path.insert(0, str(SRC))
 sys.path.insert(0, str(HERE))
 
-from primekd.errors import PrimekdError  # noqa: E402
+from primekd.core.errors import PrimekdError  # noqa: E402
 
 
 def tokenizer_source(explicit: str | None) -> Any:
@@ -50,12 +50,12 @@ def tokenizer_source(explicit: str | None) -> Any:
 
     if explicit:
         return AutoTokenizer.from_pretrained(explicit)
-    from primekd.models import cache_dir
+    from primekd.core.models import cache_dir
 
     for candidate in sorted((cache_dir() / "models").glob("SmolLM2-135M-Instruct*")):
         if (candidate / "tokenizer.json").exists():
             return AutoTokenizer.from_pretrained(candidate)
-    from primekd.testing import tiny_tokenizer
+    from primekd.core.testing import tiny_tokenizer
 
     return tiny_tokenizer()
 
@@ -105,9 +105,10 @@ class Check:
 
 
 def pipeline(ctx: argparse.Namespace) -> dict[str, Any]:
-    from primekd.distill import DistillConfig, distill
-    from primekd.evaluate import EvalConfig, evaluate
-    from primekd.teacher import TeachConfig, teach
+    from primekd.distill import distill
+    from primekd.distill.trainer import DistillConfig
+    from primekd.evaluate.evaluator import EvalConfig, evaluate
+    from primekd.teach.teacher import TeachConfig, teach
 
     manifest = teach(TeachConfig(teacher=str(ctx.teacher), out=ctx.work / "store",
                                  limit=ctx.questions, max_new_tokens=ctx.new_tokens,
@@ -130,13 +131,14 @@ def pipeline(ctx: argparse.Namespace) -> dict[str, Any]:
 
 
 def _dtype(ctx: argparse.Namespace) -> torch.dtype:
-    from primekd.models import default_dtype
+    from primekd.core.models import default_dtype
 
     return default_dtype(ctx.device)
 
 
 def tap_vs_full(ctx: argparse.Namespace) -> dict[str, Any]:
-    from primekd.distill import (
+    from primekd.core.models import load_tokenizer
+    from primekd.distill.trainer import (
         DistillConfig,
         KDCollator,
         KDSettings,
@@ -145,7 +147,6 @@ def tap_vs_full(ctx: argparse.Namespace) -> dict[str, Any]:
         build_student,
         training_arguments,
     )
-    from primekd.models import load_tokenizer
 
     config = DistillConfig(student=str(ctx.student), teacher_store=str(ctx.work / "store"),
                            out=str(ctx.work / "tap"), device=ctx.device, lora_dropout=0.0,
@@ -241,8 +242,9 @@ def kd_memory(ctx: argparse.Namespace) -> dict[str, Any]:
 def out_of_range_ids(ctx: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from primekd import store
-    from primekd.distill import DistillConfig, distill
+    from primekd.distill import distill
+    from primekd.distill.trainer import DistillConfig
+    from primekd.teach import store
 
     table = store.load_store(ctx.work / "store", columns=["topk_ids"])
     highest = max(max(max(row) for row in ids) for ids in table["topk_ids"].to_pylist())
@@ -261,7 +263,8 @@ def out_of_range_ids(ctx: argparse.Namespace) -> dict[str, Any]:
 
 
 def fp16(ctx: argparse.Namespace) -> dict[str, Any]:
-    from primekd.distill import DistillConfig, distill
+    from primekd.distill import distill
+    from primekd.distill.trainer import DistillConfig
 
     config = DistillConfig(student=str(ctx.student), teacher_store=str(ctx.work / "store"),
                            out=str(ctx.work / "fp16"), max_steps=3, batch_size=2, lr=1e-3,
@@ -282,8 +285,8 @@ def tune_memory(ctx: argparse.Namespace) -> dict[str, Any]:
     if ctx.device != "cuda":
         return {"passed": True, "skipped": "CUDA only (the CPU test suite checks that a "
                 "failed trial's model is freed)"}
-    from primekd import tune
-    from primekd.distill import DistillConfig
+    from primekd.distill.trainer import DistillConfig
+    from primekd.experiment import tune
 
     torch.cuda.synchronize()
     before = torch.cuda.memory_reserved()

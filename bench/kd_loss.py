@@ -5,7 +5,7 @@ student's final hidden states at the answer positions, forward and backward:
 
 - naive: project all positions at once to (S, V) logits, then the loss in one piece; autograd
   keeps the float32 logits and every softmax intermediate for the backward pass;
-- chunked: `primekd.kd_loss.kd_loss_parts` with the head inside, `--chunk` tokens at a time
+- chunked: `primekd.distill.kd_loss.kd_loss_parts` with the head inside, `--chunk` tokens at a time
   under activation checkpointing, so at most one chunk's (chunk, V) tensors are alive.
 
 Memory. On CUDA we read `torch.cuda.max_memory_allocated`. On CPU PyTorch allocates with
@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from primekd.kd_loss import kd_loss_parts
+from primekd.distill.kd_loss import kd_loss_parts
 
 
 def inputs(seq: int, vocab: int, hidden: int, k: int, device: str, seed: int = 0):

@@ -25,7 +25,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from primekd.models import bundled_gguf_path, load_model, resolve
+    from primekd.core.models import bundled_gguf_path, load_model, resolve
 
     hf_logging.disable_progress_bar()
     gguf = bundled_gguf_path() if args.model_file is None else Path(args.model_file)

@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from primekd.distill import DistillConfig, distill
-from primekd.models import BUNDLED_ALIAS
-from primekd.teacher import TeachConfig, teach
+from primekd.core.models import BUNDLED_ALIAS
+from primekd.distill import distill
+from primekd.distill.trainer import DistillConfig
+from primekd.teach.teacher import TeachConfig, teach
 
 
 def off_policy(args: argparse.Namespace, root: Path) -> dict[str, Any]:

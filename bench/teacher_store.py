@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from primekd import store
-from primekd.models import BUNDLED_ALIAS, load_tokenizer
-from primekd.teacher import TeachConfig, teach
+from primekd.core.models import BUNDLED_ALIAS, load_tokenizer
+from primekd.teach import store
+from primekd.teach.teacher import TeachConfig, teach
 
 
 def column_bytes(directory: Path) -> dict[str, int]:

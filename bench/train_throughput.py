@@ -28,7 +28,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from primekd.models import BUNDLED_ALIAS
+from primekd.core.models import BUNDLED_ALIAS
 
 
 class Clock(TrainerCallback):
@@ -60,7 +60,7 @@ class CountingCollator:
 
 
 def ensure_store(path: Path | None, n: int, top_k: int) -> Path:
-    from primekd.teacher import TeachConfig, teach
+    from primekd.teach.teacher import TeachConfig, teach
 
     if path is not None:
         return path
@@ -72,7 +72,7 @@ def ensure_store(path: Path | None, n: int, top_k: int) -> Path:
 
 
 def run_primekd(store: Path, args: argparse.Namespace) -> dict[str, float]:
-    from primekd import distill as d
+    from primekd.distill import trainer as d
 
     counter = {"n": 0}
     original = d.KDCollator.__call__
@@ -103,10 +103,10 @@ def run_trl(store: Path, args: argparse.Namespace) -> dict[str, float]:
     from trl.experimental.gkd import GKDConfig, GKDTrainer
     from trl.experimental.utils import DataCollatorForChatML
 
-    from primekd import store as st
-    from primekd.distill import DistillConfig
-    from primekd.models import load_model, load_tokenizer
-    from primekd.prompts import load_template
+    from primekd.core.models import load_model, load_tokenizer
+    from primekd.distill.trainer import DistillConfig
+    from primekd.evaluate.prompts import load_template
+    from primekd.teach import store as st
 
     defaults = DistillConfig()
     template = load_template(None)

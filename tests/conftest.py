@@ -30,7 +30,7 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from primekd.testing import tiny_model
+    from primekd.core.testing import tiny_model
 
     return tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
@@ -38,7 +38,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def bundled() -> tuple:
     """The bundled SmolLM2-135M-Instruct (model, tokenizer), loaded once per session."""
-    from primekd.models import BUNDLED_ALIAS, load
+    from primekd.core.models import BUNDLED_ALIAS, load
 
     return load(BUNDLED_ALIAS)
 
@@ -52,9 +52,9 @@ def vllm_url() -> str:
     """ONE real vLLM server on loopback for the session, serving the bundled model in float32
     (as the hf engine runs it on CPU, so the two engines must agree closely). Without
     .venv-vllm (`make vllm`) the vLLM tests skip, except under CI=true, where they fail."""
+    from primekd.core.errors import PrimekdError
+    from primekd.core.models import BUNDLED_ALIAS, resolve
     from primekd.engines.vllm import VLLMServer, vllm_python
-    from primekd.errors import PrimekdError
-    from primekd.models import BUNDLED_ALIAS, resolve
 
     try:
         vllm_python()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from primekd.attention import (
+from primekd.analyze.attention import (
     AttentionCollector,
     AttentionConfig,
     ModelBank,
@@ -21,7 +21,7 @@ from primekd.attention import (
     pairwise_js,
     report_section,
 )
-from primekd.errors import PrimekdError
+from primekd.core.errors import PrimekdError
 
 # A 3-token causal attention matrix: row 0 is forced, rows 1 and 2 carry the statistics.
 A = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
@@ -99,7 +99,7 @@ def test_cross_layer_and_js_match_hand_computed_values() -> None:
 def _make_adapter(model_dir: Path, out: Path, seed: int, targets: list[str]) -> Path:
     from peft import LoraConfig, get_peft_model
 
-    from primekd.models import load_model
+    from primekd.core.models import load_model
 
     model = get_peft_model(
         load_model(str(model_dir), device="cpu"), LoraConfig(r=4, target_modules=targets)
@@ -125,7 +125,7 @@ def tiny_adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 def _bank(model_dir: Path, adapters: dict[str, str]) -> ModelBank:
     from peft import PeftModel
 
-    from primekd.models import load_model
+    from primekd.core.models import load_model
 
     model = load_model(str(model_dir), device="cpu", attn_implementation="eager")
     keys = []
@@ -165,7 +165,7 @@ def _reference_attentions(bank: ModelBank, ids: torch.Tensor) -> list[tuple[torc
 def test_accuracy_correlation_matches_hand_computed_values() -> None:
     import pandas as pd
 
-    from primekd.attention.analysis import accuracy_correlation
+    from primekd.analyze.attention.analysis import accuracy_correlation
 
     # One head, one metric, three models: means 1, 2, 4 against accuracies .1, .3, .2.
     table = pd.DataFrame({"model": ["a", "b", "c"], "layer": 0, "head": 0,
@@ -219,7 +219,7 @@ def test_sequential_fallback_matches_mixed_batch(tiny_model_dir: Path, tiny_adap
 
 
 def test_attention_without_weights_is_a_clear_error(tiny_model_dir: Path) -> None:
-    from primekd.models import load_model
+    from primekd.core.models import load_model
 
     model = load_model(str(tiny_model_dir), device="cpu", attn_implementation="sdpa")
     with pytest.raises(PrimekdError, match="eager"), attention_hooks(model, lambda *_: None):
@@ -259,7 +259,7 @@ def test_single_model_run_on_tiny_model(tiny_model_dir: Path, tmp_path: Path) ->
 
 @pytest.mark.integration
 def test_bundled_model_with_two_adapters_writes_every_output(tmp_path: Path) -> None:
-    from primekd.models import BUNDLED_ALIAS, resolve
+    from primekd.core.models import BUNDLED_ALIAS, resolve
 
     base_dir = Path(resolve(BUNDLED_ALIAS).path)
     s1 = _make_adapter(base_dir, tmp_path / "s1", 1, ["q_proj", "k_proj"])

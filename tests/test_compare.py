@@ -9,9 +9,9 @@ import pytest
 from rich.console import Console
 from scipy.stats import binomtest
 
-from primekd.compare import compare_files, load_results, render_comparison
-from primekd.errors import PrimekdError
-from primekd.stats import holm_adjust, wilson_interval
+from primekd.analyze.compare import compare_files, load_results, render_comparison
+from primekd.core.errors import PrimekdError
+from primekd.core.stats import holm_adjust, wilson_interval
 
 
 def write(path: Path, rows: list[dict]) -> Path:

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from primekd.data import load_examples
-from primekd.errors import PrimekdError
+from primekd.core.data import load_examples
+from primekd.core.errors import PrimekdError
 
 
 def test_bundled_splits_have_gsm8k_sizes() -> None:
@@ -44,7 +44,7 @@ def test_custom_jsonl_and_errors(tmp_path) -> None:
 def test_atomic_write_uses_normal_file_mode(tmp_path) -> None:
     import os
 
-    from primekd.io import atomic_write_text, read_json, write_json
+    from primekd.core.io import atomic_write_text, read_json, write_json
 
     write_json(tmp_path / "m.json", {"a": 1})
     assert read_json(tmp_path / "m.json") == {"a": 1}
@@ -55,7 +55,7 @@ def test_atomic_write_uses_normal_file_mode(tmp_path) -> None:
 
 
 def test_read_yaml_errors_are_one_line(tmp_path) -> None:
-    from primekd.io import read_yaml
+    from primekd.core.io import read_yaml
 
     assert read_yaml(_write(tmp_path / "ok.yaml", "a: 1\n")) == {"a": 1}
     with pytest.raises(PrimekdError, match="strategies file .* does not exist"):

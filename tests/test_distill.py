@@ -13,18 +13,18 @@ import numpy as np
 import pytest
 import torch
 
-from primekd.distill import (
+from primekd.core.errors import PrimekdError
+from primekd.distill import distill
+from primekd.distill.trainer import (
     DistillConfig,
     KDCollator,
     KDSettings,
     KDTrainer,
     build_datasets,
-    distill,
     load_distill_config,
     student_prompts,
     training_arguments,
 )
-from primekd.errors import PrimekdError
 
 TOP_K = 8
 
@@ -34,11 +34,11 @@ def write_store(model_dir: Path, out: Path, n: int = 6, top_k: int = TOP_K,
                 ) -> Path:
     """A small teacher store from a real forward pass of `model_dir` over reference answers
     (teacher forcing), written with the store's own part writer."""
-    from primekd import store
-    from primekd.chat import ChatPrompt, encode_prompts, render
-    from primekd.data import load_examples
-    from primekd.models import load, tokenizer_fingerprint
-    from primekd.teacher import reference_tokens
+    from primekd.core.chat import ChatPrompt, encode_prompts, render
+    from primekd.core.data import load_examples
+    from primekd.core.models import load, tokenizer_fingerprint
+    from primekd.teach import store
+    from primekd.teach.teacher import reference_tokens
 
     model, tok = load(str(model_dir), device="cpu")
     rows = []
@@ -84,8 +84,8 @@ def _config(model: Path, store: Path | None, out: Path, **kw) -> DistillConfig:
 
 
 def test_dataset_aligns_teacher_topk_with_answer_tokens(tiny_model_dir, tiny_store, tmp_path):
-    from primekd import store
-    from primekd.models import load_tokenizer
+    from primekd.core.models import load_tokenizer
+    from primekd.teach import store
 
     tok = load_tokenizer(str(tiny_model_dir), padding_side="right")
     data = build_datasets(_config(tiny_model_dir, tiny_store, tmp_path, val_size=2), tok)
@@ -119,7 +119,7 @@ def test_keep_correct_trains_only_on_correct_answers(tiny_model_dir, tmp_path):
     """`--keep correct` (rejection sampling): the rows graded wrong are left out of both
     splits, the validation split is drawn among the kept questions, and the summary says
     how many of the store's answers were kept."""
-    from primekd.models import load_tokenizer
+    from primekd.core.models import load_tokenizer
 
     store_dir = write_store(tiny_model_dir, tmp_path / "t", correct=frozenset({0, 2, 3, 5}))
     tok = load_tokenizer(str(tiny_model_dir), padding_side="right")
@@ -148,7 +148,7 @@ def test_keep_correct_without_a_correct_answer_is_refused(tiny_model_dir, tiny_s
 
 
 def _trainer(model_dir: Path, out: Path, alpha: float = 0.3) -> KDTrainer:
-    from primekd.distill import build_student
+    from primekd.distill.trainer import build_student
 
     config = _config(model_dir, None, out)
     args = training_arguments(config, out, "cpu", False, False)
@@ -159,8 +159,8 @@ def _trainer(model_dir: Path, out: Path, alpha: float = 0.3) -> KDTrainer:
 def test_loss_shift_and_masking(tiny_model_dir, tiny_store, tmp_path):
     """The logit at t is scored against token t+1 and the teacher's distribution at t+1;
     prompt and padding positions (their labels and teacher values) never change the loss."""
-    from primekd.kd_loss import dense_kd_loss
-    from primekd.models import load_tokenizer
+    from primekd.core.models import load_tokenizer
+    from primekd.distill.kd_loss import dense_kd_loss
 
     tok = load_tokenizer(str(tiny_model_dir), padding_side="right")
     data = build_datasets(_config(tiny_model_dir, tiny_store, tmp_path), tok)
@@ -196,7 +196,7 @@ def test_loss_shift_and_masking(tiny_model_dir, tiny_store, tmp_path):
 
 
 def test_hidden_state_tap_equals_full_logits_path(tiny_model_dir, tiny_store, tmp_path):
-    from primekd.models import load_tokenizer
+    from primekd.core.models import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model_dir), padding_side="right")
     data = build_datasets(_config(tiny_model_dir, tiny_store, tmp_path), tok)
@@ -272,7 +272,7 @@ def test_distill_writes_outputs_and_resumes(tiny_model_dir, tiny_store, tmp_path
     # The adapter loads with PEFT.
     from peft import PeftModel
 
-    from primekd.models import load_model
+    from primekd.core.models import load_model
     PeftModel.from_pretrained(load_model(str(tiny_model_dir), device="cpu"), str(out))
 
     # A rerun without --resume is refused; --resume continues from the last checkpoint.
@@ -350,7 +350,7 @@ def test_two_process_data_parallel_run(tiny_model_dir, tiny_store, tmp_path):
 @pytest.mark.integration
 def test_bundled_teach_distill_eval(tmp_path, monkeypatch, capsys):
     """`primekd teach` -> `primekd distill` -> `primekd eval --adapter` on the bundled model."""
-    from primekd.models import BUNDLED_ALIAS
+    from primekd.core.models import BUNDLED_ALIAS
 
     store, out, ev = tmp_path / "store", tmp_path / "student", tmp_path / "eval"
     code, _, err = _cli(monkeypatch, capsys, "teach", "--teacher", BUNDLED_ALIAS, "--limit", "4",

@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from primekd import answer_stop
-from primekd.chat import ChatPrompt
-from primekd.data import load_examples
+from primekd.core.chat import ChatPrompt
+from primekd.core.data import load_examples
+from primekd.core.errors import PrimekdError
+from primekd.core.grading import answer_line_end
+from primekd.core.models import load
+from primekd.core.testing import tiny_tokenizer
 from primekd.engines import (
     EngineSpec,
     Generation,
@@ -25,10 +28,7 @@ from primekd.engines import (
     parse_options,
 )
 from primekd.engines.hf import HFEngine, _cut_criteria, stop_token_ids
-from primekd.errors import PrimekdError
-from primekd.grading import answer_line_end
-from primekd.models import load
-from primekd.testing import tiny_tokenizer
+from primekd.evaluate import answer_stop
 
 
 def generate(model, tokenizer, prompts: list[ChatPrompt], params: SamplingParams | None = None,
@@ -247,9 +247,9 @@ def test_stop_at_answer_stops_each_row_once_its_answer_line_ends(bpe) -> None:
 
 
 def test_stop_at_answer_reaches_eval_and_teach(tiny_model_dir, tmp_path) -> None:
-    from primekd import store
-    from primekd.evaluate import EvalConfig
-    from primekd.teacher import TeachConfig, teach
+    from primekd.evaluate.evaluator import EvalConfig
+    from primekd.teach import store
+    from primekd.teach.teacher import TeachConfig, teach
 
     assert EvalConfig(model="m", out="o", stop_at_answer=True).sampling().cut is answer_line_end
     assert EvalConfig(model="m", out="o").sampling().cut is None

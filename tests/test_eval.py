@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from primekd.errors import PrimekdError
-from primekd.evaluate import EvalConfig, claim_directory, evaluate
-from primekd.io import read_json, read_jsonl
-from primekd.models import load
-from primekd.prompts import DEFAULT_TEMPLATE, load_template, worked_solution
+from primekd.core.errors import PrimekdError
+from primekd.core.io import read_json, read_jsonl
+from primekd.core.models import load
+from primekd.evaluate.evaluator import EvalConfig, claim_directory, evaluate
+from primekd.evaluate.prompts import DEFAULT_TEMPLATE, load_template, worked_solution
 
 RESULT_FIELDS = {"id", "question", "reference", "gold", "response", "extracted", "correct",
                  "n_tokens", "finish_reason", "found_by", "no_answer", "truncated",

@@ -11,10 +11,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from primekd import experiment, report
 from primekd.cli import app
-from primekd.errors import PrimekdError
-from primekd.experiment import load_config, plan, run_stage
+from primekd.core.errors import PrimekdError
+from primekd.experiment import report
+from primekd.experiment import runner as experiment
+from primekd.experiment.runner import load_config, plan, run_stage
 
 # --- presets ------------------------------------------------------------------------------------
 
@@ -217,7 +218,7 @@ class _Writer:
 
     def __call__(self, stage: experiment.Stage, progress: bool) -> dict:
         self.calls += 1
-        from primekd.outdir import write_marker
+        from primekd.core.outdir import write_marker
 
         stage.directory.mkdir(parents=True, exist_ok=True)
         (stage.directory / f"part-{self.calls}.txt").write_text(stage.hash)
@@ -293,7 +294,7 @@ def _results(path: Path, flags: list[bool]) -> None:
 
 
 def test_results_table_statistics(tmp_path: Path) -> None:
-    from primekd import stats
+    from primekd.core import stats
 
     base = [False] * 30
     kd_none = [i < 6 for i in range(30)]

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 import primekd.cli  # noqa: F401  registers every command on the app
 from primekd.cli.app import app
-from primekd.errors import PrimekdError
-from primekd.io import read_jsonl
+from primekd.core.errors import PrimekdError
+from primekd.core.io import read_jsonl
 
 runner = CliRunner()
 
@@ -108,7 +108,7 @@ def test_grade_cross_check_lists_math_verify_disagreements() -> None:
 def test_grade_public_reference_solutions_as_responses(tmp_path: Path) -> None:
     """GSM8K's human-written solutions, graded as if a model wrote them: every one states its
     answer after `####`, so default and strict agree and each is right."""
-    from primekd.data import load_examples
+    from primekd.core.data import load_examples
 
     path = tmp_path / "solutions.jsonl"
     examples = load_examples("test", limit=40)

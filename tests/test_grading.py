@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from primekd.errors import PrimekdError
-from primekd.grading import (
+from primekd.core.errors import PrimekdError
+from primekd.core.grading import (
     EXTRACTORS,
     extract_answer,
     grade,

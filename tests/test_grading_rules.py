@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from primekd.errors import PrimekdError
-from primekd.grading import (
+from primekd.core.errors import PrimekdError
+from primekd.core.grading import (
     MARKERS,
     answer_line_end,
     cross_check,
@@ -244,7 +244,7 @@ def test_eval_regrade_marks_a_truncated_ramble_wrong(tmp_path) -> None:
     like these."""
     import json
 
-    from primekd.evaluate import accuracy_summary, finalize_results
+    from primekd.evaluate.evaluator import accuracy_summary, finalize_results
 
     rows = [
         {"id": "test-00000", "reference": "#### 18", "response": "She sells 18 eggs and then",

@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from primekd import outdir
-from primekd.errors import PrimekdError
+from primekd.core import outdir
+from primekd.core.errors import PrimekdError
 
 PRIMEKD = [sys.executable, "-c", "from primekd.cli import main; main()"]
 QUESTIONS = [{"question": "What is 1+1?", "answer": "#### 2"},
@@ -51,7 +51,7 @@ def _user_dir(directory: Path, files: dict[str, str]) -> dict[str, bytes]:
 
 
 def _eval_config(model: Path, data: Path, out: Path, **kw):
-    from primekd.evaluate import EvalConfig
+    from primekd.evaluate.evaluator import EvalConfig
 
     return EvalConfig(model=str(model), data=str(data), out=out, max_new_tokens=2,
                       batch_size=2, **kw)
@@ -61,7 +61,7 @@ def _eval_config(model: Path, data: Path, out: Path, **kw):
 
 
 def test_eval_refuses_a_directory_of_the_users(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from primekd.evaluate import evaluate
+    from primekd.evaluate.evaluator import evaluate
 
     data, out = _jsonl(tmp_path / "q.jsonl", QUESTIONS), tmp_path / "out"
     before = _user_dir(out, {"summary.json": "my summary"})
@@ -73,7 +73,7 @@ def test_eval_refuses_a_directory_of_the_users(tiny_model_dir: Path, tmp_path: P
 
 
 def test_eval_force_writes_beside_the_users_files(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from primekd.evaluate import evaluate
+    from primekd.evaluate.evaluator import evaluate
 
     data, out = _jsonl(tmp_path / "q.jsonl", QUESTIONS), tmp_path / "out"
     before = _user_dir(out, {"notes.txt": "mine", "sub/x.txt": "also mine"})
@@ -90,7 +90,7 @@ def test_eval_force_writes_beside_the_users_files(tiny_model_dir: Path, tmp_path
 
 def test_distill_refuses_before_loading_anything(tmp_path: Path) -> None:
     from primekd.distill import distill
-    from primekd.distill_config import DistillConfig
+    from primekd.distill.config import DistillConfig
 
     out = tmp_path / "student"
     before = _user_dir(out, {"README.md": "my readme"})
@@ -104,7 +104,7 @@ def test_distill_refuses_before_loading_anything(tmp_path: Path) -> None:
 
 
 def test_run_refuses_a_directory_holding_the_users_files(tmp_path: Path) -> None:
-    from primekd import experiment
+    from primekd.experiment import runner as experiment
 
     out = tmp_path / "run"
     before = _user_dir(out, {"config.yaml": "mine", "data/test.jsonl": "mine",
@@ -122,7 +122,7 @@ def test_run_refuses_a_directory_holding_the_users_files(tmp_path: Path) -> None
 @pytest.mark.parametrize("stage_name,kind", [("teacher/none", "teacher"),
                                              ("attention", "attention")])
 def test_run_clears_only_what_it_wrote(tmp_path: Path, stage_name: str, kind: str) -> None:
-    from primekd import experiment
+    from primekd.experiment import runner as experiment
 
     directory = tmp_path / stage_name
     stage = experiment.Stage(stage_name, kind, directory, {"v": 1}, run_dir=tmp_path)
@@ -135,7 +135,7 @@ def test_run_clears_only_what_it_wrote(tmp_path: Path, stage_name: str, kind: st
 
 
 def test_stale_stage_loses_its_own_files_only(tmp_path: Path) -> None:
-    from primekd import experiment
+    from primekd.experiment import runner as experiment
 
     directory = tmp_path / "eval" / "base"
     directory.mkdir(parents=True)
@@ -149,7 +149,7 @@ def test_stale_stage_loses_its_own_files_only(tmp_path: Path) -> None:
 
 
 def test_out_that_is_a_file_is_refused_before_work(tmp_path: Path) -> None:
-    from primekd.attention import AttentionConfig, analyse
+    from primekd.analyze.attention import AttentionConfig, analyse
 
     out = tmp_path / "out"
     out.write_text("a file")
@@ -166,7 +166,7 @@ def test_out_that_is_a_file_is_refused_before_work(tmp_path: Path) -> None:
                                     {"max_new_tokens": 0}, {"device": "nope"}])
 def test_eval_options_checked_before_output(tiny_model_dir: Path, tmp_path: Path,
                                             option: dict) -> None:
-    from primekd.evaluate import evaluate
+    from primekd.evaluate.evaluator import evaluate
 
     data, out = _jsonl(tmp_path / "q.jsonl", QUESTIONS), tmp_path / "out"
     config = _eval_config(tiny_model_dir, data, out)
@@ -181,7 +181,7 @@ def test_eval_options_checked_before_output(tiny_model_dir: Path, tmp_path: Path
                                     {"top_k": 100000}, {"batch_size": 0}])
 def test_teach_options_checked_before_output(tiny_model_dir: Path, tmp_path: Path,
                                              option: dict) -> None:
-    from primekd.teacher import TeachConfig, teach
+    from primekd.teach.teacher import TeachConfig, teach
 
     data, out = _jsonl(tmp_path / "q.jsonl", QUESTIONS), tmp_path / "store"
     config = TeachConfig(teacher=str(tiny_model_dir), out=out, data=str(data),
@@ -195,7 +195,7 @@ def test_teach_options_checked_before_output(tiny_model_dir: Path, tmp_path: Pat
                                     {"alpha": "high"}, {"lora_r": True}, {"max_steps": 2.7},
                                     {"batch_size": 0}])
 def test_distill_values_of_the_wrong_type_or_not_finite(tmp_path: Path, values: dict) -> None:
-    from primekd.distill_config import check_config, config_from_dict
+    from primekd.distill.config import check_config, config_from_dict
 
     config = config_from_dict({"out": str(tmp_path / "s"), "objective": "sft", **values})
     with pytest.raises(PrimekdError, match=f"--{next(iter(values)).replace('_', '-')}"):
@@ -203,7 +203,7 @@ def test_distill_values_of_the_wrong_type_or_not_finite(tmp_path: Path, values: 
 
 
 def test_run_checks_every_stage_before_writing(tmp_path: Path) -> None:
-    from primekd import experiment
+    from primekd.experiment import runner as experiment
 
     out = tmp_path / "run"
     config = experiment.load_config(preset="quick", overrides=["eval.batch_size=0"])
@@ -217,14 +217,14 @@ def test_run_checks_every_stage_before_writing(tmp_path: Path) -> None:
     ({"alpha": {"low": 0.1, "high": math.inf}}, "finite"),
 ])
 def test_tune_spaces_of_the_wrong_type(space: dict, match: str) -> None:
-    from primekd.tune import parse_search_space
+    from primekd.experiment.tune import parse_search_space
 
     with pytest.raises(PrimekdError, match=match):
         parse_search_space(space)
 
 
 def test_json_files_never_hold_bare_nan(tmp_path: Path) -> None:
-    from primekd.io import append_jsonl, write_json
+    from primekd.core.io import append_jsonl, write_json
 
     write_json(tmp_path / "a.json", {"loss": math.nan, "x": [math.inf, 1.0]})
     append_jsonl(tmp_path / "b.jsonl", [{"loss": -math.inf}])
@@ -244,11 +244,11 @@ def _latin1(path: Path) -> Path:
 
 
 def test_non_utf8_inputs_are_one_line_with_the_offset(tmp_path: Path) -> None:
-    from primekd.compare import load_results
-    from primekd.data import load_examples
-    from primekd.grading import grade_file
-    from primekd.io import read_yaml
-    from primekd.prompts import load_template
+    from primekd.analyze.compare import load_results
+    from primekd.core.data import load_examples
+    from primekd.core.grading import grade_file
+    from primekd.core.io import read_yaml
+    from primekd.evaluate.prompts import load_template
 
     bad = _latin1(tmp_path / "bad.jsonl")
     readers = [lambda: grade_file(bad), lambda: load_results(bad),
@@ -275,7 +275,7 @@ def test_cli_non_utf8_is_exit_2(tmp_path: Path) -> None:
     ({"question": 42, "answer": "3", "response": "3"}, "`question` must be a string"),
 ])
 def test_grade_refuses_wrong_types_with_the_line(tmp_path: Path, row: dict, match: str) -> None:
-    from primekd.grading import grade_file
+    from primekd.core.grading import grade_file
 
     path = _jsonl(tmp_path / "r.jsonl", [{"answer": "1", "response": "1"}, row])
     with pytest.raises(PrimekdError, match=rf"r.jsonl:2: {match}"):
@@ -283,7 +283,7 @@ def test_grade_refuses_wrong_types_with_the_line(tmp_path: Path, row: dict, matc
 
 
 def test_data_refuses_numbers_as_questions_and_answers_without_one(tmp_path: Path) -> None:
-    from primekd.data import load_examples
+    from primekd.core.data import load_examples
 
     with pytest.raises(PrimekdError, match="`question` must be a string"):
         load_examples(str(_jsonl(tmp_path / "a.jsonl", [{"question": 42, "answer": "3"}])))
@@ -295,7 +295,7 @@ def test_data_refuses_numbers_as_questions_and_answers_without_one(tmp_path: Pat
 
 
 def test_compare_refuses_numeric_questions(tmp_path: Path) -> None:
-    from primekd.compare import load_results
+    from primekd.analyze.compare import load_results
 
     path = _jsonl(tmp_path / "r.jsonl", [{"id": "1", "question": 7, "correct": True}])
     with pytest.raises(PrimekdError, match="r.jsonl:1: `question` must be a string"):
@@ -303,7 +303,7 @@ def test_compare_refuses_numeric_questions(tmp_path: Path) -> None:
 
 
 def test_over_long_prompt_refused_with_lengths(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from primekd.evaluate import evaluate
+    from primekd.evaluate.evaluator import evaluate
 
     long = {"question": " ".join(["apples"] * 20000) + "?", "answer": "#### 1"}
     data, out = _jsonl(tmp_path / "q.jsonl", [QUESTIONS[0], long]), tmp_path / "out"
@@ -375,9 +375,9 @@ _rows = st.fixed_dictionaries({}, optional={
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.lists(_rows, min_size=1, max_size=3))
 def test_readers_never_raise_anything_but_one_line(tmp_path: Path, rows: list) -> None:
-    from primekd.compare import load_results
-    from primekd.data import load_examples
-    from primekd.grading import grade_file
+    from primekd.analyze.compare import load_results
+    from primekd.core.data import load_examples
+    from primekd.core.grading import grade_file
 
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from primekd.kd_loss import (
+from primekd.distill.kd_loss import (
     DIVERGENCES,
     dense_kd_loss,
     dense_kd_per_token,

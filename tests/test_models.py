@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from primekd.errors import PrimekdError
-from primekd.models import BUNDLED_ALIAS, load, resolve, tokenizer_fingerprint
+from primekd.core.errors import PrimekdError
+from primekd.core.models import BUNDLED_ALIAS, load, resolve, tokenizer_fingerprint
 
 
 def test_unknown_alias_is_a_clear_error() -> None:
@@ -23,7 +23,7 @@ def test_missing_paths_are_clear_errors(tmp_path) -> None:
 
 def test_hub_id_fails_clearly_offline(monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from primekd.models import load_tokenizer
+    from primekd.core.models import load_tokenizer
 
     with pytest.raises(PrimekdError, match="hub"):
         load_tokenizer("nobody-here/definitely-not-a-model")
@@ -37,7 +37,7 @@ def test_local_directory_loads_with_left_padding(tiny_model_dir) -> None:
 
 
 def test_fingerprint_is_vocabulary_hash(tiny_model_dir) -> None:
-    from primekd.testing import tiny_tokenizer
+    from primekd.core.testing import tiny_tokenizer
 
     _, tokenizer = load(str(tiny_model_dir))
     _, reloaded = load(str(tiny_model_dir))  # another instance of the same vocabulary
@@ -56,7 +56,7 @@ _GGUF_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm",
 def test_bundled_alias_loads_and_matches_gguf_weights(bundled) -> None:
     import gguf
 
-    from primekd.models import bundled_gguf_path
+    from primekd.core.models import bundled_gguf_path
 
     model, tokenizer = bundled
     source = resolve(BUNDLED_ALIAS)

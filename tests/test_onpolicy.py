@@ -13,18 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from primekd import store
-from primekd.distill import (
+from primekd.core.errors import PrimekdError
+from primekd.distill import distill
+from primekd.distill.trainer import (
     DistillConfig,
     KDCollator,
     KDSettings,
     KDTrainer,
     build_datasets,
-    distill,
     student_prompts,
     training_arguments,
 )
-from primekd.errors import PrimekdError
+from primekd.teach import store
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_distill import write_store  # noqa: E402  the off-policy store of the distill tests
@@ -46,14 +46,14 @@ def _rows(directory: Path) -> list[dict]:
 
 
 def _base(model_dir: Path):
-    from primekd.models import load
+    from primekd.core.models import load
 
     model, tok = load(str(model_dir), device="cpu")
     return model.eval(), tok
 
 
 def _prompt_ids(tok, text: str) -> list[int]:
-    from primekd.chat import encode_prompts
+    from primekd.core.chat import encode_prompts
 
     return encode_prompts(tok, [text])[0]
 
@@ -68,9 +68,9 @@ def one_round(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 def test_training_tokens_are_the_students_own_greedy_answers(tiny_model_dir, one_round):
     """Round 0's student is the base model (LoRA starts at zero): its greedy answers to the
     bare prompt are the store's token_ids and the training sequences, not the references."""
+    from primekd.core.models import load_tokenizer
     from primekd.engines import SamplingParams, collect
     from primekd.engines.hf import HFEngine
-    from primekd.models import load_tokenizer
 
     rows = _rows(one_round / "rounds" / "round-000")
     assert len(rows) == 4 and {r["sample"] for r in rows} == {0}
@@ -95,10 +95,10 @@ def test_training_tokens_are_the_students_own_greedy_answers(tiny_model_dir, one
 def test_teacher_scores_come_from_the_primed_prompt(tiny_model_dir, one_round):
     """The teacher read the ground truth (absent from the student's prompt), and the stored
     top-k is the base model's distribution over the student's tokens after that prompt."""
-    from primekd.chat import encode_prompts, render
-    from primekd.data import load_examples
-    from primekd.priming import get_strategy
-    from primekd.teacher import answer_text
+    from primekd.core.chat import encode_prompts, render
+    from primekd.core.data import load_examples
+    from primekd.teach.priming import get_strategy
+    from primekd.teach.teacher import answer_text
 
     rows = _rows(one_round / "rounds" / "round-000")
     model, tok = _base(tiny_model_dir)
@@ -131,10 +131,10 @@ def test_teacher_scores_come_from_the_primed_prompt(tiny_model_dir, one_round):
 def test_loss_equals_dense_teacher_computation_at_k_vocab(tiny_model_dir, tmp_path):
     """With k = vocabulary the round's stored teacher is the whole distribution: the training
     loss on a batch equals reverse KL from the dense primed-teacher softmax."""
-    from primekd.chat import encode_prompts
-    from primekd.distill import build_student
-    from primekd.kd_loss import dense_kd_loss
-    from primekd.models import load_tokenizer
+    from primekd.core.chat import encode_prompts
+    from primekd.core.models import load_tokenizer
+    from primekd.distill.kd_loss import dense_kd_loss
+    from primekd.distill.trainer import build_student
 
     tok = load_tokenizer(str(tiny_model_dir), padding_side="right")
     vocab = len(tok)
@@ -272,7 +272,7 @@ def test_kill_and_resume_loses_and_repeats_nothing(tiny_model_dir, tmp_path):
 
 
 def test_run_config_on_policy_entries(tmp_path):
-    from primekd.experiment import config_from_dict, plan
+    from primekd.experiment.runner import config_from_dict, plan
 
     def build(*entries):
         return config_from_dict({"strategies": ["none", "ground_truth"],

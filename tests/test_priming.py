@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import pytest
 
-from primekd.chat import render
-from primekd.errors import PrimekdError
-from primekd.priming import BUILTIN_STRATEGIES, all_strategies, get_strategy, load_strategies
-from primekd.prompts import DEFAULT_TEMPLATE
-from primekd.testing import tiny_tokenizer
+from primekd.core.chat import render
+from primekd.core.errors import PrimekdError
+from primekd.core.testing import tiny_tokenizer
+from primekd.evaluate.prompts import DEFAULT_TEMPLATE
+from primekd.teach.priming import BUILTIN_STRATEGIES, all_strategies, get_strategy, load_strategies
 
 QUESTION = "Ann has 2 cats and gets 3 more. How many cats does she have?"
 REFERENCE = "She has 2 + 3 = <<2+3=5>>5 cats.\n#### 5"

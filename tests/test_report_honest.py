@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from primekd import report
+from primekd.experiment import report
 
 
 def _results(path: Path, flags: list[bool], truncated: int = 0, cap: int = 64,

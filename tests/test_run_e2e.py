@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from primekd.experiment import load_config, run_experiment
+from primekd.experiment.runner import load_config, run_experiment
 
 pytestmark = pytest.mark.slow
 

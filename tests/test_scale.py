@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from primekd import store
-from primekd.distill import DistillConfig, distill
-from primekd.errors import PrimekdError
-from primekd.teacher import TeachConfig, teach
+from primekd.core.errors import PrimekdError
+from primekd.distill import distill
+from primekd.distill.trainer import DistillConfig
+from primekd.teach import store
+from primekd.teach.teacher import TeachConfig, teach
 
 HERE = Path(__file__).parent
 
@@ -126,8 +127,8 @@ def test_edited_fingerprint_is_caught_by_the_token_ids(tiny_model_dir, shards, t
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from primekd.data import load_examples
-    from primekd.models import load_tokenizer, tokenizer_fingerprint
+    from primekd.core.data import load_examples
+    from primekd.core.models import load_tokenizer, tokenizer_fingerprint
 
     # the same model with a BPE vocabulary of the same size learnt from other text
     original = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -198,7 +199,7 @@ def test_teacher_ids_beyond_the_student_embedding_are_refused(tiny_model_dir, sh
 def _tiny_granite(directory: Path, logits_scaling: float) -> Path:
     from transformers import GraniteConfig, GraniteForCausalLM
 
-    from primekd.testing import tiny_tokenizer
+    from primekd.core.testing import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     config = GraniteConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
@@ -216,7 +217,7 @@ def _tiny_granite(directory: Path, logits_scaling: float) -> Path:
 def test_head_tap_falls_back_when_logits_are_scaled_after_the_head(tmp_path, scaling, tapped):
     """Granite divides its logits by `logits_scaling` after the head: projecting the
     tapped hidden states would train on unscaled logits."""
-    from primekd.distill import KDSettings, KDTrainer, build_student, training_arguments
+    from primekd.distill.trainer import KDSettings, KDTrainer, build_student, training_arguments
 
     model_dir = _tiny_granite(tmp_path / "granite", scaling)
     config = _config(model_dir, None, tmp_path / "o", objective="sft")
@@ -230,11 +231,11 @@ def test_head_tap_falls_back_when_logits_are_scaled_after_the_head(tmp_path, sca
 
 
 def test_warmup_fraction_goes_to_the_argument_that_means_a_fraction():
-    from primekd.distill import warmup_arguments
+    from primekd.distill.trainer import warmup_arguments
 
     assert warmup_arguments(0.03, {"warmup_ratio", "warmup_steps"}) == {"warmup_ratio": 0.03}
     assert warmup_arguments(0.03, {"warmup_steps"}) == {"warmup_steps": 0.03}
-    from primekd.distill import training_arguments
+    from primekd.distill.trainer import training_arguments
 
     args = training_arguments(DistillConfig(out="x", warmup_ratio=0.1, device="cpu"),
                               Path("x"), "cpu", False, False)
@@ -242,7 +243,7 @@ def test_warmup_fraction_goes_to_the_argument_that_means_a_fraction():
 
 
 def test_float16_trains_with_loss_scaling_or_is_refused():
-    from primekd.distill import _torch_dtype, mixed_precision
+    from primekd.distill.trainer import _torch_dtype, mixed_precision
 
     lora = DistillConfig(out="x", dtype="float16")
     assert mixed_precision(lora, "cuda") == {"fp16": True, "bf16": False}
@@ -307,8 +308,8 @@ def test_resumed_summary_covers_the_whole_run(tiny_model_dir, whole, tmp_path):
 
 
 def test_adapter_files_are_portable(tiny_model_dir, shards, tmp_path):
-    from primekd.distill import _make_portable
-    from primekd.models import load_model
+    from primekd.core.models import load_model
+    from primekd.distill.trainer import _make_portable
 
     out = tmp_path / "o"
     distill(_config(tiny_model_dir, str(shards / "shard-0"), out), progress=False)
@@ -324,7 +325,7 @@ def test_adapter_files_are_portable(tiny_model_dir, shards, tmp_path):
 
 
 def test_checkpoints_kept_until_the_adapter_is_saved(tmp_path):
-    from primekd.distill import remove_checkpoints
+    from primekd.distill.trainer import remove_checkpoints
 
     (tmp_path / "checkpoints" / "checkpoint-2").mkdir(parents=True)
     with pytest.raises(PrimekdError, match="keeping its checkpoints"):
@@ -354,7 +355,7 @@ DATED_TEMPLATE = (
 def test_chat_date_pinned_and_kept_on_resume(tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from primekd.chat import ChatPrompt, render
+    from primekd.core.chat import ChatPrompt, render
 
     model = tmp_path / "dated"
     shutil.copytree(tiny_model_dir, model)
@@ -391,14 +392,14 @@ def test_fsdp2_on_two_cpu_processes_saves_an_adapter_plain_peft_loads(tiny_model
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from primekd.distill import (
+    from primekd.core.models import load_tokenizer
+    from primekd.distill.trainer import (
         KDCollator,
         KDSettings,
         KDTrainer,
         build_datasets,
         training_arguments,
     )
-    from primekd.models import load_tokenizer
 
     out = tmp_path / "fsdp"
     cmd = [shutil.which("accelerate"), "launch", "--num_processes", "2", "--num_machines",
@@ -456,7 +457,7 @@ def test_a_failed_tune_trial_releases_its_model(tiny_model_dir, whole, tmp_path)
 
     from transformers import TrainerCallback
 
-    from primekd import tune
+    from primekd.experiment import tune
 
     refs = []
 
@@ -477,7 +478,7 @@ def test_a_failed_tune_trial_releases_its_model(tiny_model_dir, whole, tmp_path)
 
 
 def test_tune_refuses_a_store_with_a_missing_part(tiny_model_dir, whole, tmp_path):
-    from primekd.tune import TuneConfig, tune
+    from primekd.experiment.tune import TuneConfig, tune
 
     broken = _copy_store(whole, tmp_path / "broken")
     store.part_files(broken)[0].unlink()

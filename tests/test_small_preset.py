@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from primekd import report
 from primekd.cli.app import app
-from primekd.data import load_examples
-from primekd.experiment import load_config, plan
-from primekd.grading import answer_line_span, working_text
-from primekd.teacher import RESTATE_MAX_TOKENS, restated_count, working_tokens
+from primekd.core.data import load_examples
+from primekd.core.grading import answer_line_span, working_text
+from primekd.experiment import report
+from primekd.experiment.runner import load_config, plan
+from primekd.teach.teacher import RESTATE_MAX_TOKENS, restated_count, working_tokens
 
 # sha256 of the 400 test ids (one per line, in the sampled order), fixed when the preset was
 # written, before any result of it existed: a change of sampler or data must fail here.
@@ -90,7 +90,7 @@ def test_working_text_leaves_out_the_answer_line() -> None:
 
 
 def test_restated_count_uses_the_token_threshold(tiny_model_dir: Path) -> None:
-    from primekd.models import load_tokenizer
+    from primekd.core.models import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model_dir))
     working = "Janet sells 16 - 3 - 4 = 9 eggs a day at $2 each, so she makes 9 * 2 = 18."
@@ -104,7 +104,7 @@ def test_restated_count_uses_the_token_threshold(tiny_model_dir: Path) -> None:
 
 
 def test_teacher_manifest_counts_restatements(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from primekd.teacher import TeachConfig, teach
+    from primekd.teach.teacher import TeachConfig, teach
 
     manifest = teach(TeachConfig(teacher=str(tiny_model_dir), out=str(tmp_path / "s"),
                                  limit=2, max_new_tokens=8, top_k=4, device="cpu"),
@@ -182,7 +182,7 @@ WORKED = ("Janet's ducks lay 16 eggs per day. She eats 3 for breakfast and bakes
 
 
 def test_looping_tells_a_repetition_loop_from_long_working() -> None:
-    from primekd.grading import looping
+    from primekd.core.grading import looping
 
     assert looping(LOOP)
     assert not looping(WORKED * 1)

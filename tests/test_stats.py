@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import binomtest
 
-from primekd.stats import (
+from primekd.core.stats import (
     discordant_counts,
     holm_adjust,
     mcnemar_exact_p,

@@ -5,8 +5,8 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from primekd import store
-from primekd.errors import PrimekdError
+from primekd.core.errors import PrimekdError
+from primekd.teach import store
 
 
 def _row(id_: str, sample: int = 0, n: int = 3, k: int = 2) -> dict:

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from primekd import store
-from primekd.chat import encode_prompts
-from primekd.errors import PrimekdError
-from primekd.models import load
-from primekd.teacher import TeachConfig, teach
+from primekd.core.chat import encode_prompts
+from primekd.core.errors import PrimekdError
+from primekd.core.models import load
+from primekd.teach import store
+from primekd.teach.teacher import TeachConfig, teach
 
 CLI = [sys.executable, "-c", "from primekd.cli import main; main()"]
 

@@ -13,8 +13,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from primekd.errors import PrimekdError
-from primekd.tune import (
+from primekd.core.errors import PrimekdError
+from primekd.experiment.tune import (
     TuneConfig,
     default_search_space,
     load_search_space,
@@ -29,7 +29,7 @@ FAST = ["--max-steps", "2", "--eval-steps", "1", "--val-size", "3", "--heartbeat
 def tiny_store(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """What `primekd teach --teacher TINY --strategy none --limit 12 --max-new-tokens 24`
     writes (through the same library call)."""
-    from primekd.teacher import TeachConfig, teach
+    from primekd.teach.teacher import TeachConfig, teach
 
     out = tmp_path_factory.mktemp("tune-store") / "none"
     teach(
@@ -147,7 +147,7 @@ def test_cli_bad_input_is_a_one_line_error(tiny_model_dir, tiny_store, tmp_path)
 
 
 def test_joining_a_study_with_other_settings_is_refused(tiny_store, tmp_path):
-    from primekd.tune import create_study, open_storage
+    from primekd.experiment.tune import create_study, open_storage
 
     first = TuneConfig(str(tiny_store), "student", str(tmp_path / "a"), max_steps=5)
     create_study(first, open_storage(first.storage_url))
@@ -166,7 +166,8 @@ def test_joining_a_study_with_other_settings_is_refused(tiny_store, tmp_path):
 
 
 def test_short_search_exports_params_that_distill_accepts(tiny_model_dir, tiny_store, tmp_path):
-    from primekd.distill import distill, load_distill_config
+    from primekd.distill import distill
+    from primekd.distill.trainer import load_distill_config
 
     out = tmp_path / "tune"
     config = TuneConfig(
@@ -207,7 +208,7 @@ def test_short_search_exports_params_that_distill_accepts(tiny_model_dir, tiny_s
     assert trained.summary["steps"] == 1
 
     # best_run.yaml is the same values as a `primekd run` config (its `distill` section).
-    from primekd.experiment import load_config
+    from primekd.experiment.runner import load_config
 
     experiment = load_config(out / "best_run.yaml", preset="quick")
     assert {k: experiment.distill[k] for k in fragment} == fragment
@@ -304,9 +305,9 @@ def test_a_killed_workers_trial_fails_and_the_study_continues(tiny_model_dir, ti
     assert len(retried) == 1 and retried[0].params == study.trials[0].params
 
     # val_accuracy: graded answers to the held-out questions, which training never saw.
-    from primekd.distill import DistillConfig, build_datasets
-    from primekd.io import read_jsonl
-    from primekd.models import load_tokenizer
+    from primekd.core.io import read_jsonl
+    from primekd.core.models import load_tokenizer
+    from primekd.distill.trainer import DistillConfig, build_datasets
 
     assert 0.0 <= result.best_value <= 1.0
     trial_dir = out / "trials" / str(result.best_trial)
@@ -323,7 +324,7 @@ def test_a_killed_workers_trial_fails_and_the_study_continues(tiny_model_dir, ti
 def test_a_trial_whose_worker_never_beat_is_failed(tiny_model_dir, tiny_store, tmp_path):
     """A trial created by a worker that died before its first heartbeat (no heartbeat, no
     parameters) does not block the study for ever."""
-    from primekd.tune import create_study, open_storage
+    from primekd.experiment.tune import create_study, open_storage
 
     config = TuneConfig(
         str(tiny_store),
@@ -344,7 +345,7 @@ def test_a_trial_whose_worker_never_beat_is_failed(tiny_model_dir, tiny_store, t
 # A worker that takes a trial (with heartbeats, as `tune` does) and then hangs until killed.
 _HANGING_WORKER = """
 import sys, time
-from primekd import tune as t
+from primekd.experiment import tune as t
 store, student, out = sys.argv[1:]
 config = t.TuneConfig(store, student, out, trials=2, max_steps=2, eval_steps=1, val_size=3,
                       heartbeat=1, objective="val_accuracy")

@@ -18,14 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from primekd import store
-from primekd.data import load_examples
+from primekd.core.data import load_examples
+from primekd.core.io import read_jsonl
+from primekd.core.models import BUNDLED_ALIAS
 from primekd.engines import EngineSpec, SamplingParams, collect, encode_chats, get_engine
 from primekd.engines.hf import HFEngine
-from primekd.evaluate import EvalConfig, evaluate
-from primekd.io import read_jsonl
-from primekd.models import BUNDLED_ALIAS
-from primekd.prompts import load_template
+from primekd.evaluate.evaluator import EvalConfig, evaluate
+from primekd.evaluate.prompts import load_template
+from primekd.teach import store
 
 pytestmark = [pytest.mark.vllm, pytest.mark.integration, pytest.mark.slow]
 CLI = [sys.executable, "-c", "from primekd.cli import main; main()"]
@@ -125,7 +125,7 @@ def _save_adapter(directory: Path) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from primekd.models import resolve
+    from primekd.core.models import resolve
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(resolve(BUNDLED_ALIAS).path)

@@ -7,7 +7,7 @@ import sys
 from rich.markup import escape
 
 from primekd.cli.app import app, err_console, state
-from primekd.errors import PrimekdError
+from primekd.core.errors import PrimekdError
 
 # Each import registers its command on `app`.
 from primekd.cli import (  # noqa: E402,F401  isort: skip

@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 
 from primekd.cli.app import app, console
-from primekd.errors import PrimekdError
-from primekd.io import dumps
+from primekd.core.errors import PrimekdError
+from primekd.core.io import dumps
 
 
 def parse_named(values: list[str], option: str) -> dict[str, str]:
@@ -82,7 +82,7 @@ def attention_command(
 
     The model runs with eager attention. Definitions of every metric: docs/attention.md.
     """
-    from primekd.attention import AttentionConfig, analyse
+    from primekd.analyze.attention import AttentionConfig, analyse
 
     config = AttentionConfig(
         model=model,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import typer
 
+from primekd.analyze.compare import compare_files, render_comparison
 from primekd.cli.app import app, console, err_console
-from primekd.compare import compare_files, render_comparison
 
 
 @app.command("compare")

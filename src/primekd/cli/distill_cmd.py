@@ -9,8 +9,8 @@ import typer
 from rich.table import Table
 
 from primekd.cli.app import app, console
-from primekd.distill_config import DistillConfig, config_from_dict, load_distill_config
-from primekd.io import dumps
+from primekd.core.io import dumps
+from primekd.distill.config import DistillConfig, config_from_dict, load_distill_config
 
 _D = DistillConfig()
 
@@ -167,8 +167,8 @@ def distill_command(
                                    if m.strip()]
     config = (load_distill_config(config_file, **given) if config_file
               else config_from_dict(given, source="options"))
-    from primekd.distill_config import check_config
-    from primekd.outdir import check_out
+    from primekd.core.outdir import check_out
+    from primekd.distill.config import check_config
 
     check_config(config)  # before the seconds it takes to import torch and transformers
     check_out(config.out, "distill", config.force)

@@ -15,9 +15,9 @@ from primekd.cli.app import (
     console,
     engine_options,
 )
-from primekd.evaluate import EvalConfig, evaluate
-from primekd.io import dumps
-from primekd.models import BUNDLED_ALIAS
+from primekd.core.io import dumps
+from primekd.core.models import BUNDLED_ALIAS
+from primekd.evaluate.evaluator import EvalConfig, evaluate
 
 
 @app.command("eval")

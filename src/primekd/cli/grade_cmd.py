@@ -9,10 +9,10 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from primekd import grading
 from primekd.cli.app import app, console
-from primekd.grading import check_extractor, grade_file, summarize_grades
-from primekd.io import atomic_write_text
+from primekd.core import grading
+from primekd.core.grading import check_extractor, grade_file, summarize_grades
+from primekd.core.io import atomic_write_text
 
 
 @app.command("grade")

@@ -8,11 +8,11 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from primekd import experiment
 from primekd.cli.app import app, console
-from primekd.errors import PrimekdError
-from primekd.experiment import RunSummary, Stage
-from primekd.io import dumps
+from primekd.core.errors import PrimekdError
+from primekd.core.io import dumps
+from primekd.experiment import runner as experiment
+from primekd.experiment.runner import RunSummary, Stage
 
 _STATE_TEXT = {
     "cached": "[green]cached[/]",

@@ -15,10 +15,10 @@ from primekd.cli.app import (
     console,
     engine_options,
 )
-from primekd.errors import PrimekdError
-from primekd.io import dumps
-from primekd.priming import all_strategies
-from primekd.teacher import TeachConfig, teach
+from primekd.core.errors import PrimekdError
+from primekd.core.io import dumps
+from primekd.teach.priming import all_strategies
+from primekd.teach.teacher import TeachConfig, teach
 
 
 @app.command("teach")

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 import typer
 
 from primekd.cli.app import app, console
-from primekd.io import dumps
+from primekd.core.io import dumps
 
 if TYPE_CHECKING:
-    from primekd.tune import TuneResult
+    from primekd.experiment.tune import TuneResult
 
 
 @app.command("tune")
@@ -108,7 +108,7 @@ def tune_command(
     Run the same command in several processes or machines with one --storage URL and
     --study name to search together; --trials is the study's total.
     """
-    from primekd.tune import TuneConfig, default_search_space, load_search_space, tune
+    from primekd.experiment.tune import TuneConfig, default_search_space, load_search_space, tune
 
     config = TuneConfig(
         teacher_store=str(teacher_store),

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from primekd.chat import left_pad
-from primekd.engines import Generation, SamplingParams, TopK, finish
-from primekd.errors import PrimekdError
+from primekd.core.chat import left_pad
+from primekd.core.errors import PrimekdError
+from primekd.engines.base import Generation, SamplingParams, TopK, finish
 
 # Batches sorted by prompt length are formed within windows of this many batches.
 SORT_WINDOW_BATCHES = 8
@@ -50,7 +50,7 @@ class HFEngine:
              ) -> HFEngine:
         """`device_map`/`max_memory`: spread the model over devices (inputs then go to the
         device of its first layer)."""
-        from primekd.models import load
+        from primekd.core.models import load
 
         placement = {"device_map": device_map, "max_memory": max_memory} if device_map else {}
         return cls(*load(model, adapter=adapter, device=device, **placement),

@@ -43,8 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from primekd.engines import Generation, SamplingParams, TopK, finish
-from primekd.errors import PrimekdError
+from primekd.core.errors import PrimekdError
+from primekd.engines.base import Generation, SamplingParams, TopK, finish
 
 # Options passed to the server as flags (`max_model_len` -> `--max-model-len`).
 SERVER_FLAGS = ("max_model_len", "gpu_memory_utilization", "dtype", "tensor_parallel_size",
@@ -267,8 +267,7 @@ atexit.register(shutdown)
 def merged_model(source: Any, adapter: str) -> str:
     """The model with `adapter` merged into its weights, saved once in primekd's cache (keyed
     by the model and the adapter's hash): vLLM serves it like any model."""
-    from primekd.evaluate import adapter_hash
-    from primekd.models import cache_dir, load_model, load_tokenizer
+    from primekd.core.models import adapter_hash, cache_dir, load_model, load_tokenizer
 
     key = hashlib.sha256(f"{source.path}:{adapter_hash(adapter)}".encode()).hexdigest()[:16]
     target = cache_dir() / "merged" / f"{Path(source.path).name}-{key}"
@@ -309,7 +308,7 @@ class VLLMEngine:
     def open(cls, model: str, adapter: str | None = None, base_url: str | None = None,
              options: dict[str, Any] | None = None, batch_size: int | None = None
              ) -> VLLMEngine:
-        from primekd.models import load_tokenizer, resolve
+        from primekd.core.models import load_tokenizer, resolve
 
         options = dict(options or {})
         check_options(options)

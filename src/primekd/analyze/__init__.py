@@ -1,0 +1,1 @@
+"""Comparing results: paired statistics across students (`compare`) and attention heads."""

@@ -1,0 +1,1058 @@
+"""Train a student (LoRA or full) from a teacher store (white-box KD) or from references (SFT).
+
+Pieces, each usable on its own:
+
+- `DistillConfig`: every option of `primekd distill`; `load_distill_config(yaml)` reads one.
+- `build_datasets`: student tokenisation of the bare question (under the same prompt template
+  `primekd eval` uses) + answer tokens, with the teacher's top-k aligned to each answer token.
+- `KDCollator`: right-pads a batch; labels are -100 on prompt and padding.
+- `KDTrainer(transformers.Trainer)`: the custom loss ``alpha * CE + (1 - alpha) * T^2 * D``
+  (see `primekd.distill.kd_loss`), CE/KD parts and tokens/s in the logs, and a KD validation loss.
+- `distill(config, callbacks)`: wires them together and writes the output directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from primekd.core.chat import encode_prompts, render
+from primekd.core.errors import PrimekdError
+from primekd.core.io import atomic_write, atomic_write_text, dumps, write_json
+from primekd.core.models import (
+    default_device,
+    default_dtype,
+    load_model,
+    load_tokenizer,
+    resolve,
+    tokenizer_fingerprint,
+)
+from primekd.distill.config import (  # noqa: F401  re-exported: primekd.distill.trainer is the API
+    _RUN_ONLY_FIELDS,
+    OBJECTIVES,
+    OPTIMIZERS,
+    SCHEDULERS,
+    DistillConfig,
+    check_config,
+    config_from_dict,
+    load_distill_config,
+)
+from primekd.distill.kd_loss import kd_loss_parts
+
+CONFIG_FILE, SUMMARY_FILE = "distill_config.yaml", "summary.json"
+LOG_JSONL, LOG_CSV = "train_log.jsonl", "train_log.csv"
+CHECKPOINTS = "checkpoints"
+RUN_TOTALS = "primekd_run_totals.json"  # in each checkpoint: whole-run loss sum and tokens
+BUNDLED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # where the bundled GGUF comes from
+LOG_COLUMNS = ("step", "epoch", "loss", "ce", "kd", "lr", "grad_norm", "tokens_per_s",
+               "val_loss", "val_ce", "val_kd")
+
+
+@dataclass
+class DistillResult:
+    out: Path
+    summary: dict[str, Any]
+    log_history: list[dict[str, Any]]
+
+    @property
+    def val_loss_before(self) -> float | None:
+        return self.summary.get("val_loss_before")
+
+    @property
+    def val_loss_after(self) -> float | None:
+        return self.summary.get("val_loss_after")
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class Item:
+    """One training sequence: prompt + answer ids, and the teacher's top-k per answer token."""
+
+    id: str
+    input_ids: np.ndarray  # (L,) int64
+    n_prompt: int
+    topk_ids: np.ndarray | None = None  # (A, k) for the first A answer tokens
+    topk_logprobs: np.ndarray | None = None  # (A, k) float32
+
+
+@dataclass
+class Datasets:
+    train: list[Item]
+    val: list[Item]
+    info: dict[str, Any]
+
+
+def student_prompts(tokenizer: Any, questions: list[str], prompt: str | None) -> list[list[int]]:
+    """The student's prompt ids: its chat template over eval's template around the question."""
+    from primekd.evaluate.prompts import load_template
+
+    template = load_template(prompt)
+    texts = [render(tokenizer, template.build(q)) for q in questions]
+    return encode_prompts(tokenizer, texts)
+
+
+def build_datasets(config: DistillConfig, tokenizer: Any) -> Datasets:
+    if config.teacher_store:
+        rows, info = _store_rows(config, tokenizer)
+    else:
+        rows, info = _reference_rows(config, tokenizer)
+    ids = sorted({r["id"] for r in rows})
+    if config.limit is not None:
+        keep = set(ids[: config.limit])
+        rows = [r for r in rows if r["id"] in keep]
+        ids = sorted(keep)
+    if config.val_size >= len(ids):
+        raise PrimekdError(f"--val-size {config.val_size} leaves no training questions "
+                           f"(there are {len(ids)})")
+    held = set(random.Random(config.seed).sample(ids, config.val_size))
+    prompts = student_prompts(tokenizer, [r["question"] for r in rows], config.prompt)
+    train, val, truncated, skipped = [], [], 0, 0
+    for row, prompt in zip(rows, prompts, strict=True):
+        item, cut = _make_item(row, prompt, config.max_length)
+        if item is None:
+            skipped += 1
+            continue
+        truncated += cut
+        (val if row["id"] in held else train).append(item)
+    if not train:
+        raise PrimekdError(f"no training sequences fit in --max-length {config.max_length}")
+    info.update(train_sequences=len(train), val_sequences=len(val), val_questions=len(held),
+                truncated=truncated, skipped_too_long=skipped)
+    return Datasets(train, val, info)
+
+
+def _make_item(row: dict[str, Any], prompt: list[int], max_length: int
+               ) -> tuple[Item | None, int]:
+    answer = list(row["answer_ids"])
+    room = max_length - len(prompt)
+    if room < 1:
+        return None, 0
+    cut = int(len(answer) > room)
+    answer = answer[:room]
+    topk_ids = topk_lp = None
+    if row.get("topk_ids") is not None:
+        n = min(len(answer), len(row["topk_ids"]))
+        topk_ids, topk_lp = row["topk_ids"][:n], row["topk_logprobs"][:n]
+    ids = np.asarray(prompt + answer, dtype=np.int64)
+    return Item(row["id"], ids, len(prompt), topk_ids, topk_lp), cut
+
+
+def _store_rows(config: DistillConfig, tokenizer: Any) -> tuple[list[dict[str, Any]], dict]:
+    from primekd.teach import store
+
+    dirs = store.store_directories(config.teacher_store)
+    manifest = store.read_manifest(dirs[0])
+    table = store.load_store(dirs)
+    if table.num_rows == 0:
+        raise PrimekdError(f"teacher store {config.teacher_store} has no rows")
+    same_vocab = manifest.get("tokenizer_fingerprint") == tokenizer_fingerprint(tokenizer)
+    if same_vocab:
+        _check_tokens_match_text(table, tokenizer, dirs[0])
+    white_box = config.objective == "kd" and config.alpha < 1.0
+    if white_box and not same_vocab:
+        raise PrimekdError(
+            f"the student's tokenizer differs from the teacher's ({config.teacher_store} "
+            "was made with another vocabulary), so their distributions do not line up: use "
+            "--objective sft to train on the teacher's text (sequence-level KD), or "
+            "--objective kd --alpha 1 (CE on the teacher's answers only)")
+    use_teacher_tokens = config.objective == "kd" and same_vocab
+    eos = tokenizer.eos_token_id
+    columns = {name: table.column(name).to_pylist() for name in
+               ("id", "question", "response", "token_ids", "finish_reason")}
+    kept = _kept_rows(table, config.keep, config.teacher_store)
+    topk_ids = topk_lp = None
+    if white_box:
+        topk_ids = _ragged_matrix(table.column("topk_ids"), np.int64)
+        topk_lp = _ragged_matrix(table.column("topk_logprobs"), np.float32)
+    rows = []
+    for i in kept:
+        finish = columns["finish_reason"][i]
+        if use_teacher_tokens:
+            answer = list(columns["token_ids"][i])
+        else:  # sequence-level: the teacher's text in the student's tokens
+            answer = tokenizer(columns["response"][i], add_special_tokens=False)["input_ids"]
+            if finish != "length" and eos is not None:
+                answer.append(eos)
+        rows.append({
+            "id": str(columns["id"][i]),
+            "question": columns["question"][i],
+            "answer_ids": answer,
+            "topk_ids": topk_ids[i] if topk_ids is not None else None,
+            "topk_logprobs": topk_lp[i] if topk_lp is not None else None,
+        })
+    info = {"source": "teacher_store", "teacher_store": str(config.teacher_store),
+            "teacher_store_parts": [str(d) for d in dirs],
+            "teacher": manifest.get("teacher"), "target": manifest.get("target"),
+            "top_k": manifest.get("top_k"), "store_rows": table.num_rows,
+            "keep": config.keep, "kept_rows": len(kept),
+            "white_box": white_box, "same_tokenizer": same_vocab,
+            "max_token_id": _max_token_id(table, white_box) if use_teacher_tokens else None}
+    return rows, info
+
+
+def _kept_rows(table: Any, keep: str, source: Any) -> list[int]:
+    """The store rows a student trains on: all, or (`keep="correct"`, rejection sampling)
+    only the answers the store graded correct."""
+    if keep == "all":
+        return list(range(table.num_rows))
+    correct = table.column("correct").to_pylist()
+    kept = [i for i, flag in enumerate(correct) if flag is True]
+    if not kept:
+        raise PrimekdError(f"--keep correct: no answer in teacher store {source} was graded "
+                           f"correct (0 of {table.num_rows}); use --keep all, or a teacher "
+                           "that solves some of its questions")
+    return kept
+
+
+def _max_token_id(table: Any, white_box: bool) -> int:
+    """The largest token id the student will be asked to score (answer or teacher top-k)."""
+    import pyarrow.compute as pc
+
+    names = ["token_ids", *(["topk_ids"] if white_box else [])]
+    highest = -1
+    for name in names:
+        values = table.column(name).combine_chunks().flatten()
+        if name == "topk_ids":
+            values = values.flatten()
+        if len(values):
+            highest = max(highest, int(pc.max(values).as_py()))
+    return highest
+
+
+def check_vocabulary(info: dict[str, Any], rows: int, student: str) -> None:
+    """Refuse teacher token ids past the student's embedding rows (a device-side assert on
+    CUDA, mid-run): tokenizers can share a fingerprint while embedding sizes differ."""
+    highest = info.get("max_token_id")
+    if highest is not None and highest >= rows:
+        raise PrimekdError(
+            f"the teacher store holds token id {highest} but the student {student} has "
+            f"{rows} embedding rows (vocab_size {rows} < {highest + 1}): trim the teacher's "
+            "top-k to the student's vocabulary, or pad the student's embeddings "
+            f"(resize_token_embeddings to at least {highest + 1})")
+
+
+def _check_tokens_match_text(table: Any, tokenizer: Any, directory: Any, sample: int = 8
+                             ) -> None:
+    """Equal fingerprints claim one vocabulary: check that the student's tokenizer turns a
+    few rows' token ids back into their responses (an edited manifest would pass otherwise)."""
+    n = min(sample, table.num_rows)
+    ids = table.column("token_ids").slice(0, n).to_pylist()
+    texts = table.column("response").slice(0, n).to_pylist()
+    squash = "".join
+    mismatched = 0
+    for token_ids, text in zip(ids, texts, strict=True):
+        target = squash((text or "").split())
+        decoded = {squash(tokenizer.decode(token_ids, skip_special_tokens=skip).split())
+                   for skip in (True, False)}
+        mismatched += target not in decoded
+    if mismatched * 2 > n:
+        raise PrimekdError(
+            f"{directory}: the manifest's tokenizer fingerprint matches the student's, but "
+            f"the student's tokenizer does not decode {mismatched} of {n} sampled rows' "
+            "token_ids to their responses: the store was made with another vocabulary")
+
+
+def _ragged_matrix(column: Any, dtype: Any) -> list[np.ndarray]:
+    """list<list<x>> (rows of (A_i, k)) -> one (A_i, k) numpy array per row, without Python."""
+    array = column.combine_chunks()
+    outer = array.offsets.to_numpy()
+    inner = array.flatten()
+    if len(inner) == 0:
+        return [np.zeros((0, 1), dtype=dtype) for _ in range(len(array))]
+    widths = np.diff(inner.offsets.to_numpy())
+    if (widths != widths[0]).any():
+        raise PrimekdError("teacher store rows have different top-k widths")
+    values = inner.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    values = values.reshape(len(inner), int(widths[0]))
+    start = outer[0]
+    return [values[a - start:b - start] for a, b in zip(outer[:-1], outer[1:], strict=True)]
+
+
+def _reference_rows(config: DistillConfig, tokenizer: Any) -> tuple[list[dict[str, Any]], dict]:
+    from primekd.core.data import load_examples
+    from primekd.teach.teacher import reference_tokens
+
+    spec = config.data or "train"
+    examples = load_examples(spec, limit=config.limit)
+    rows = [{"id": e.id, "question": e.question, "answer_ids": reference_tokens(tokenizer, e)}
+            for e in examples]
+    # references are correct by definition: --keep correct keeps them all
+    return rows, {"source": "references", "data": spec, "white_box": False,
+                  "keep": config.keep, "kept_rows": len(rows)}
+
+
+class KDCollator:
+    """Right-pad items into input_ids, attention_mask, labels (-100 off the answer) and the
+    teacher's top-k aligned with the labels (position t holds the distribution of token t)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[Item]) -> dict[str, torch.Tensor]:
+        width = max(len(it.input_ids) for it in items)
+        b = len(items)
+        input_ids = torch.full((b, width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((b, width), dtype=torch.long)
+        labels = torch.full((b, width), -100, dtype=torch.long)
+        for row, it in enumerate(items):
+            n = len(it.input_ids)
+            input_ids[row, :n] = torch.from_numpy(it.input_ids)
+            attention[row, :n] = 1
+            labels[row, it.n_prompt:n] = input_ids[row, it.n_prompt:n]
+        batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+        if all(it.topk_ids is not None for it in items):
+            batch.update(self._teacher(items, width))
+        return batch
+
+    @staticmethod
+    def _teacher(items: list[Item], width: int) -> dict[str, torch.Tensor]:
+        k = items[0].topk_ids.shape[1]
+        ids = torch.zeros((len(items), width, k), dtype=torch.long)
+        logprobs = torch.zeros((len(items), width, k), dtype=torch.float32)
+        mask = torch.zeros((len(items), width), dtype=torch.bool)
+        for row, it in enumerate(items):
+            a = len(it.topk_ids)
+            span = slice(it.n_prompt, it.n_prompt + a)
+            ids[row, span] = torch.tensor(it.topk_ids)
+            logprobs[row, span] = torch.tensor(it.topk_logprobs)
+            mask[row, span] = True
+        return {"topk_ids": ids, "topk_logprobs": logprobs, "kd_mask": mask}
+
+
+# ---------------------------------------------------------------- trainer
+
+
+@dataclass
+class KDSettings:
+    alpha: float = 0.5
+    divergence: str = "reverse_kl"
+    temperature: float = 1.0
+    beta: float | None = None
+    chunk_size: int = 1024
+
+
+class _HeadTap:
+    """A forward pre-hook on the output projection that keeps its input (the final hidden
+    states) and hands it an empty sequence instead, so the model never builds (B, S, V)
+    logits: the loss projects only the answer positions, chunk by chunk."""
+
+    def __init__(self, head: torch.nn.Module):
+        self.head, self.armed, self.hidden = head, False, None
+        self.handle = head.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: torch.nn.Module, args: tuple) -> tuple | None:
+        if not self.armed:
+            return None
+        self.hidden = args[0]
+        return (args[0][..., :0, :], *args[1:])
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = getattr(self.head, "weight", None)
+        if weight is not None and hidden.dtype != weight.dtype:
+            hidden = hidden.to(weight.dtype)
+        return self.head(hidden)
+
+
+def _can_tap(model: Any, trainer: Trainer) -> bool:
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        return False  # sharded head weights are only whole inside the model's forward
+    return isinstance(getattr(model, "get_output_embeddings", lambda: None)(), torch.nn.Module)
+
+
+def tap_matches_forward(model: Any, tap: _HeadTap, device: Any, length: int = 8) -> bool:
+    """Whether projecting the tapped hidden states gives the model's own logits on one short
+    batch. Models that scale or cap logits after the head (Gemma's softcapping, Cohere's
+    logit_scale, Granite's logits_scaling, ...) differ, and then train on full logits."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ids = (torch.arange(length, device=device) * 7 + 1).remainder(vocab).unsqueeze(0)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            full = model(input_ids=ids, use_cache=False).logits.float()
+            tap.armed = True
+            try:
+                model(input_ids=ids, use_cache=False)
+                hidden = tap.hidden
+            finally:
+                tap.armed, tap.hidden = False, None
+            tapped = tap.project(hidden).float()
+    finally:
+        model.train(was_training)
+    scale = float(full.abs().max()) or 1.0
+    return tapped.shape == full.shape and bool(
+        torch.allclose(tapped, full, rtol=1e-3, atol=1e-3 * scale))
+
+
+class KDTrainer(Trainer):
+    """`transformers.Trainer` with the KD objective, CE/KD parts in the logs and a KD
+    validation loss (`eval_loss`, `eval_ce`, `eval_kd`) that `on_evaluate` callbacks see."""
+
+    def __init__(self, *args: Any, kd: KDSettings, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.kd = kd
+        # Ask Trainer for the token count of the whole accumulated batch (all processes), so
+        # the loss is a per-token mean that does not depend on how the batch is split.
+        self.model_accepts_loss_kwargs = True
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        self._tap = _HeadTap(unwrapped.get_output_embeddings()) if _can_tap(unwrapped, self) \
+            else None
+        if self._tap is not None and not tap_matches_forward(unwrapped, self._tap,
+                                                             self.args.device):
+            self._tap.handle.remove()
+            self._tap = None
+        self._reset_meter()
+        # Whole-run totals (loss summed over optimizer steps, input tokens), carried across
+        # --resume in each checkpoint's RUN_TOTALS file.
+        self._run_totals = torch.zeros(2, dtype=torch.float64)
+        self.resumed_totals = (0.0, 0)
+
+    def _reset_meter(self) -> None:
+        self._meter = torch.zeros(5, dtype=torch.float64)  # ce, kd, n_ce, n_kd, input tokens
+        self._meter_since = time.perf_counter()
+        self.tokens_seen = getattr(self, "tokens_seen", 0)
+
+    def loss_parts(self, model: Any, inputs: dict[str, torch.Tensor]) -> Any:
+        """Forward the student and return the `LossParts` sums of this batch."""
+        model_inputs = {"input_ids": inputs["input_ids"],
+                        "attention_mask": inputs["attention_mask"], "use_cache": False}
+        if self._tap is not None:
+            self._tap.armed = True
+            try:
+                model(**model_inputs)
+                features, head = self._tap.hidden, self._tap.project
+            finally:
+                self._tap.armed, self._tap.hidden = False, None
+        else:
+            features, head = model(**model_inputs).logits, None
+        targets = inputs["labels"][:, 1:]
+        selected = targets != -100  # the logit at position t predicts the token at t + 1
+        teacher = {}
+        if "topk_ids" in inputs and self.kd.alpha < 1.0:
+            teacher = {"topk_ids": inputs["topk_ids"][:, 1:][selected],
+                       "topk_logprobs": inputs["topk_logprobs"][:, 1:][selected],
+                       "kd_mask": inputs["kd_mask"][:, 1:][selected]}
+        return kd_loss_parts(
+            features[:, :-1][selected], targets[selected], head=head, **teacher,
+            alpha=self.kd.alpha if teacher else 1.0, kind=self.kd.divergence,
+            temperature=self.kd.temperature, beta=self.kd.beta, chunk_size=self.kd.chunk_size)
+
+    def compute_loss(self, model: Any, inputs: dict[str, torch.Tensor],
+                     return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+        parts = self.loss_parts(model, inputs)
+        if num_items_in_batch is None:
+            loss = parts.loss / max(parts.n_ce, 1)
+        else:
+            loss = parts.loss / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                loss = loss * self.accelerator.num_processes  # DDP averages the gradients
+        if model.training:
+            self._stop_if_not_finite(loss.detach())
+        if model.training:
+            tokens = int(inputs["attention_mask"].sum())
+            self._run_totals[1] += tokens
+            self._meter += torch.tensor([float(parts.ce_sum.detach()), float(parts.kd_sum.detach()),
+                                         parts.n_ce, parts.n_kd, tokens], dtype=torch.float64)
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _stop_if_not_finite(self, loss: torch.Tensor) -> None:
+        """Stop on a NaN/inf loss, on every process at once (one process alone raising
+        would leave the others waiting in the next collective)."""
+        bad = torch.tensor([float(not torch.isfinite(loss).all())], dtype=torch.float64)
+        if self._reduce(bad)[0] > 0:
+            raise PrimekdError(
+                f"step {self.state.global_step + 1}: the training loss is {float(loss)} "
+                "(on this or another process): stopped, no adapter saved. Likely cause: a "
+                "learning rate or --temperature too high, or float16 overflow (use bfloat16)")
+
+    def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
+        """Trainer's global gradient norm (the same on every process), checked: a NaN/inf
+        gradient stops training. Not under fp16, whose loss scaler skips such steps."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if grad_norm is not None and not self.args.fp16 and not math.isfinite(float(grad_norm)):
+            raise PrimekdError(
+                f"step {self.state.global_step + 1}: the gradient norm is {float(grad_norm)}: "
+                "stopped, no adapter saved. Likely cause: a learning rate too high, or a "
+                "numerical overflow in the model (try float32 or a smaller --lr)")
+        return grad_norm
+
+    def training_step(self, model: Any, inputs: dict[str, Any],
+                      num_items_in_batch: Any = None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._run_totals[0] += float(loss)
+        return loss
+
+    def run_totals(self) -> tuple[float, int]:
+        """(loss summed over optimizer steps, input tokens) of the whole run, all processes,
+        including the steps before a --resume."""
+        loss, tokens = self._reduce(self._run_totals.clone()).tolist()
+        loss /= self.accelerator.num_processes  # Trainer's step loss is the process mean
+        return self.resumed_totals[0] + loss, self.resumed_totals[1] + int(tokens)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        totals = self.run_totals()  # collective: every process is here
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        if self.is_world_process_zero() and folder.is_dir():
+            write_json(folder / RUN_TOTALS, {"loss_sum": totals[0], "tokens": totals[1]})
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: add the CE/KD parts and throughput
+            meter = self._reduce(self._meter)
+            ce, kd, n_ce, n_kd, tokens = meter.tolist()
+            elapsed = max(time.perf_counter() - self._meter_since, 1e-9)
+            self.tokens_seen += int(tokens)
+            logs["ce"] = ce / n_ce if n_ce else float("nan")
+            if n_kd:
+                logs["kd"] = kd / n_kd
+            logs["tokens_per_s"] = tokens / elapsed
+            logs["tokens_seen"] = self.tokens_seen
+            self._reset_meter()
+        super().log(logs, start_time)
+
+    def _reduce(self, values: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes == 1:
+            return values
+        return self.accelerator.reduce(values.to(self.args.device), "sum").cpu()
+
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Mean per-token validation loss (and its CE and KD parts) over the held-out set."""
+        loader = self.get_eval_dataloader(eval_dataset)
+        model = self._prepared_model()
+        was_training = model.training
+        model.eval()
+        sums = torch.zeros(5, dtype=torch.float64)
+        started = time.perf_counter()
+        with torch.no_grad():
+            for batch in loader:
+                parts = self.loss_parts(model, self._prepare_inputs(batch))
+                sums += torch.tensor([float(parts.loss), float(parts.ce_sum),
+                                      float(parts.kd_sum), parts.n_ce, parts.n_kd],
+                                     dtype=torch.float64)
+        model.train(was_training)
+        self._meter_since += time.perf_counter() - started  # keep eval out of tokens/s
+        loss, ce, kd, n_ce, n_kd = self._reduce(sums).tolist()
+        metrics = {f"{metric_key_prefix}_loss": loss / max(n_ce, 1),
+                   f"{metric_key_prefix}_ce": ce / max(n_ce, 1),
+                   f"{metric_key_prefix}_runtime": time.perf_counter() - started}
+        if n_kd:
+            metrics[f"{metric_key_prefix}_kd"] = kd / n_kd
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control,
+                                                         metrics)
+        return metrics
+
+
+    def _prepared_model(self) -> Any:
+        """The model as accelerate prepared it. FSDP and DeepSpeed place and shard it only in
+        `train()` (until then Trainer leaves it on the CPU), so under them the validation
+        before training runs at `on_train_begin` (`_ValidateAtStart`), never before."""
+        if not self.accelerator._models:
+            if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+                raise PrimekdError("internal: validation before the sharded model is prepared")
+            self.model_wrapped = self.accelerator.prepare_model(self.model, evaluation_mode=True)
+        return self._wrap_model(self.model, training=False)
+
+
+class _ValidateAtStart(TrainerCallback):
+    """The validation loss before the first step, computed once `train()` has prepared
+    (placed, sharded) the model: the only point where that works under FSDP and DeepSpeed."""
+
+    def __init__(self, trainer: KDTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer.evaluate()  # logged at step 0; `_val_before` reads it from the history
+
+
+class _RichProgress(TrainerCallback):
+    """The optimizer-step bar, drawn with the same rich bar every other stage uses (not
+    Trainer's tqdm), and without printing every log dict to stdout."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+        self.task: Any = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            from primekd.core.progress import progress_bar
+
+            self.bar = progress_bar(True)
+            self.bar.start()
+            self.task = self.bar.add_task("training", total=state.max_steps,
+                                          completed=state.global_step)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=state.global_step)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+class TrainLogWriter(TrainerCallback):
+    """The Trainer's log history as train_log.jsonl and train_log.csv: one row per logging
+    step (and per evaluation). A resumed run starts again from its checkpoint's history, so
+    rows logged after that checkpoint are dropped."""
+
+    def __init__(self, out: Path):
+        self.jsonl, self.csv = out / LOG_JSONL, out / LOG_CSV
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        rows = [row for h in state.log_history if (row := log_row(h.get("step", 0), h))]
+        atomic_write_text(self.jsonl, "".join(dumps(r) + "\n" for r in rows))
+        atomic_write(self.csv, lambda tmp: self._write_csv(tmp, "w", rows))
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any):
+        if not state.is_world_process_zero or not logs:
+            return
+        row = log_row(state.global_step, logs)
+        if row is None:
+            return
+        with self.jsonl.open("a", encoding="utf-8") as f:
+            f.write(dumps(row) + "\n")
+        self._write_csv(self.csv, "a", [row])
+
+    @staticmethod
+    def _write_csv(path: Path, mode: str, rows: list[dict[str, Any]]) -> None:
+        new = mode == "w" or not path.exists()
+        with path.open(mode, encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, LOG_COLUMNS, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+
+
+def log_row(step: int, logs: dict[str, Any]) -> dict[str, Any] | None:
+    """A Trainer log dict as a train-log row (None for logs that are neither train nor eval)."""
+    if "loss" in logs:
+        names = {"loss": "loss", "ce": "ce", "kd": "kd", "learning_rate": "lr",
+                 "grad_norm": "grad_norm", "tokens_per_s": "tokens_per_s"}
+    elif "eval_loss" in logs:
+        names = {"eval_loss": "val_loss", "eval_ce": "val_ce", "eval_kd": "val_kd"}
+    else:
+        return None
+    row: dict[str, Any] = {"step": step, "epoch": logs.get("epoch")}
+    for key, name in names.items():
+        if key in logs and logs[key] is not None:
+            value = logs[key]
+            row[name] = float(value) if not isinstance(value, int | float) else value
+    return row
+
+
+# ---------------------------------------------------------------- model
+
+
+def _torch_dtype(config: DistillConfig, device: str) -> torch.dtype:
+    if config.dtype == "float16" and config.full_finetune:
+        return torch.float32  # fp16 autocast over fp32 weights: the scaler unscales fp32 grads
+    if config.dtype:
+        return getattr(torch, config.dtype)
+    if config.full_finetune:
+        return torch.float32  # full weights in fp32 (bf16 autocast on CUDA)
+    return default_dtype(device)
+
+
+def mixed_precision(config: DistillConfig, device: str) -> dict[str, bool]:
+    """Trainer's autocast flags. float16 always trains under autocast with loss scaling
+    (fp16=True): pure fp16 gradients underflow. LoRA's own weights stay float32 (peft)."""
+    on_cuda = device.startswith("cuda")
+    if config.dtype == "float16":
+        if not on_cuda:
+            raise PrimekdError("--dtype float16 needs CUDA (autocast with loss scaling); "
+                               "on CPU use float32 or bfloat16")
+        return {"fp16": True, "bf16": False}
+    bf16 = on_cuda and config.dtype in (None, "bfloat16") and torch.cuda.is_bf16_supported()
+    return {"fp16": False, "bf16": bf16}
+
+
+def build_student(config: DistillConfig, device: str) -> Any:
+    from transformers import set_seed
+
+    set_seed(config.seed)  # LoRA's random init
+    # device None: where from_pretrained put it (meta on ranks > 0 under FSDP's
+    # cpu_ram_efficient_loading, partitioned under ZeRO-3); Trainer/accelerate place it.
+    model = load_model(config.student, device=None, dtype=_torch_dtype(config, device),
+                       keep_placement=True)
+    model.config.use_cache = False
+    if config.full_finetune:
+        model.train()
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets: str | list[str] = config.target_modules
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                      lora_dropout=config.lora_dropout, target_modules=targets,
+                      task_type="CAUSAL_LM")
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as e:
+        names = _linear_names(model)
+        raise PrimekdError(f"LoRA target modules {config.target_modules} not found in "
+                           f"{config.student} ({e}); its linear layers: {', '.join(names)}; "
+                           "pass them with --target-modules") from None
+    if config.gradient_checkpointing:
+        model.enable_input_require_grads()
+    model.train()
+    return model
+
+
+def trainable_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts of the whole model, also when ZeRO-3 has
+    partitioned it (`ds_numel`) or FSDP2 sharded it (DTensor `numel` is the global size).
+    Count before FSDP1 flattens the parameters (its shards hold only a slice)."""
+    def size(p: torch.nn.Parameter) -> int:
+        return int(getattr(p, "ds_numel", p.numel()))
+
+    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
+    return trainable, sum(size(p) for p in model.parameters())
+
+
+def training_arguments(config: DistillConfig, out: Path, device: str, progress: bool,
+                       has_val: bool) -> TrainingArguments:
+    on_cuda = device.startswith("cuda")
+    lr = config.lr if config.lr is not None else (2e-5 if config.full_finetune else 2e-4)
+    epochs = config.epochs if config.epochs is not None else 1.0
+    return TrainingArguments(
+        output_dir=str(out / CHECKPOINTS),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        num_train_epochs=epochs,
+        max_steps=config.max_steps if config.max_steps is not None else -1,
+        learning_rate=lr,
+        weight_decay=config.weight_decay,
+        optim=OPTIMIZERS[config.optimizer],
+        lr_scheduler_type=config.scheduler,
+        **warmup_arguments(config.warmup_ratio),
+        max_grad_norm=config.max_grad_norm,
+        seed=config.seed,
+        data_seed=config.seed,
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if has_val else "no",
+        eval_steps=config.eval_steps if has_val else None,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=2,
+        report_to="none",
+        disable_tqdm=not progress,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        use_cpu=not on_cuda,
+        **mixed_precision(config, device),
+        **_checkpointing_args(config.gradient_checkpointing),
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=config.num_workers,
+    )
+
+
+def warmup_arguments(ratio: float, fields: set[str] | None = None) -> dict[str, float]:
+    """transformers 4 takes the warm-up fraction as `warmup_ratio` (its `warmup_steps` is a
+    count: 0.03 would mean no warm-up); transformers 5 dropped `warmup_ratio` and reads a
+    `warmup_steps` below 1 as the fraction."""
+    fields = fields if fields is not None else {f.name for f in
+                                                dataclasses.fields(TrainingArguments)}
+    return {"warmup_ratio": ratio} if "warmup_ratio" in fields else {"warmup_steps": ratio}
+
+
+def _checkpointing_args(enabled: bool) -> dict[str, Any]:
+    """transformers 5 renamed gradient_checkpointing to activation_checkpointing."""
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    prefix = "activation" if "activation_checkpointing" in names else "gradient"
+    return {f"{prefix}_checkpointing": enabled,
+            f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
+
+
+# ---------------------------------------------------------------- the run
+
+
+def distill_off_policy(config: DistillConfig, callbacks: list[TrainerCallback] | None = None,
+                       progress: bool = True) -> DistillResult:
+    """Train a student adapter (or full model) from a teacher store or the references."""
+    check_config(config)
+    out = Path(config.out)
+    with _claimed(out, config.force):
+        return _distill(config, out, callbacks, progress)
+
+
+def _claimed(out: Path, force: bool) -> Any:
+    """The output directory checked, locked and marked (by the first process only: under
+    `accelerate launch` every rank writes into the same --out)."""
+    from contextlib import nullcontext
+
+    from primekd.core import outdir
+
+    # before the Trainer exists (no is_world_process_zero yet): the launcher's rank
+    if int(os.environ.get("RANK", "0")) != 0:
+        return nullcontext(out)
+    return outdir.claimed(out, "distill", force)
+
+
+def _distill(config: DistillConfig, out: Path, callbacks: list[TrainerCallback] | None,
+             progress: bool) -> DistillResult:
+    resume_from = _prepare_out(config, out)
+    started = time.perf_counter()
+    device = config.device or default_device()
+    mixed_precision(config, device)  # refuse float16 without CUDA before loading anything
+    source = resolve(config.student)
+    tokenizer = load_tokenizer(source, padding_side="right")
+    data = build_datasets(config, tokenizer)
+    check_vocabulary(data.info, _embedding_rows(source), config.student)
+    if not config.full_finetune:
+        _check_target_modules(config, source)
+    # TrainingArguments first: under ZeRO-3 it registers the config from_pretrained reads to
+    # partition the weights while loading (zero.Init) instead of loading all of them per rank.
+    args = training_arguments(config, out, device, progress, bool(data.val))
+    _write_config(config, out, args)
+    model = build_student(config, device)
+    counts = trainable_parameters(model)
+    trainer = KDTrainer(
+        model=model, args=args, train_dataset=data.train, eval_dataset=data.val or None,
+        data_collator=KDCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+        callbacks=[TrainLogWriter(out), *_tensorboard(out), *(callbacks or [])],
+        kd=KDSettings(config.alpha, config.divergence, config.temperature, config.beta,
+                      config.chunk_size))
+    _quiet_callbacks(trainer, progress)
+    trainer.resumed_totals = _resumed_totals(resume_from)
+    trainer.tokens_seen = trainer.resumed_totals[1]
+    if data.val and resume_from is None:
+        trainer.add_callback(_ValidateAtStart(trainer))
+    try:
+        output = trainer.train(resume_from_checkpoint=resume_from)
+        val_before = _val_before(trainer.state.log_history) if data.val else None
+        val_after = _val_after(trainer) if data.val else None
+    finally:
+        _stop_progress(trainer)
+    save_final_model(trainer, out)
+    if trainer.is_world_process_zero():
+        _make_portable(out, config.student, source.kind)
+    summary = _summary(config, trainer, data, output, val_before, val_after,
+                       time.perf_counter() - started, device, counts)
+    if trainer.is_world_process_zero():
+        write_json(out / SUMMARY_FILE, summary)
+    return DistillResult(out, summary, list(trainer.state.log_history))
+
+
+def _embedding_rows(source: Any) -> int:
+    """The student's vocabulary rows from its config (no weights loaded)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source.path)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.vocab_size)
+
+
+def _linear_names(model: torch.nn.Module) -> list[str]:
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear)})
+
+
+def _check_target_modules(config: DistillConfig, source: Any) -> None:
+    """Refuse LoRA targets the student does not have before its weights load, from the
+    architecture built on the meta device (no memory, well under a second)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if config.target_modules == ["all-linear"]:
+        return
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source.path))
+    names = _linear_names(skeleton)
+    missing = [m for m in config.target_modules if m not in names]
+    if missing:
+        raise PrimekdError(f"LoRA target modules {', '.join(missing)} not found in "
+                           f"{config.student}; its linear layers: {', '.join(names)}; "
+                           "pass them with --target-modules")
+
+
+def _stop_progress(trainer: Trainer) -> None:
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, _RichProgress) and callback.bar is not None:
+            callback.bar.stop()
+            callback.bar = None
+
+
+def save_final_model(trainer: KDTrainer, out: Path) -> None:
+    """The adapter (or full model) and tokenizer in `out`. Under FSDP the weights are
+    gathered into one full state dict first: accelerate's FSDP2 default, a sharded state dict,
+    makes `save_model` write no adapter_config.json and no loadable weights."""
+    if trainer.is_fsdp_enabled:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(out))
+    trainer.accelerator.wait_for_everyone()
+
+
+def adapter_is_saved(out: str | Path) -> bool:
+    """Whether `out` holds a loadable final adapter or full model (config and weights)."""
+    out = Path(out)
+    weights = [*out.glob("*.safetensors"), *out.glob("*.bin")]
+    configs = [out / "adapter_config.json", out / "config.json"]
+    return any(c.exists() for c in configs) and any(
+        w.name != "training_args.bin" for w in weights)
+
+
+def _make_portable(out: Path, reference: str, kind: str) -> None:
+    """Record the base model as the user named it (the bundled GGUF as the hub id it came
+    from), not the machine-local conversion cache, and give the weights the mode of their
+    siblings (safetensors writes them 0600)."""
+    adapter_config = out / "adapter_config.json"
+    if adapter_config.exists():
+        values = json.loads(adapter_config.read_text(encoding="utf-8"))
+        values["base_model_name_or_path"] = BUNDLED_HUB_ID if kind == "bundled" else reference
+        write_json(adapter_config, values)
+    reference_file = adapter_config if adapter_config.exists() else out / "config.json"
+    if reference_file.exists():
+        mode = reference_file.stat().st_mode & 0o777
+        for weights in out.glob("*.safetensors"):
+            weights.chmod(mode)
+
+
+def _resumed_totals(resume_from: str | None) -> tuple[float, int]:
+    if resume_from is None or not (Path(resume_from) / RUN_TOTALS).exists():
+        return 0.0, 0
+    totals = json.loads((Path(resume_from) / RUN_TOTALS).read_text(encoding="utf-8"))
+    return float(totals["loss_sum"]), int(totals["tokens"])
+
+
+def check_resume_config(config: DistillConfig, out: Path) -> None:
+    """A --resume whose options differ from the saved config (run-only fields aside) is
+    refused: it would mix two runs in one directory."""
+    saved = out / CONFIG_FILE
+    if not saved.exists():
+        return
+    before = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+    changed = sorted(k for k, v in config.to_dict().items()
+                     if k not in _RUN_ONLY_FIELDS and before.get(k, v) != v)
+    if changed:
+        raise PrimekdError(f"--resume with changed options ({', '.join(changed)}) "
+                           f"would mix two runs in {out}; use the saved "
+                           f"{CONFIG_FILE} or a new --out")
+
+
+def _prepare_out(config: DistillConfig, out: Path) -> str | None:
+    """Create `out`; with --resume return the last checkpoint, refusing a changed config."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoints = out / CHECKPOINTS
+    if config.resume:
+        check_resume_config(config, out)
+        return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    if checkpoints.exists() or (out / SUMMARY_FILE).exists():
+        raise PrimekdError(f"{out} already holds a distill run: pass --resume to continue it, "
+                           "or choose a new --out")
+    return None  # a train log left by a run killed before its first checkpoint is rewritten
+
+
+def _write_config(config: DistillConfig, out: Path, args: TrainingArguments) -> None:
+    if args.process_index == 0:
+        atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def _tensorboard(out: Path) -> list[TrainerCallback]:
+    """TensorBoard events in out/tensorboard; the callback writes on process zero only."""
+    if importlib.util.find_spec("tensorboard") is None:
+        return []
+    from transformers.integrations import TensorBoardCallback
+
+    callback = TensorBoardCallback()
+    callback.logging_dir = str(out / "tensorboard")
+    return [callback]
+
+
+def _quiet_callbacks(trainer: Trainer, progress: bool) -> None:
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if progress:
+        trainer.add_callback(_RichProgress())
+
+
+def _val_before(history: list[dict[str, Any]]) -> float | None:
+    """The validation loss before training (step 0), also for a resumed run: the Trainer
+    restores the log history from the checkpoint."""
+    return next((h["eval_loss"] for h in history if h.get("step") == 0 and "eval_loss" in h),
+                None)
+
+
+def _val_after(trainer: KDTrainer) -> float:
+    """The validation loss at the last step (evaluated now unless training just did)."""
+    last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+    if last is not None and last.get("step") == trainer.state.global_step:
+        return last["eval_loss"]
+    return trainer.evaluate()["eval_loss"]
+
+
+def _summary(config: DistillConfig, trainer: KDTrainer, data: Datasets, output: Any,
+             val_before: float | None, val_after: float | None, wall: float,
+             device: str, counts: tuple[int, int]) -> dict[str, Any]:
+    history = trainer.state.log_history
+    train_logs = [h for h in history if "loss" in h]
+    trainable, total = counts
+    loss_sum, tokens = trainer.run_totals()  # the whole run, across a --resume
+    session_tokens = tokens - trainer.resumed_totals[1]
+    train_time = output.metrics.get("train_runtime") or wall
+    return {
+        "out": str(config.out),
+        "student": config.student,
+        "objective": config.objective,
+        "divergence": config.divergence if data.info.get("white_box") else None,
+        "adapter": not config.full_finetune,
+        "final_train_loss": train_logs[-1]["loss"] if train_logs else None,
+        "mean_train_loss": loss_sum / max(trainer.state.global_step, 1),
+        "val_loss_before": val_before,
+        "val_loss_after": val_after,
+        "val_improvement": (val_before - val_after) if val_before is not None
+        and val_after is not None else None,
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "tokens": tokens,
+        "tokens_per_s": session_tokens / train_time if train_time else None,
+        "train_runtime_s": train_time,
+        "wall_time_s": round(wall, 3),
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_fraction": trainable / total if total else None,
+        "device": device,
+        "world_size": trainer.args.world_size,
+        "data": data.info,
+    }
+
+
+def remove_checkpoints(out: str | Path) -> None:
+    """Delete the resumable checkpoints of a finished run, only once the final adapter (or
+    model) is safely in `out`: the checkpoints may be the only copy of the weights."""
+    if not adapter_is_saved(out):
+        raise PrimekdError(f"{out} holds no saved adapter or model: keeping its checkpoints "
+                           "(rerun with --resume to finish and save)")
+    shutil.rmtree(Path(out) / CHECKPOINTS, ignore_errors=True)
+
+
+__all__ = ["DistillConfig", "DistillResult", "KDTrainer", "KDCollator", "KDSettings",
+           "TrainLogWriter", "build_datasets", "check_config", "distill_off_policy",
+           "load_distill_config", "config_from_dict"]

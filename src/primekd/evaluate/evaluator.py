@@ -1,0 +1,331 @@
+"""Evaluate a model (plus adapter) on GSM8K or any question/answer JSONL.
+
+`evaluate(EvalConfig(...))` generates answers batch by batch, grades them, and keeps the
+output directory resumable:
+
+- `eval_config.json`: the parameters that decide the answers (model, adapter, data,
+  prompt, generation), written before the first batch. A rerun with different ones is
+  refused, so one directory never mixes two setups.
+- `results.jsonl`: one row per question, appended and fsync'd after every batch; a rerun
+  skips ids already there (a torn last line from a kill is dropped). At the end it is
+  rewritten in data order and regraded with the chosen extractor.
+- `summary.json`: accuracy over every row in `results.jsonl`, rewritten at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from primekd import __version__
+from primekd.core.data import BUNDLED_SPLITS, Example, load_examples, resolve_data_path
+from primekd.core.errors import PrimekdError
+from primekd.core.grading import check_extractor, grade, grade_fields, summarize_grades
+from primekd.core.io import (
+    append_jsonl,
+    atomic_write_text,
+    read_json,
+    read_jsonl,
+    truncate_torn_tail,
+    write_json,
+)
+from primekd.core.models import adapter_hash
+from primekd.core.progress import progress_bar
+from primekd.engines import EngineSpec, Generation, SamplingParams, encode_chats, get_engine
+from primekd.evaluate import answer_stop
+from primekd.evaluate.prompts import PromptTemplate, load_template
+
+RESULTS, SUMMARY, CONFIG = "results.jsonl", "summary.json", "eval_config.json"
+
+
+@dataclass
+class EvalConfig:
+    model: str
+    out: str | Path
+    adapter: str | None = None
+    data: str = "test"  # a bundled split (test, train, test_socratic) or a JSONL path
+    limit: int | None = None
+    offset: int = 0
+    sample: int | None = None  # a seeded random subset of this size (before offset/limit)
+    seed: int = 0  # seeds --sample and, with temperature > 0, sampling
+    batch_size: int | None = None  # hf: None is 16 on CPU, 64 on GPU; vllm: requests in flight
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    prompt: str | None = None  # template text or a file with it; None = zero-shot default
+    few_shot: int = 0
+    extractor: str = "default"
+    device: str | None = None  # None: cuda if available, else cpu (hf engine)
+    engine: str = "hf"  # hf | vllm (see primekd.engines)
+    base_url: str | None = None  # vllm: a running server to use instead of starting one
+    engine_options: dict[str, Any] = field(default_factory=dict)  # vllm server options
+    lenient: bool = False  # grade as harnesses do: a truncated answer's last number counts
+    stop_at_answer: bool = False  # end generation at the end of the final-answer line
+    force: bool = False  # write into a non-empty --out of someone else's (never overwriting)
+
+    def sampling(self, stop: tuple[str, ...] = ()) -> SamplingParams:
+        # --stop-at-answer: the engines' `cut` hook with grading's answer-line rule
+        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.seed, stop,
+                              **answer_stop.sampling_options(self.stop_at_answer))
+
+    def engine_spec(self) -> EngineSpec:
+        return EngineSpec(self.engine, self.base_url, dict(self.engine_options))
+
+
+def evaluate(config: EvalConfig, progress: bool = True, loaded: tuple[Any, Any] | None = None,
+             ) -> dict[str, Any]:
+    """Run (or resume) an evaluation and return the summary that is written to summary.json.
+
+    `loaded` is an already loaded (model, tokenizer) for `config.model`, to skip loading
+    (hf engine).
+    """
+    from primekd.core import outdir, validate
+
+    started = time.perf_counter()
+    validate.check_eval(config)
+    check_extractor(config.extractor)
+    config.sampling().validate()
+    config.engine_spec().check()
+    template = load_template(config.prompt, config.few_shot)
+    examples = load_examples(config.data, config.limit, config.offset, config.sample, config.seed)
+    _check_unique_ids(examples, config.data)
+    if loaded is None:
+        _check_model(config)  # before claiming the directory for a model that cannot load
+    _check_prompts_fit(config, template, examples, loaded)
+    out = Path(config.out)
+    with outdir.claimed(out, "eval", config.force):
+        return _run(config, template, examples, out, progress, loaded, started)
+
+
+def _check_prompts_fit(config: EvalConfig, template: PromptTemplate, examples: list[Example],
+                       loaded: tuple[Any, Any] | None) -> None:
+    """A prompt longer than the model's context is refused before anything is generated."""
+    from primekd.core.chat import render
+    from primekd.core.validate import model_context, prompts_fit
+
+    tokenizer = loaded[1] if loaded else _load_tokenizer(config)
+    if loaded:
+        context = model_context(loaded[0])
+    else:
+        from primekd.core.models import resolve
+
+        context = model_context(resolve(config.model).path)
+    texts = [render(tokenizer, template.build(e.question)) for e in examples]
+    prompts_fit(tokenizer, texts, context, config.max_new_tokens, "the prompt of question")
+
+
+def _run(config: EvalConfig, template: PromptTemplate, examples: list[Example], out: Path,
+         progress: bool, loaded: tuple[Any, Any] | None, started: float) -> dict[str, Any]:
+    claim_directory(out, run_identity(config, template))
+
+    done = _done_ids(out / RESULTS)
+    todo = [e for e in examples if e.id not in done]
+    if todo:
+        engine = get_engine(config.model, config.engine_spec(), adapter=config.adapter,
+                            device=config.device, batch_size=config.batch_size, loaded=loaded)
+        try:
+            run = _generate_into(out / RESULTS, engine, template, todo, config, progress)
+        finally:
+            engine.close()
+        tokenizer = engine.tokenizer
+        run["wall_time_s"] = round(time.perf_counter() - started, 3)
+    else:
+        tokenizer = loaded[1] if loaded else _load_tokenizer(config)
+        run = _previous_run(out / SUMMARY, config)
+    rows = finalize_results(out / RESULTS, config.data, config.extractor, config.lenient)
+    summary = build_summary(config, template, rows, run, tokenizer)
+    write_json(out / SUMMARY, summary)
+    return summary
+
+
+def _check_unique_ids(examples: list[Example], data: str) -> None:
+    seen: set[str] = set()
+    for example in examples:
+        if example.id in seen:
+            raise PrimekdError(f"{data} has the id {example.id!r} twice: results are keyed by "
+                               "id, so give every row a unique `id` (or none)")
+        seen.add(example.id)
+
+
+def _check_model(config: EvalConfig) -> None:
+    from primekd.core.models import resolve
+
+    resolve(config.model)
+    if config.adapter and not (Path(config.adapter) / "adapter_config.json").exists():
+        raise PrimekdError(f"adapter directory {config.adapter} has no adapter_config.json")
+
+
+def run_identity(config: EvalConfig, template: PromptTemplate) -> dict[str, Any]:
+    """The parameters that decide the answers; a directory holds results of one identity."""
+    return {
+        "model": _normalize_ref(config.model),
+        "adapter": _normalize_ref(config.adapter) if config.adapter else None,
+        "adapter_sha256": adapter_hash(config.adapter) if config.adapter else None,
+        "data": config.data if config.data in BUNDLED_SPLITS
+        else _normalize_ref(str(resolve_data_path(config.data)[0])),
+        "prompt_template": template.text,
+        "few_shot": template.few_shot,
+        "max_new_tokens": config.max_new_tokens,
+        "temperature": config.temperature,
+        "top_p": config.top_p,
+        "seed": config.seed if config.temperature > 0 else None,
+        "engine": config.engine,
+        # only when set, so directories written before the option still resume
+        **({"stop_at_answer": True} if config.stop_at_answer else {}),
+    }
+
+
+def _normalize_ref(ref: str) -> str:
+    path = Path(ref).expanduser()
+    return str(path.resolve()) if path.exists() else ref
+
+
+def claim_directory(out: Path, identity: dict[str, Any]) -> None:
+    """Record the run's identity, or check it matches the one that wrote existing results."""
+    path, results = out / CONFIG, out / RESULTS
+    has_rows = results.exists() and bool(read_jsonl(results))
+    if has_rows and not path.exists():
+        raise PrimekdError(f"{out} holds {RESULTS} but no {CONFIG}: it was not written by "
+                           "`primekd eval`; choose another --out directory")
+    if has_rows:
+        stored = read_json(path)
+        stored.setdefault("engine", "hf")  # written before there were engines
+        changed = [k for k in identity if stored.get(k) != identity[k]]
+        if changed:
+            diffs = "; ".join(f"{k}: {_short(stored.get(k))} -> {_short(identity[k])}"
+                              for k in changed)
+            raise PrimekdError(f"{out} holds results of a run with other parameters ({diffs}); "
+                               "use a new --out directory, or delete the old one to start over")
+        return
+    write_json(path, {"primekd_version": __version__, **identity})
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "...'"
+
+
+def _done_ids(path: Path) -> set[str]:
+    if not path.exists():
+        return set()
+    truncate_torn_tail(path)  # so the next append starts on a fresh line
+    return {str(row["id"]) for row in read_jsonl(path)}
+
+
+def _load_tokenizer(config: EvalConfig) -> Any:
+    from primekd.core.models import load_tokenizer
+
+    return load_tokenizer(config.model)
+
+
+def _generate_into(path: Path, engine: Any, template: PromptTemplate, todo: list[Example],
+                   config: EvalConfig, progress: bool) -> dict[str, Any]:
+    """Generate answers for `todo`, appending each row as it finishes; return this run's
+    figures."""
+    batch_size = getattr(engine, "batch_size", None) or getattr(engine, "concurrency", None)
+    prompts = encode_chats(engine.tokenizer, [template.build(e.question) for e in todo])
+    n_tokens, started = 0, time.perf_counter()
+    with _progress_bar(progress, len(todo)) as advance:
+        for i, generation in engine.generate(prompts, config.sampling(template.stop)):
+            append_jsonl(path, [result_row(todo[i], generation, config.extractor,
+                                           config.lenient)])
+            n_tokens += generation.n_tokens
+            advance(1, n_tokens)
+    seconds = time.perf_counter() - started
+    return {"batch_size": batch_size, "generated_this_run": len(todo),
+            "generated_tokens": n_tokens, "generation_time_s": round(seconds, 3),
+            "tokens_per_s": round(n_tokens / seconds, 2) if seconds > 0 else None}
+
+
+def _previous_run(summary_path: Path, config: EvalConfig) -> dict[str, Any]:
+    """With nothing left to generate, keep the figures of the run that generated the rows."""
+    previous = read_json(summary_path) if summary_path.exists() else {}
+    keys = ("wall_time_s", "generation_time_s", "generated_tokens", "tokens_per_s")
+    batch_size = previous.get("generation", {}).get("batch_size", config.batch_size)
+    return {k: previous.get(k) for k in keys} | {"batch_size": batch_size,
+                                                 "generated_this_run": 0}
+
+
+def result_row(example: Example, generation: Generation, extractor: str,
+               lenient: bool = False) -> dict[str, Any]:
+    graded = grade(generation.text, example.answer, extractor, generation.finish_reason,
+                   lenient)
+    return {
+        "id": example.id,
+        "question": example.question,
+        "reference": example.answer,
+        "gold": example.gold,
+        "response": generation.text,
+        **grade_fields(graded),
+        "n_tokens": generation.n_tokens,
+        "finish_reason": generation.finish_reason,
+    }
+
+
+def finalize_results(path: Path, data: str, extractor: str, lenient: bool = False
+                     ) -> list[dict[str, Any]]:
+    """Rewrite results in data order, one row per id, graded with `extractor` (truncated
+    answers without a marker are not correct unless `lenient`)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for row in read_jsonl(path) if path.exists() else []:
+        rows.setdefault(str(row["id"]), row)
+    position = {e.id: i for i, e in enumerate(load_examples(data))}
+    ordered = sorted(rows.values(), key=lambda r: position.get(str(r["id"]), len(position)))
+    for row in ordered:
+        graded = grade(row["response"], row["reference"], extractor, row.get("finish_reason"),
+                       lenient)
+        row.update(grade_fields(graded))
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
+    return ordered
+
+
+def accuracy_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy (the grading rule's), strict and flexible accuracy, truncation counts."""
+    return summarize_grades(rows)
+
+
+def build_summary(config: EvalConfig, template: PromptTemplate, rows: list[dict[str, Any]],
+                  run: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+    from primekd.core.models import tokenizer_fingerprint
+
+    timing_keys = ("wall_time_s", "generation_time_s", "generated_tokens", "tokens_per_s",
+                   "generated_this_run")
+    return {
+        **accuracy_summary(rows),
+        "grading": "lenient" if config.lenient else "default",
+        "mean_tokens": sum(r["n_tokens"] for r in rows) / len(rows) if rows else 0.0,
+        "model": config.model,
+        "adapter": config.adapter,
+        "data": config.data,
+        "prompt_template": template.text,
+        "few_shot": template.few_shot,
+        "extractor": config.extractor,
+        "generation": {**config.sampling(template.stop).as_dict(),
+                       "greedy": config.temperature == 0, "batch_size": run["batch_size"],
+                       "stop_at_answer": config.stop_at_answer},
+        "engine": config.engine,
+        **{k: run.get(k) for k in timing_keys},
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "primekd_version": __version__,
+    }
+
+
+@contextmanager
+def _progress_bar(enabled: bool, total: int) -> Iterator[Callable[[int, int], None]]:
+    """Yields `advance(n_questions, tokens_so_far)`, which also shows tokens/s."""
+    from rich.progress import TextColumn
+
+    started = time.perf_counter()
+    with progress_bar(enabled, TextColumn("{task.fields[rate]}")) as bar:
+        task = bar.add_task("generating", total=total, rate="")
+
+        def advance(n: int, tokens: int) -> None:
+            rate = tokens / max(time.perf_counter() - started, 1e-9)
+            bar.update(task, advance=n, rate=f"{rate:.1f} tok/s")
+
+        yield advance

@@ -1,0 +1,1 @@
+"""The whole experiment: `run` configs and the stage graph (`runner`), the report, tuning."""
