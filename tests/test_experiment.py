@@ -12,6 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from primekd.cli import app
+from primekd.core import options
 from primekd.core.errors import PrimekdError
 from primekd.experiment import report
 from primekd.experiment import runner as experiment
@@ -35,7 +36,7 @@ def test_paper_preset_lists_every_key() -> None:
     raw = yaml.safe_load(experiment.preset_text("paper"))
     for section, kind in (("teacher", "teacher"), ("distill", "distill"), ("eval", "eval"),
                           ("attention", "attention")):
-        missing = set(experiment.STAGE_KINDS[kind].fields()) - set(raw[section])
+        missing = set(options.settable(experiment.STAGE_CONFIGS[kind])) - set(raw[section])
         assert not missing, f"paper.yaml `{section}` lacks {sorted(missing)}"
     top = {f for f in experiment.ExperimentConfig.__dataclass_fields__}
     assert top == set(raw)

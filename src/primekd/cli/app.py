@@ -56,21 +56,3 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.getLogger("accelerate").setLevel(logging.ERROR)
-
-
-# Options shared by the commands that generate (`eval`, `teach`).
-ENGINE_HELP = ("Generation engine: hf (transformers in this process, CPU or GPU) or vllm "
-               "(a vLLM server: started from .venv-vllm, `make vllm`, or reached at --base-url).")
-BASE_URL_HELP = ("With --engine vllm: a running vLLM/SGLang OpenAI-compatible server of the "
-                 "same model (checked by tokenizing a probe text) instead of starting one.")
-ENGINE_OPTION_HELP = ("vllm engine option key=value, repeatable: max_model_len, "
-                      "gpu_memory_utilization, dtype, tensor_parallel_size, "
-                      "pipeline_parallel_size, max_num_seqs, enforce_eager, python, command, "
-                      "extra_args, kv_cache_space, startup_timeout, concurrency, score_tokens, "
-                      "lora, served_model (docs/engines.md).")
-
-
-def engine_options(items: list[str] | None) -> dict:
-    from primekd.engines import parse_options
-
-    return parse_options(items or [])

@@ -107,35 +107,6 @@ def check_teach(config: Any) -> None:
     device(config.device)
 
 
-_DISTILL_INTS = {"lora_r": 0, "lora_alpha": 1, "batch_size": 1, "grad_accum": 1,
-                 "max_length": 2, "seed": None, "eval_steps": 1, "logging_steps": 1,
-                 "save_steps": 1, "chunk_size": 1, "num_workers": 0, "val_size": 0}
-_DISTILL_BOOLS = ("full_finetune", "gradient_checkpointing", "resume")
-_DISTILL_TEXT = ("out", "student", "objective", "divergence", "optimizer", "scheduler")
-
-
-def check_distill_types(config: Any) -> None:
-    """Types of `DistillConfig` fields a YAML file or `run` config can get wrong
-    (`lora_r: true`, `max_steps: 2.7`, `alpha: high`); ranges are checked by check_config."""
-    for name, minimum in _DISTILL_INTS.items():
-        integer(name, getattr(config, name), minimum)
-    integer("max_steps", config.max_steps, 1, optional=True)
-    integer("limit", config.limit, 1, optional=True)
-    for name in _DISTILL_BOOLS:
-        boolean(name, getattr(config, name))
-    for name in _DISTILL_TEXT:
-        text(name, getattr(config, name))
-    for name in ("alpha", "temperature", "lora_dropout", "weight_decay", "warmup_ratio",
-                 "max_grad_norm"):
-        number(name, getattr(config, name))
-    for name in ("beta", "lr", "epochs"):
-        number(name, getattr(config, name), optional=True)
-    if not isinstance(config.target_modules, list) or not all(
-            isinstance(m, str) for m in config.target_modules):
-        raise PrimekdError(f"--target-modules must be a list of module names, "
-                           f"not {config.target_modules!r}")
-
-
 def few_shot(k: Any) -> int:
     """--few-shot: 0 up to the number of worked train solutions there are to show."""
     from primekd.core.data import load_examples

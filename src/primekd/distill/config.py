@@ -6,15 +6,16 @@ build and validate configs without importing torch and transformers (seconds of 
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from primekd.core.errors import PrimekdError, did_you_mean
+from primekd.core.errors import PrimekdError
 from primekd.core.io import read_yaml
 from primekd.core.models import BUNDLED_ALIAS
+from primekd.core.options import check_types, from_mapping, option
+from primekd.engines import engine_field, engine_options_field
 
 OBJECTIVES = ("kd", "sft")
 KEEP = ("all", "correct")  # which teacher answers a student trains on (rejection sampling)
@@ -25,66 +26,132 @@ _RUN_ONLY_FIELDS = {"resume", "out", "logging_steps", "save_steps", "num_workers
                     "force"}
 
 
+def _split_modules(text: str) -> list[str]:
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def _one_or_many(stores: list[str]) -> str | list[str]:
+    return stores[0] if len(stores) == 1 else stores
+
+
+_ON_POLICY = "On-policy: "
+
+
 @dataclass
 class DistillConfig:
     """Every option of `primekd distill` (YAML keys of `--config` are these field names)."""
 
-    out: str = ""
-    student: str = BUNDLED_ALIAS
-    teacher_store: str | list[str] | None = None  # a directory, several shards, or a glob
-    objective: str = "kd"  # kd: teacher store (CE + divergence); sft: CE only
-    data: str | None = None  # sft without a store: bundled split or JSONL (default: train)
-    limit: int | None = None  # use only the first N questions (store or data)
-    keep: str = "all"  # all | correct: train only on teacher answers graded correct
-    val_size: int = 0  # questions held out of training for the validation loss
-    prompt: str | None = None  # the student's prompt template (None: eval's zero-shot default)
-    divergence: str = "reverse_kl"
-    alpha: float = 0.5  # weight of CE; 1 - alpha goes to the KD term
-    temperature: float = 1.0
-    beta: float | None = None  # jsd / skew_kl mixing weight (default 0.5 / 0.1)
-    lora_r: int = 4
-    lora_alpha: int = 8
-    lora_dropout: float = 0.1
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    full_finetune: bool = False
-    optimizer: str = "adamw"
-    lr: float | None = None  # None: 2e-4 with LoRA, 2e-5 for full fine-tuning
-    weight_decay: float = 0.0
-    scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    epochs: float | None = None  # None and no max_steps: 1 epoch
-    max_steps: int | None = None
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_length: int = 1024
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    eval_steps: int = 50
-    logging_steps: int = 10
-    save_steps: int = 100
-    chunk_size: int = 1024  # answer tokens per chunk of the loss
-    gradient_checkpointing: bool = False
-    device: str | None = None  # None: cuda if available, else cpu
-    dtype: str | None = None  # None: bfloat16 on CUDA, float32 on CPU
-    num_workers: int = 0
-    resume: bool = False
-    force: bool = False  # write into a non-empty --out of someone else's (never overwriting)
+    out: str = option("", "Output directory: adapter, distill_config.yaml, "
+                      "train_log.jsonl/.csv, summary.json, checkpoints/.",
+                      flags=("--out", "-o"), set_by="experiment")
+    student: str = option(BUNDLED_ALIAS, "Student model: the bundled alias, a HF directory, "
+                          "a .gguf file or a hub id", flags=("--student", "-m"),
+                          set_by="experiment")
+    teacher_store: str | list[str] | None = option(
+        None, "Teacher store directory written by `primekd teach`; repeat it for the shards "
+        "of a `teach --shard i/n` run, or give a glob (quoted: 'teacher/shard-*'): the shards "
+        "are merged.", flags=("--teacher-store", "-s"), cli_type=list[str], parse=_one_or_many,
+        set_by="experiment")
+    objective: str = option("kd", "kd: CE on the teacher's answer tokens plus a divergence to "
+                            "its distributions (needs --teacher-store); sft: CE only, on the "
+                            "teacher's text or, without a store, on GSM8K references (--data)",
+                            set_by="experiment")
+    data: str | None = option(None, "For --objective sft without a store, and the questions of "
+                              "--on-policy rollouts: train, test, test_socratic, or a JSONL "
+                              "file with question and answer", default_text="train",
+                              set_by="experiment")
+    limit: int | None = option(None, "Use only the first N questions (by id).",
+                               set_by="experiment")
+    keep: str = option("all", "all, or correct: train only on the teacher answers the store "
+                       "graded correct (rejection sampling); references (sft without a store) "
+                       "are correct by definition")
+    val_size: int = option(0, "Questions held out of training for the validation loss, every "
+                           "--eval-steps")
+    prompt: str | None = option(None, "Student prompt template (Jinja text with "
+                                "{{ question }}, or a file); default: the zero-shot template "
+                                "`primekd eval` uses.")
+    divergence: str = option("reverse_kl", "forward_kl, reverse_kl, jsd, skew_kl or tvd")
+    alpha: float = option(0.5, "Weight of CE; the divergence gets 1 - alpha. 1 = "
+                          "sequence-level KD (no distributions)")
+    temperature: float = option(1.0, "Softening temperature T of the KD term (scaled by T^2)",
+                                flags=("--temperature", "-t"))
+    beta: float | None = option(None, "Mixing weight of jsd (default 0.5) and skew_kl "
+                                "(default 0.1).")
+    lora_r: int = option(4, "LoRA rank")
+    lora_alpha: int = option(8, "LoRA alpha")
+    lora_dropout: float = option(0.1, "LoRA dropout")
+    target_modules: list[str] = option(
+        help="Comma-separated module names for LoRA, or all-linear",
+        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], cli_type=str,
+        parse=_split_modules)
+    full_finetune: bool = option(False, "Train all weights instead of a LoRA adapter",
+                                 flags=("--full-finetune/--lora",), default_text="--lora")
+    optimizer: str = option("adamw", "adamw or sgd")
+    lr: float | None = option(None, "Peak learning rate", default_text="2e-4 with LoRA, 2e-5 "
+                              "full")
+    weight_decay: float = option(0.0, "Weight decay", default_text="0.0")
+    scheduler: str = option("cosine", "cosine, linear or constant")
+    warmup_ratio: float = option(0.03, "Fraction of steps for linear warmup")
+    epochs: float | None = option(None, "Passes over the training set (not with --max-steps)",
+                                  default_text="1")
+    max_steps: int | None = option(None, "Optimizer steps (not with --epochs).")
+    batch_size: int = option(4, "Sequences per device per step", flags=("--batch-size", "-b"))
+    grad_accum: int = option(1, "Gradient accumulation steps")
+    max_length: int = option(1024, "Longest prompt + answer in tokens (answers are cut)")
+    max_grad_norm: float = option(1.0, "Gradient clipping")
+    seed: int = option(0, "Seed for LoRA init, data order, --val-size split",
+                       default_text="0")
+    eval_steps: int = option(50, "Validation every N steps")
+    logging_steps: int = option(10, "Log every N steps")
+    save_steps: int = option(100, "Checkpoint every N steps (for --resume)")
+    chunk_size: int = option(1024, "Answer tokens per chunk of the loss (bounds memory)")
+    gradient_checkpointing: bool = option(False, "Recompute activations in backward to save "
+                                          "memory", default_text="off")
+    device: str | None = option(None, "cpu or cuda", default_text="cuda if available")
+    dtype: str | None = option(None, "float32, bfloat16 or float16",
+                               default_text="bfloat16 on CUDA, float32 on CPU")
+    num_workers: int = option(0, "Data loader workers", default_text="0")
+    resume: bool = option(False, "Continue a killed run in --out from its last checkpoint.",
+                          set_by="experiment")
+    force: bool = option(False, "Write into a non-empty --out that primekd did not make, "
+                         "beside the files there (never overwriting or deleting them).",
+                         flags=("--force",), set_by="experiment")
     # on-policy distillation (`--on-policy`, see primekd.distill.onpolicy and docs/distill.md)
-    on_policy: bool = False
-    teacher: str | None = None  # the scoring teacher; None: the student's base model
-    strategy: str = "ground_truth"  # the teacher's priming strategy when it scores
-    strategies_file: str | None = None
-    lmbda: float = 1.0  # on-policy share of each round's sequences (rest: --teacher-store)
-    rounds: int = 4
-    round_size: int = 16  # sequences' questions per round (x samples_per_question)
-    samples_per_question: int = 1
-    rollout_temperature: float = 1.0
-    rollout_max_new_tokens: int = 256
-    rollout_stop_at_answer: bool = False  # cut rollouts after the final-answer line (+ EOS)
-    top_k: int = 20  # the teacher's top-k per student token (a --teacher-store's own k)
-    engine: str = "hf"  # rollouts and scoring: hf (this process) or vllm
-    engine_options: dict[str, Any] = field(default_factory=dict)
+    on_policy: bool = option(
+        False, "On-policy distillation: in rounds the student answers training questions, "
+        "the teacher scores its tokens under --strategy, the student trains on them "
+        "(default: --off-policy, a teacher store's answers). --alpha then defaults to 0.",
+        flags=("--on-policy/--off-policy",), set_by="experiment")
+    teacher: str | None = option(None, _ON_POLICY + "the model that scores the student's "
+                                 "answers", default_text="the student's base model, without "
+                                 "the adapter", set_by="experiment")
+    strategy: str = option("ground_truth", _ON_POLICY + "the teacher's priming strategy",
+                           set_by="on_policy")
+    strategies_file: str | None = option(None, _ON_POLICY + "YAML file of custom strategies.",
+                                         set_by="experiment")
+    lmbda: float = option(1.0, _ON_POLICY + "share of each round's sequences that are the "
+                          "student's own; the rest come from --teacher-store",
+                          set_by="on_policy")
+    rounds: int = option(4, _ON_POLICY + "rounds", set_by="on_policy")
+    round_size: int = option(16, _ON_POLICY + "questions per round, times "
+                             "--samples-per-question sequences", set_by="on_policy")
+    samples_per_question: int = option(1, _ON_POLICY + "rollouts per question",
+                                       set_by="on_policy")
+    rollout_temperature: float = option(1.0, _ON_POLICY + "sampling temperature of the "
+                                        "student's rollouts, 0 = greedy", set_by="on_policy")
+    rollout_max_new_tokens: int = option(256, _ON_POLICY + "longest rollout in tokens",
+                                         set_by="on_policy")
+    rollout_stop_at_answer: bool = option(
+        False, _ON_POLICY + "end each rollout at its final-answer line, then EOS (scored by "
+        "the teacher like every token, so the student learns to stop)", default_text="off",
+        set_by="on_policy")
+    top_k: int = option(20, _ON_POLICY + "teacher log-probs kept per student token",
+                        default_text="20; with --teacher-store, the store's k",
+                        set_by="on_policy")
+    engine: str = engine_field(_ON_POLICY + "hf (in this process) or vllm for rollouts and "
+                               "scoring")
+    engine_options: dict[str, Any] = engine_options_field(
+        _ON_POLICY + "vllm engine option key=value (repeatable; see docs/engines.md).")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,30 +169,21 @@ def load_distill_config(path: str | Path, **overrides: Any) -> DistillConfig:
 
 
 def config_from_dict(values: dict[str, Any], source: str = "config") -> DistillConfig:
-    names = {f.name for f in dataclasses.fields(DistillConfig)}
-    values = {k.replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise PrimekdError(f"{source}: unknown distill option(s) {', '.join(unknown)}"
-                           f"{did_you_mean(unknown[0], names)}; known: {', '.join(sorted(names))}")
+    values = dict(values)
     if isinstance(values.get("target_modules"), str):
         values["target_modules"] = _split_modules(values["target_modules"])
-    return DistillConfig(**values)
-
-
-def _split_modules(text: str) -> list[str]:
-    return [m.strip() for m in text.split(",") if m.strip()]
+    return from_mapping(DistillConfig, values, source, "distill")
 
 
 def check_config(config: DistillConfig) -> None:
     """Refuse invalid combinations before anything heavy is loaded."""
-    from primekd.core.validate import check_distill_types, device
+    from primekd.core.validate import device
     from primekd.distill.kd_loss import DIVERGENCES, resolve_beta
 
     def bad(message: str) -> None:
         raise PrimekdError(message)
 
-    check_distill_types(config)
+    check_types(config)
     device(config.device)
 
     if not config.out:

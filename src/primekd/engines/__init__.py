@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from primekd.core.errors import PrimekdError
+from primekd.core.options import option
 from primekd.engines.base import (  # noqa: F401  re-exported
     Cut,
     Generation,
@@ -73,6 +74,32 @@ class EngineSpec:
                 if key not in HF_OPTIONS:
                     raise PrimekdError(f"--engine-option {key} is not an hf engine option; "
                                        f"the hf engine takes {', '.join(HF_OPTIONS)}")
+
+
+ENGINE_HELP = ("Generation engine: hf (transformers in this process, CPU or GPU) or vllm "
+               "(a vLLM server: started from .venv-vllm, `make vllm`, or reached at --base-url)")
+BASE_URL_HELP = ("With --engine vllm: a running vLLM/SGLang OpenAI-compatible server of the "
+                 "same model (checked by tokenizing a probe text) instead of starting one.")
+ENGINE_OPTION_HELP = ("vllm engine option key=value, repeatable: max_model_len, "
+                      "gpu_memory_utilization, dtype, tensor_parallel_size, "
+                      "pipeline_parallel_size, max_num_seqs, enforce_eager, python, command, "
+                      "extra_args, kv_cache_space, startup_timeout, concurrency, score_tokens, "
+                      "lora, served_model (docs/engines.md).")
+
+
+def engine_field(help: str = ENGINE_HELP, set_by: str | None = "experiment") -> Any:
+    """The `engine` option of the stages that generate (teach, eval, on-policy distill)."""
+    return option("hf", help, set_by=set_by)
+
+
+def base_url_field() -> Any:
+    return option(None, BASE_URL_HELP, set_by="experiment")
+
+
+def engine_options_field(help: str = ENGINE_OPTION_HELP) -> Any:
+    """`--engine-option k=v` (repeatable) -> the `engine_options` mapping."""
+    return option(help=help, factory=dict, flags=("--engine-option",), cli_type=list[str],
+                  parse=parse_options, name="engine_option", set_by="experiment")
 
 
 def parse_options(items: Sequence[str]) -> dict[str, Any]:

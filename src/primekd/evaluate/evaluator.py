@@ -18,7 +18,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +34,19 @@ from primekd.core.io import (
     truncate_torn_tail,
     write_json,
 )
-from primekd.core.models import adapter_hash
+from primekd.core.models import BUNDLED_ALIAS, adapter_hash
+from primekd.core.options import option
 from primekd.core.progress import progress_bar
-from primekd.engines import EngineSpec, Generation, SamplingParams, encode_chats, get_engine
+from primekd.engines import (
+    EngineSpec,
+    Generation,
+    SamplingParams,
+    base_url_field,
+    encode_chats,
+    engine_field,
+    engine_options_field,
+    get_engine,
+)
 from primekd.evaluate import answer_stop
 from primekd.evaluate.prompts import PromptTemplate, load_template
 
@@ -45,28 +55,59 @@ RESULTS, SUMMARY, CONFIG = "results.jsonl", "summary.json", "eval_config.json"
 
 @dataclass
 class EvalConfig:
-    model: str
-    out: str | Path
-    adapter: str | None = None
-    data: str = "test"  # a bundled split (test, train, test_socratic) or a JSONL path
-    limit: int | None = None
-    offset: int = 0
-    sample: int | None = None  # a seeded random subset of this size (before offset/limit)
-    seed: int = 0  # seeds --sample and, with temperature > 0, sampling
-    batch_size: int | None = None  # hf: None is 16 on CPU, 64 on GPU; vllm: requests in flight
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    prompt: str | None = None  # template text or a file with it; None = zero-shot default
-    few_shot: int = 0
-    extractor: str = "default"
-    device: str | None = None  # None: cuda if available, else cpu (hf engine)
-    engine: str = "hf"  # hf | vllm (see primekd.engines)
-    base_url: str | None = None  # vllm: a running server to use instead of starting one
-    engine_options: dict[str, Any] = field(default_factory=dict)  # vllm server options
-    lenient: bool = False  # grade as harnesses do: a truncated answer's last number counts
-    stop_at_answer: bool = False  # end generation at the end of the final-answer line
-    force: bool = False  # write into a non-empty --out of someone else's (never overwriting)
+    """Every option of `primekd eval`."""
+
+    model: str = option(help=f"Model: the bundled alias {BUNDLED_ALIAS!r}, a local Hugging "
+                        "Face directory, a .gguf file, or a hub id (needs the hub to be "
+                        "reachable).", flags=("--model", "-m"), set_by="experiment")
+    out: str | Path = option(help="Output directory for results.jsonl, summary.json and "
+                             "eval_config.json. Rerunning into it resumes; other "
+                             "model/prompt/generation settings are refused.",
+                             flags=("--out", "-o"), cli_type=Path, set_by="experiment")
+    adapter: str | None = option(None, "A PEFT (LoRA) adapter directory to apply to the "
+                                 "model.", set_by="experiment")
+    data: str = option("test", "Questions: a bundled GSM8K split (test, train, test_socratic) "
+                       "or a JSONL file with `question` and `answer` (solution ending `#### N`, "
+                       "or a bare number) per row.", set_by="experiment")
+    limit: int | None = option(None, "Evaluate at most this many questions (default: all).",
+                               set_by="experiment")
+    offset: int = option(0, "Skip this many questions first.", set_by="experiment")
+    sample: int | None = option(None, "Draw this many questions at random (seeded by --seed) "
+                                "before --offset/--limit.", set_by="experiment")
+    seed: int = option(0, "Seed for --sample, and for sampling when --temperature > 0.")
+    batch_size: int | None = option(
+        None, "hf: questions generated together (default: 16 on CPU, 64 on GPU; larger is "
+        "faster until memory runs out). vllm: requests in flight (default 64). Every answer "
+        "is saved as it finishes.", flags=("--batch-size", "-b"))
+    max_new_tokens: int = option(256, "Longest answer in tokens; longer answers are cut "
+                                 "(finish_reason `length`).")
+    temperature: float = option(0.0, "Sampling temperature; 0 is greedy decoding.")
+    top_p: float = option(1.0, "Nucleus sampling threshold (only with --temperature > 0).")
+    prompt: str | None = option(None, "Custom prompt template (the user turn), as text or a "
+                                "path to a file; a Jinja template, `{{ question }}` marks where "
+                                "the question goes. Default: zero-shot, step by step, ending "
+                                "with 'The answer is N'.")
+    few_shot: int = option(0, "Put this many worked GSM8K train solutions before the prompt "
+                           "(0: zero-shot).")
+    extractor: str = option("default", "How to find the final answer: `default` (boxed, ####, "
+                            "'the answer is', 'Answer:', last number), `paper` (the precedence "
+                            "of Goyal et al. 2024) or `math-verify` (Hugging Face's "
+                            "Math-Verify).")
+    device: str | None = option(None, "hf engine: cpu, cuda, cuda:1, mps, ... (default: cuda "
+                                "if available, else cpu).")
+    engine: str = engine_field()
+    base_url: str | None = base_url_field()
+    engine_options: dict[str, Any] = engine_options_field()
+    lenient: bool = option(False, "Count a truncated answer's last number (harness-style "
+                           "flexible grading). By default an answer cut at --max-new-tokens "
+                           "without a stated answer is wrong.", flags=("--lenient",))
+    stop_at_answer: bool = option(False, "End each answer at the end of its final-answer line "
+                                  "('The answer is N.', '#### N', a closed \\boxed{}): saves "
+                                  "tokens and keeps rambling out of the grade.",
+                                  flags=("--stop-at-answer",))
+    force: bool = option(False, "Write into a non-empty --out that primekd did not make, "
+                         "beside the files there (never overwriting or deleting them).",
+                         flags=("--force",), set_by="experiment")
 
     def sampling(self, stop: tuple[str, ...] = ()) -> SamplingParams:
         # --stop-at-answer: the engines' `cut` hook with grading's answer-line rule

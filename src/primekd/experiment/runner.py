@@ -28,7 +28,6 @@ import fnmatch
 import hashlib
 import json
 import time
-import types
 import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,6 +40,7 @@ from typing import Any
 import yaml
 
 from primekd.analyze.attention.config import AttentionConfig
+from primekd.core import options
 from primekd.core.errors import PrimekdError, did_you_mean
 from primekd.core.io import read_json, read_yaml, write_json
 from primekd.distill.config import DistillConfig
@@ -168,55 +168,13 @@ def on_policy_students(config: ExperimentConfig) -> dict[str, dict[str, Any]]:
 # --- the stage configs the sections map onto ----------------------------------------------------
 
 
-@dataclass(frozen=True)
-class StageKind:
-    """A stage's config dataclass and the fields the experiment fills in itself."""
-
-    name: str
-    config_class: type
-    reserved: tuple[str, ...]
-
-    def config_type(self) -> type:
-        return self.config_class
-
-    def fields(self) -> dict[str, Any]:
-        """Settable fields -> type hints (the reserved ones left out)."""
-        cls = self.config_type()
-        try:
-            hints = typing.get_type_hints(cls)
-        except Exception:  # noqa: BLE001 - hints that do not resolve are not checked
-            hints = {}
-        return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)
-                if f.name not in self.reserved and f.init}
-
-
-# Set per on-policy student (its `on_policy` entry; `teacher`, `engine` from the experiment)
-ON_POLICY_ENTRY = ("strategy", "lmbda", "rounds", "round_size", "samples_per_question",
-                   "rollout_temperature", "rollout_max_new_tokens", "rollout_stop_at_answer",
-                   "top_k")
-ON_POLICY_FIELDS = ("on_policy", "teacher", "strategies_file", "engine", "engine_options",
-                    *ON_POLICY_ENTRY)
-STAGE_KINDS: dict[str, StageKind] = {
-    "teacher": StageKind(
-        "teacher", TeachConfig,
-        ("teacher", "strategy", "strategies_file", "data", "limit", "offset", "sample", "out",
-         "shard", "force", "engine", "engine_options", "base_url"),
-    ),
-    "distill": StageKind(
-        "distill", DistillConfig,
-        ("student", "teacher_store", "data", "objective", "out", "resume", "limit",
-         "force", *ON_POLICY_FIELDS),
-    ),
-    "eval": StageKind(
-        "eval", EvalConfig,
-        ("model", "adapter", "data", "limit", "offset", "sample", "out", "force", "engine",
-         "engine_options", "base_url"),
-    ),
-    "attention": StageKind(
-        "attention", AttentionConfig,
-        ("model", "adapters", "results", "out", "data", "base_name", "force"),
-    ),
-}
+# A section sets the fields of its stage's config dataclass, except those marked `set_by`
+# (the experiment fills them in: models, data, paths; `on_policy` ones come from an entry).
+STAGE_CONFIGS: dict[str, type] = {"teacher": TeachConfig, "distill": DistillConfig,
+                                  "eval": EvalConfig, "attention": AttentionConfig}
+# What an `on_policy` entry sets beyond a distill section (lmbda, rounds, ...)
+ON_POLICY_ENTRY = tuple(name for name, f in options.settable(DistillConfig, True).items()
+                        if f.metadata["set_by"] == "on_policy")
 # config section -> stage kind whose fields it takes
 SECTION_KINDS = {"teacher": "teacher", "distill": "distill", "sft": "distill", "eval": "eval",
                  "attention": "attention"}
@@ -284,24 +242,15 @@ def fill_stage_defaults(config: ExperimentConfig) -> None:
         values = getattr(config, section)
         if section == "attention" and not values.get("enabled", True):
             continue
-        defaults = stage_defaults(STAGE_KINDS[section])
+        defaults = stage_defaults(STAGE_CONFIGS[section])
         if "seed" in defaults:
             defaults["seed"] = config.seed
         extra = {"enabled": values.get("enabled", True)} if section == "attention" else {}
         setattr(config, section, {**extra, **defaults, **values})
 
 
-def stage_defaults(kind: StageKind) -> dict[str, Any]:
-    cls = kind.config_type()
-    defaults = {}
-    for f in dataclasses.fields(cls):
-        if f.name in kind.reserved or not f.init:
-            continue
-        if f.default is not dataclasses.MISSING:
-            defaults[f.name] = copy.deepcopy(f.default)
-        elif f.default_factory is not dataclasses.MISSING:
-            defaults[f.name] = f.default_factory()
-    return _plain(defaults)
+def stage_defaults(cls: type) -> dict[str, Any]:
+    return _plain(options.defaults(cls, options.settable(cls)))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -369,35 +318,31 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
-    """Construct dataclass `cls` from a mapping, checking keys and value types."""
+    """Construct schema dataclass `cls` from a mapping: unknown keys are refused, nested
+    sections built the same way, and each value checked against its type by pydantic."""
     where = prefix.rstrip(".") or "the config"
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise PrimekdError(f"`{where}` must be a mapping of keys to values, not {data!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    hints = options.hints(cls)
     for key in data:
-        if key not in known:
-            raise unknown_key_error(f"{prefix}{key}", known)
+        if key not in hints:
+            raise unknown_key_error(f"{prefix}{key}", hints)
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         hint = hints[name]
-        key = f"{prefix}{name}"
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, f"{key}.")
-        elif name == "strategies" and cls is ExperimentConfig:
-            kwargs[name] = _build_strategies(value)
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        elif cls is ExperimentConfig and name == "strategies":
+            if not isinstance(value, dict) or not value:
+                raise PrimekdError("`strategies` must name at least one priming strategy")
+            kwargs[name] = {k: _build(StrategySpec, v, f"strategies.{k}.")
+                            for k, v in value.items()}
         else:
-            kwargs[name] = check_value(key, value, hint)
+            _type_error(f"{prefix}{name}", cls, name, value)
+            kwargs[name] = float(value) if hint is float else value
     return cls(**kwargs)
-
-
-def _build_strategies(value: Any) -> dict[str, StrategySpec]:
-    if not isinstance(value, dict) or not value:
-        raise PrimekdError("`strategies` must name at least one priming strategy")
-    return {name: _build(StrategySpec, spec, f"strategies.{name}.")
-            for name, spec in value.items()}
 
 
 def unknown_key_error(key: str, known: typing.Iterable[str]) -> PrimekdError:
@@ -408,82 +353,10 @@ def unknown_key_error(key: str, known: typing.Iterable[str]) -> PrimekdError:
     )
 
 
-def check_value(key: str, value: Any, hint: Any) -> Any:
-    """Check `value` against a type hint; ints pass as floats, tuples as lists. Returns it."""
-    if hint is Any or hint is typing.Any:
-        return value
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for option in args:
-            try:
-                return check_value(key, value, option)
-            except PrimekdError as e:
-                errors.append(e)
-        raise _bad_value(key, value, hint)
-    if hint is type(None):
-        if value is None:
-            return None
-        raise _bad_value(key, value, hint)
-    if origin is typing.Literal:
-        if value in args:
-            return value
-        raise PrimekdError(
-            f"config key `{key}` is {value!r}; choose one of {', '.join(map(repr, args))}"
-        )
-    if origin in (list, tuple, set, frozenset) or hint in (list, tuple):
-        if isinstance(value, str) or not isinstance(value, list | tuple):
-            raise _bad_value(key, value, hint)
-        inner = args[0] if args and (origin is not tuple or len(args) == 2) else Any
-        if origin is tuple and len(args) == 2 and args[1] is not Ellipsis:
-            inner = Any
-        return [check_value(f"{key}[{i}]", item, inner) for i, item in enumerate(value)]
-    if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise _bad_value(key, value, hint)
-        return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise _bad_value(key, value, hint)
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _bad_value(key, value, hint)
-    if hint is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        raise _bad_value(key, value, hint)
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise _bad_value(key, value, hint)
-    if hint is Path:
-        if isinstance(value, str | Path):
-            return str(value)
-        raise _bad_value(key, value, hint)
-    return value  # a type we do not check here; the stage's own config checks it
-
-
-def _bad_value(key: str, value: Any, hint: Any) -> PrimekdError:
-    expected = _describe(hint)
-    return PrimekdError(f"config key `{key}` is {value!r}; expected {expected}")
-
-
-def _describe(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(hint))
-    if hint is type(None):
-        return "null"
-    if origin in (list, tuple):
-        return "a list"
-    if origin is dict:
-        return "a mapping"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
-        hint, getattr(hint, "__name__", str(hint))
-    )
+def _type_error(key: str, cls: type, name: str, value: Any) -> None:
+    expected = options.type_error(cls, name, value)
+    if expected:
+        raise PrimekdError(f"config key `{key}` is {value!r}; expected {expected}")
 
 
 def _check_semantics(config: ExperimentConfig) -> None:
@@ -544,19 +417,16 @@ def check_stage_sections(config: ExperimentConfig) -> None:
                 raise PrimekdError("config key `attention.enabled` must be true or false")
             if not config.attention.get("enabled", True):
                 continue
-        _check_section(section, values, STAGE_KINDS[kind])
+        _check_section(section, values, STAGE_CONFIGS[kind])
     for name, spec in config.strategies.items():
         for section in ("teacher", "distill", "eval"):
             _check_section(f"strategies.{name}.{section}", getattr(spec, section),
-                           STAGE_KINDS[section])
+                           STAGE_CONFIGS[section])
     _check_on_policy(config)
 
 
 def _check_on_policy(config: ExperimentConfig) -> None:
     """Each `on_policy` entry: a strategy of `strategies`, a free name, known fields."""
-    kind = STAGE_KINDS["distill"]
-    known = {f.name: f.type for f in dataclasses.fields(kind.config_type())}
-    hints = typing.get_type_hints(kind.config_type())
     taken = set(CONTROLS) | {f"kd-{s}" for s in config.strategies}
     for i, entry in enumerate(config.on_policy):
         where = f"on_policy[{i}]"
@@ -569,30 +439,23 @@ def _check_on_policy(config: ExperimentConfig) -> None:
                                "name (letters, digits, `_`, `-`); give each on-policy student "
                                "its own `name`")
         taken.add(name)
-        for key, value in entry.items():
-            if key == "name":
-                continue
-            if key in kind.reserved and key not in ON_POLICY_ENTRY:
-                raise PrimekdError(f"config key `{where}.{key}` is set by the experiment "
-                                   "itself (see `models`, `data`, `engine`); remove it")
-            if key not in known:
-                raise unknown_key_error(f"{where}.{key}", [*known, "name"])
-            check_value(f"{where}.{key}", value, hints.get(key, Any))
+        _check_section(where, {k: v for k, v in entry.items() if k != "name"}, DistillConfig,
+                       on_policy=True, extra=("name",))
 
 
-def _check_section(prefix: str, values: dict[str, Any], kind: StageKind) -> None:
-    if not values:
-        return
-    known = kind.fields()
+def _check_section(prefix: str, values: dict[str, Any], cls: type, on_policy: bool = False,
+                   extra: tuple[str, ...] = ()) -> None:
+    known = options.settable(cls, on_policy)
+    every = {f.name for f in options.fields(cls)}
     for key, value in values.items():
-        if key in kind.reserved:
+        if key in every and key not in known:
             raise PrimekdError(
                 f"config key `{prefix}.{key}` is set by the experiment itself "
                 f"(see `models`, `data`, `engine` and `strategies`); remove it"
             )
         if key not in known:
-            raise unknown_key_error(f"{prefix}.{key}", known)
-        check_value(f"{prefix}.{key}", value, known[key])
+            raise unknown_key_error(f"{prefix}.{key}", [*known, *extra])
+        _type_error(f"{prefix}.{key}", cls, key, value)
 
 
 # --- the stage graph ----------------------------------------------------------------------------
@@ -689,7 +552,7 @@ def data_file(out: Path, which: str) -> Path:
 
 def _with_seed(kind: str, values: dict[str, Any], seed: int) -> dict[str, Any]:
     """The experiment's seed, where the stage has a `seed` field the config leaves unset."""
-    if "seed" in STAGE_KINDS[kind].fields() and "seed" not in values:
+    if "seed" in options.settable(STAGE_CONFIGS[kind]) and "seed" not in values:
         values = {**values, "seed": seed}
     return values
 
@@ -854,16 +717,15 @@ def report_stage(config: ExperimentConfig, out: Path, stages: list[Stage]) -> St
 
 def stage_config(stage: Stage) -> Any:
     """The stage's own config dataclass, built from its params and paths."""
-    kind = STAGE_KINDS[stage.kind]
+    cls = STAGE_CONFIGS[stage.kind]
     values = {k: v for k, v in stage.params.items() if not k.startswith("_")}
     values |= {k: _path_value(v) for k, v in stage.paths.items()}
-    cls = kind.config_type()
     accepted = {f.name for f in dataclasses.fields(cls)}
     values = _rename_for(cls, values)
     missing = sorted(set(values) - accepted)
     if missing:
         raise PrimekdError(
-            f"{kind.config_class} has no field(s) {', '.join(missing)}: this primekd's "
+            f"{cls.__name__} has no field(s) {', '.join(missing)}: this primekd's "
             f"{stage.kind} stage does not match the experiment runner"
         )
     try:
@@ -1095,7 +957,7 @@ def precheck(stage: Stage) -> None:
 
             check_config(config)
         elif stage.kind == "distill":
-            validate.check_distill_types(config)
+            options.check_types(config)
         else:
             validate.check_eval(config)
             config.engine_spec().check()

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from primekd.core import options
 from primekd.core.errors import PrimekdError, did_you_mean
 from primekd.core.io import atomic_write, atomic_write_text, read_yaml, write_json
 
@@ -169,15 +170,7 @@ def _distill_fields() -> dict[str, Any]:
     """DistillConfig field name -> its default value (or None where it has none)."""
     from primekd.distill.config import DistillConfig
 
-    defaults: dict[str, Any] = {}
-    for f in dataclasses.fields(DistillConfig):
-        if f.default is not dataclasses.MISSING:
-            defaults[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            defaults[f.name] = f.default_factory()
-        else:
-            defaults[f.name] = None
-    return defaults
+    return options.defaults(DistillConfig)
 
 
 def _check_field(name: str, known: dict[str, Any]) -> None:
@@ -234,15 +227,15 @@ def _parse_choices(name: str, spec: dict[str, Any]) -> Param:
 
 def _check_choice_type(name: str, choice: Any) -> None:
     """A choice must have the type of its distill option (`lora_r: [4, "eight"]` fails)."""
-    from primekd.core.validate import check_distill_types
     from primekd.distill.config import DistillConfig
 
-    try:
-        check_distill_types(DistillConfig(**{name: choice}))
-    except PrimekdError as e:
-        raise PrimekdError(f"search space: {name}: choice {choice!r}: {e}") from None
-    except TypeError:
+    if name not in options.hints(DistillConfig):
         return  # not a distill field; _check_field reports that
+    expected = options.type_error(DistillConfig, name, choice)
+    if expected:
+        flag = options.field_flag(DistillConfig, name)
+        raise PrimekdError(f"search space: {name}: choice {choice!r}: {flag} must be "
+                           f"{expected}, not {choice!r}")
 
 
 def _infer_kind(spec: dict[str, Any], default: Any) -> str:
@@ -947,13 +940,11 @@ def export_best(study: optuna.Study, path: str | Path, for_run: bool = False) ->
 
 
 def _run_reserved_fields() -> tuple[str, ...]:
-    """DistillConfig fields that `primekd run` sets itself (student, store, paths, ...)."""
-    try:
-        from primekd.experiment.runner import STAGE_KINDS
+    """DistillConfig fields that a `primekd run` distill section may not set."""
+    from primekd.distill.config import DistillConfig
 
-        return tuple(STAGE_KINDS["distill"].reserved)
-    except (ImportError, KeyError, AttributeError):
-        return RESERVED_FIELDS
+    settable = options.settable(DistillConfig)
+    return tuple(f.name for f in options.fields(DistillConfig) if f.name not in settable)
 
 
 def _without(values: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,8 +30,17 @@ from primekd.core.data import Example, load_examples, resolve_data_path, strip_c
 from primekd.core.errors import PrimekdError
 from primekd.core.grading import EXTRACTORS, grade, grade_fields, looping, working_text
 from primekd.core.models import load_tokenizer, resolve, tokenizer_fingerprint
+from primekd.core.options import option
 from primekd.core.progress import progress_bar
-from primekd.engines import EngineSpec, SamplingParams, TopK, get_engine
+from primekd.engines import (
+    EngineSpec,
+    SamplingParams,
+    TopK,
+    base_url_field,
+    engine_field,
+    engine_options_field,
+    get_engine,
+)
 from primekd.evaluate import answer_stop
 from primekd.teach import store
 from primekd.teach.priming import Strategy, get_strategy
@@ -42,31 +51,58 @@ KEEP = ("all", "correct")
 
 @dataclass
 class TeachConfig:
-    teacher: str
-    out: str | Path
-    strategy: str = "none"
-    strategies_file: str | Path | None = None
-    data: str = "train"
-    limit: int | None = None
-    offset: int = 0
-    sample: int | None = None
-    seed: int = 0
-    samples_per_question: int = 1
-    temperature: float = 0.0
-    max_new_tokens: int = 256
-    top_k: int = 20
-    target: str = "generated"  # "generated" | "reference"
-    keep: str = "all"  # "all" | "correct" (rejection sampling)
-    shard: str | None = None  # "i/n": every n-th question from the i-th (0-based)
-    batch_size: int = 8  # units per part (and per hf batch)
-    device: str | None = None  # hf engine
-    extractor: str = "default"
-    engine: str = "hf"  # hf | vllm (see primekd.engines)
-    base_url: str | None = None  # vllm: a running server to use instead of starting one
-    engine_options: dict[str, Any] = field(default_factory=dict)  # vllm server options
-    lenient: bool = False  # a truncated answer's last number counts (harness-style grading)
-    stop_at_answer: bool = False  # end each answer at its final-answer line
-    force: bool = False  # write into a non-empty --out of someone else's (never overwriting)
+    """Every option of `primekd teach`."""
+
+    teacher: str = option(help="Teacher model: the bundled alias smollm2-135m-instruct, a HF "
+                          "directory, a .gguf file or a hub id.", flags=("--teacher", "-m"),
+                          set_by="experiment")
+    out: str | Path = option(help="Store directory to create, or to resume when it holds a "
+                             "store made with the same parameters.", flags=("--out", "-o"),
+                             cli_type=Path, set_by="experiment")
+    strategy: str = option("none", "Priming strategy name (see --list-strategies).",
+                           flags=("--strategy", "-s"), set_by="experiment")
+    strategies_file: str | Path | None = option(
+        None, "YAML file with more strategies (Jinja2 templates over question, reference, "
+        "answer).", flags=("--strategies",), cli_type=Path, set_by="experiment")
+    data: str = option("train", "Transfer set: train, test, test_socratic, or a JSONL file "
+                       "with question and answer.", set_by="experiment")
+    limit: int | None = option(None, "Use at most N questions.", set_by="experiment")
+    offset: int = option(0, "Skip the first K questions.", set_by="experiment")
+    sample: int | None = option(None, "Draw N random questions (seeded by --seed) before "
+                                "--offset/--limit.", set_by="experiment")
+    seed: int = option(0, "Seed for --sample and for sampling.")
+    samples_per_question: int = option(1, "Answers per question (needs --temperature > 0 when "
+                                       "above 1).", flags=("--samples-per-question", "-k"))
+    temperature: float = option(0.0, "Sampling temperature; 0 is greedy. Stored log-probs "
+                                "are always at temperature 1.", flags=("--temperature", "-t"))
+    max_new_tokens: int = option(256, "Longest answer, in tokens.")
+    top_k: int = option(20, "Teacher log-probs kept per answer token.")
+    target: str = option("generated", "generated: the teacher's own answers; reference: the "
+                         "teacher reads the reference solution (teacher forcing).")
+    keep: str = option("all", "all, or correct: keep only correct answers (rejection "
+                       "sampling; accuracy is still over all).")
+    shard: str | None = option(None, "i/n: take every n-th question from the i-th (0-based), "
+                               "to split the set across n processes, each with its own --out.",
+                               set_by="experiment")
+    batch_size: int = option(8, "Answers per part: every batch_size finished answers are "
+                             "saved as one part (and the hf engine's batch).",
+                             flags=("--batch-size", "-b"))
+    device: str | None = option(None, "Torch device for --engine hf (default: cuda if "
+                                "available, else cpu).")
+    extractor: str = option("default", "How to grade the teacher's answers: default, paper or "
+                            "math-verify (see `primekd eval --help`).")
+    engine: str = engine_field()
+    base_url: str | None = base_url_field()
+    engine_options: dict[str, Any] = engine_options_field()
+    lenient: bool = option(False, "Grade a truncated answer by its last number (by default "
+                           "it is wrong without a stated answer); affects `correct` and "
+                           "--keep correct.", flags=("--lenient",))
+    stop_at_answer: bool = option(False, "End each answer at its final-answer line ('The "
+                                  "answer is N.', '#### N'), followed by the end-of-turn "
+                                  "token.", flags=("--stop-at-answer",))
+    force: bool = option(False, "Write into a non-empty --out that primekd did not make, "
+                         "beside the files there (never overwriting or deleting them).",
+                         flags=("--force",), set_by="experiment")
 
     def engine_spec(self) -> EngineSpec:
         return EngineSpec(self.engine, self.base_url, dict(self.engine_options))

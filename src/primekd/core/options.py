@@ -1,0 +1,252 @@
+"""One definition per option: a stage's options are the fields of one dataclass.
+
+Each field carries its default, its help text and, where the command line differs from the
+field name, its flags (`option(4, "LoRA rank.", flags=("--lora-r",))`). From that one place:
+
+- `command` builds the typer command's parameters (typer reads `inspect.signature`);
+- `type_error` checks a value against the field's type with pydantic (strict: `true` is not an
+  integer, `2.7` is not one either, NaN and inf are not numbers), for YAML files, `run`
+  configs, `--set` overrides and tuning spaces alike;
+- `settable` says which fields a `run` config section may set: a field marked
+  `set_by="experiment"` is filled in by the experiment itself (models, data, paths), one marked
+  `set_by="on_policy"` only by an `on_policy` entry;
+- `defaults` lists every default, so a resolved config pins every value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import os
+import types
+import typing
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from primekd.core.errors import PrimekdError, did_you_mean
+
+MISSING = dataclasses.MISSING
+# pydantic error type -> what the value should have been, in the words of the messages
+_EXPECTED = {
+    "int_type": "an integer", "int_from_float": "an integer", "float_type": "a number",
+    "finite_number": "a finite number", "bool_type": "true or false",
+    "string_type": "a string", "list_type": "a list", "dict_type": "a mapping",
+    "none_required": "null", "is_instance_of": "a path or string",
+    "dataclass_type": "a mapping", "model_type": "a mapping",
+}
+
+
+def option(default: Any = MISSING, help: str = "", *, factory: Callable[[], Any] | None = None,
+           flags: tuple[str, ...] = (), default_text: str | None = None,
+           set_by: str | None = None, cli: bool = True, cli_type: Any = None,
+           parse: Callable[[Any], Any] | None = None, name: str | None = None,
+           metavar: str | None = None) -> Any:
+    """A dataclass field that is also a command-line option.
+
+    `flags`: the option's names (default `--field-name`, `--x/--no-x` for booleans);
+    `default_text`: what `--help` says the default is (default: the value itself);
+    `set_by`: "experiment" or "on_policy" where a `run` section must not set it;
+    `cli=False`: no command-line option; `cli_type`/`parse`/`name`: the command line takes
+    another type (e.g. repeated `--engine-option k=v`, parsed into a dict) under another
+    parameter name.
+    """
+    metadata = {"help": help, "flags": flags, "default_text": default_text, "set_by": set_by,
+                "cli": cli, "cli_type": cli_type, "parse": parse, "cli_name": name,
+                "metavar": metavar}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.init]
+
+
+@functools.cache
+def hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def flag(f: dataclasses.Field) -> str:
+    """The option's long name, as error messages spell it (`--lora-r`)."""
+    names = f.metadata.get("flags") or ()
+    long = [n.split("/")[0] for n in names if n.startswith("--")]
+    return long[0] if long else "--" + f.name.replace("_", "-")
+
+
+def field_flag(cls: type, name: str) -> str:
+    return next((flag(f) for f in fields(cls) if f.name == name),
+                "--" + name.replace("_", "-"))
+
+
+def default_of(f: dataclasses.Field) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return None
+
+
+def defaults(cls: type, names: Iterable[str] | None = None) -> dict[str, Any]:
+    chosen = set(names) if names is not None else None
+    return {f.name: default_of(f) for f in fields(cls) if chosen is None or f.name in chosen}
+
+
+def settable(cls: type, on_policy: bool = False) -> dict[str, dataclasses.Field]:
+    """The fields a `run` config section may set (an `on_policy` entry: those marked
+    `set_by="on_policy"` too)."""
+    allowed = {None, "on_policy"} if on_policy else {None}
+    return {f.name: f for f in fields(cls) if f.metadata.get("set_by") in allowed}
+
+
+def type_error(cls: type, name: str, value: Any) -> str | None:
+    """What field `name` of `cls` should be, when `value` is not that; None when it is."""
+    from pydantic import ValidationError
+
+    try:
+        _adapter(hints(cls)[name]).validate_python(value)
+    except ValidationError as e:
+        return expected_words(e)
+    return None
+
+
+def expected_words(error: Any) -> str:
+    """A pydantic ValidationError as `an integer or null`."""
+    words: list[str] = []
+    for item in error.errors():
+        word = _EXPECTED.get(item["type"]) or item["msg"].removeprefix("Input should be ")
+        if word not in words:
+            words.append(word)
+    return " or ".join(words)
+
+
+@functools.cache
+def _adapter(hint: Any) -> Any:
+    from pydantic import ConfigDict, TypeAdapter
+
+    return TypeAdapter(hint, config=ConfigDict(strict=True, allow_inf_nan=False))
+
+
+def check_types(config: Any) -> None:
+    """Every field of a config instance against its type, named by its flag."""
+    for f in fields(type(config)):
+        value = getattr(config, f.name)
+        expected = type_error(type(config), f.name, _paths_as_text(value))
+        if expected:
+            raise PrimekdError(f"{flag(f)} must be {expected}, not {value!r}")
+
+
+def _paths_as_text(value: Any) -> Any:
+    """Library callers may pass a Path where a config holds a path string."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, list):
+        return [_paths_as_text(v) for v in value]
+    return value
+
+
+def from_mapping(cls: type, values: dict[str, Any], source: str, what: str) -> Any:
+    """`cls(**values)` with option names checked (`lora-r` reads as `lora_r`)."""
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise PrimekdError(f"{source}: unknown {what} option(s) {', '.join(unknown)}"
+                           f"{did_you_mean(unknown[0], names)}; known: {', '.join(sorted(names))}")
+    return cls(**values)
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def _help(f: dataclasses.Field) -> str:
+    text = f.metadata.get("help", "")
+    shown = f.metadata.get("default_text")
+    default = default_of(f)
+    empty = default is None or default is False or (
+        isinstance(default, str | list | dict | tuple) and not default)
+    if shown is None and not empty:
+        shown = ",".join(map(str, default)) if isinstance(default, list) else str(default)
+    return f"{text.rstrip('.')} (default: {shown})." if shown else text
+
+
+def parameters(cls: type, skip: Iterable[str] = ()) -> list[inspect.Parameter]:
+    """A keyword parameter per command-line field: typer.Option(None, flags, help=...); None
+    means "not given", so a `--config` file or the dataclass default decides."""
+    import typer
+
+    params = []
+    for f in fields(cls):
+        if not f.metadata.get("cli", False) or f.name in skip:
+            continue
+        hint = f.metadata.get("cli_type") or hints(cls)[f.name]
+        names = f.metadata.get("flags") or ()
+        if not any(n.startswith("--") for n in names):
+            long = "--" + f.name.replace("_", "-")
+            names = (f"{long}/--no-{long[2:]}" if hint is bool else long, *names)
+        annotation = _cli_annotation(hint)
+        params.append(inspect.Parameter(
+            f.metadata.get("cli_name") or f.name, inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(None, *names, help=_help(f), show_default=False,
+                                 metavar=f.metadata.get("metavar")),
+            annotation=annotation))
+    return params
+
+
+def _cli_annotation(hint: Any) -> Any:
+    """The type click converts to: `int | None` -> int; `str | list[str]` -> list[str]."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        lists = [a for a in args if typing.get_origin(a) is list]
+        return lists[0] if lists else args[0]
+    return hint
+
+
+def given(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """The fields given on the command line (not None), parsed, under their field names."""
+    out = {}
+    for f in fields(cls):
+        key = f.metadata.get("cli_name") or f.name
+        value = values.get(key)
+        if value is None or (isinstance(value, list) and not value and f.metadata.get("parse")):
+            continue
+        parse = f.metadata.get("parse")
+        out[f.name] = parse(value) if parse else value
+    return out
+
+
+def command(cls: type, extra: list[inspect.Parameter], run: Callable[..., None],
+            doc: str, skip: Iterable[str] = (), require: bool = True) -> Callable[..., None]:
+    """A function for `app.command()`: the fields of `cls` as options, then `extra`; it calls
+    `run(given_fields, **extra_values)`. With `require`, fields without a default must be
+    given (`run` checks them itself otherwise)."""
+    names = {p.name for p in extra}
+
+    def invoke(**values: Any) -> None:
+        options = given(cls, values)
+        if require:
+            check_required(cls, options)
+        run(options, **{k: v for k, v in values.items() if k in names})
+
+    invoke.__signature__ = inspect.Signature([*parameters(cls, skip), *extra])  # type: ignore[attr-defined]
+    invoke.__doc__ = doc
+    invoke.__name__ = f"{cls.__name__}_command"
+    return invoke
+
+
+def check_required(cls: type, values: dict[str, Any]) -> None:
+    missing = [flag(f) for f in fields(cls) if f.name not in values
+               and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise PrimekdError(f"missing option(s) {', '.join(missing)}; see --help")
+
+
+def extra(name: str, *names: str, default: Any = None, help: str, annotation: Any = str
+          ) -> inspect.Parameter:
+    """A command-line option that is not a config field (`--json`, `--config`)."""
+    import typer
+
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                             default=typer.Option(default, *names, help=help),
+                             annotation=annotation)
