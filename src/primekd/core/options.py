@@ -160,8 +160,10 @@ def from_mapping(cls: type, values: dict[str, Any], source: str, what: str) -> A
 # --- the command line ---------------------------------------------------------------------------
 
 
-def _help(f: dataclasses.Field) -> str:
+def _help(f: dataclasses.Field, require: bool = False) -> str:
     text = f.metadata.get("help", "")
+    if require and f.default is MISSING and f.default_factory is MISSING:
+        return f"{text.rstrip('.')} (required)."
     shown = f.metadata.get("default_text")
     default = default_of(f)
     empty = default is None or default is False or (
@@ -171,7 +173,8 @@ def _help(f: dataclasses.Field) -> str:
     return f"{text.rstrip('.')} (default: {shown})." if shown else text
 
 
-def parameters(cls: type, skip: Iterable[str] = ()) -> list[inspect.Parameter]:
+def parameters(cls: type, skip: Iterable[str] = (), require: bool = False
+               ) -> list[inspect.Parameter]:
     """A keyword parameter per command-line field: typer.Option(None, flags, help=...); None
     means "not given", so a `--config` file or the dataclass default decides."""
     import typer
@@ -188,7 +191,7 @@ def parameters(cls: type, skip: Iterable[str] = ()) -> list[inspect.Parameter]:
         annotation = _cli_annotation(hint)
         params.append(inspect.Parameter(
             f.metadata.get("cli_name") or f.name, inspect.Parameter.KEYWORD_ONLY,
-            default=typer.Option(None, *names, help=_help(f), show_default=False,
+            default=typer.Option(None, *names, help=_help(f, require), show_default=False,
                                  metavar=f.metadata.get("metavar")),
             annotation=annotation))
     return params
@@ -229,7 +232,7 @@ def command(cls: type, extra: list[inspect.Parameter], run: Callable[..., None],
             check_required(cls, options)
         run(options, **{k: v for k, v in values.items() if k in names})
 
-    invoke.__signature__ = inspect.Signature([*parameters(cls, skip), *extra])  # type: ignore[attr-defined]
+    invoke.__signature__ = inspect.Signature([*parameters(cls, skip, require), *extra])  # type: ignore[attr-defined]
     invoke.__doc__ = doc
     invoke.__name__ = f"{cls.__name__}_command"
     return invoke

@@ -35,6 +35,7 @@ import yaml
 from primekd.core import options
 from primekd.core.errors import PrimekdError, did_you_mean
 from primekd.core.io import atomic_write, atomic_write_text, read_yaml, write_json
+from primekd.core.options import option
 
 if TYPE_CHECKING:
     import optuna
@@ -280,23 +281,45 @@ def _check_range(
 class TuneConfig:
     """Everything `primekd tune` needs; the CLI options map one to one onto these fields."""
 
-    teacher_store: str
-    student: str
-    out: str
-    space: SearchSpace = field(default_factory=default_search_space)
-    objective: str = "val_loss"
-    val_size: int = 16
-    trials: int = 10
-    timeout: float | None = None
-    storage: str | None = None  # None: sqlite:///<out>/study.db
-    study: str = DEFAULT_STUDY
-    sampler: str = "tpe"
-    pruner: str = "median"
-    max_steps: int = 30
-    eval_steps: int | None = None  # None: about four evaluations per trial
-    seed: int = 0
-    heartbeat: int = 10  # seconds between heartbeats; silent for 3x this -> failed
-    max_new_tokens: int = 256  # generation budget of the val_accuracy objective
+    teacher_store: str = option(help="Teacher store directory written by `primekd teach`.",
+                                cli_type=Path, parse=str)
+    student: str = option(help="Student model: the bundled alias smollm2-135m-instruct, a "
+                          "local HF directory, a .gguf file or a hub id.")
+    out: str = option(help="Output directory: trials/<number>/, best_params.yaml (for distill "
+                      "--config), best_run.yaml (for primekd run), trials.csv, summary.json, "
+                      "history.png, importance.png (and study.db with the default storage).",
+                      cli_type=Path, parse=str)
+    space: SearchSpace = option(
+        help="Search space YAML (DistillConfig field -> {low, high[, log, step, type]} or "
+        "{choices: [...]}, or a plain value to fix it). Default: alpha in [0, 1], temperature "
+        "in [1, 10] (log), lr in [1e-5, 1e-3] (log), lora_r in {4, 8, 16}.",
+        factory=default_search_space, cli_type=Path, parse=load_search_space,
+        default_text="")
+    objective: str = option("val_loss", "What a trial is scored on, always on the held-out "
+                            "validation slice of the store: val_loss (the student's "
+                            "cross-entropy on the held-out teacher answers, minimised, cheap) "
+                            "or val_accuracy (GSM8K accuracy of its generated answers, "
+                            "maximised).")
+    val_size: int = option(16, "Store questions held out of training as the validation slice.")
+    trials: int = option(10, "Finished trials (complete or pruned) the study should hold in "
+                         "total, counted over all workers sharing it.")
+    timeout: float | None = option(None, "Seconds after which this worker starts no new "
+                                   "trial.")
+    storage: str | None = option(None, "Optuna RDB URL shared by workers, e.g. "
+                                 "postgresql://user:pass@host/db. Default: "
+                                 "sqlite:///OUT/study.db.")
+    study: str = option(DEFAULT_STUDY, "Study name inside the storage (workers join by name).")
+    sampler: str = option("tpe", "tpe (Bayesian optimisation after random start-up) or random.")
+    pruner: str = option("median", "median (stop a trial whose validation loss is worse than "
+                         "the median of earlier trials at the same step) or none.")
+    max_steps: int = option(30, "Optimiser steps per trial (a reduced budget).")
+    eval_steps: int | None = option(None, "Validation loss every N steps, reported to the "
+                                    "pruner. Default: max-steps / 4.")
+    seed: int = option(0, "Seed of the sampler, of every trial's training and of the "
+                       "validation slice.")
+    heartbeat: int = option(10, "Seconds between worker heartbeats; a trial silent for 3x "
+                            "this is marked failed and its parameters retried.")
+    max_new_tokens: int = option(256, "Answer length limit of the val_accuracy objective.")
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
