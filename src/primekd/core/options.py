@@ -41,7 +41,9 @@ def option(default: Any = MISSING, help: str = "", *, factory: Callable[[], Any]
            flags: tuple[str, ...] = (), default_text: str | None = None,
            set_by: str | None = None, cli: bool = True, cli_type: Any = None,
            parse: Callable[[Any], Any] | None = None, name: str | None = None,
-           metavar: str | None = None) -> Any:
+           metavar: str | None = None, ge: float | None = None, gt: float | None = None,
+           le: float | None = None, lt: float | None = None,
+           choices: Iterable[str] | None = None) -> Any:
     """A dataclass field that is also a command-line option.
 
     `flags`: the option's names (default `--field-name`, `--x/--no-x` for booleans);
@@ -49,11 +51,13 @@ def option(default: Any = MISSING, help: str = "", *, factory: Callable[[], Any]
     `set_by`: "experiment" or "on_policy" where a `run` section must not set it;
     `cli=False`: no command-line option; `cli_type`/`parse`/`name`: the command line takes
     another type (e.g. repeated `--engine-option k=v`, parsed into a dict) under another
-    parameter name.
+    parameter name; `ge`/`gt`/`le`/`lt`: the range of a number; `choices`: the values a
+    string may take (None passes both).
     """
     metadata = {"help": help, "flags": flags, "default_text": default_text, "set_by": set_by,
                 "cli": cli, "cli_type": cli_type, "parse": parse, "cli_name": name,
-                "metavar": metavar}
+                "metavar": metavar, "ge": ge, "gt": gt, "le": le, "lt": lt,
+                "choices": tuple(choices) if choices is not None else None}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -104,8 +108,11 @@ def type_error(cls: type, name: str, value: Any) -> str | None:
     """What field `name` of `cls` should be, when `value` is not that; None when it is."""
     from pydantic import ValidationError
 
+    hint = hints(cls)[name]
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):  # a built value (a space)
+        return None if isinstance(value, hint) else f"a {hint.__name__}"
     try:
-        _adapter(hints(cls)[name]).validate_python(value)
+        _adapter(hint).validate_python(value)
     except ValidationError as e:
         return expected_words(e)
     return None
@@ -143,7 +150,45 @@ def _paths_as_text(value: Any) -> Any:
         return os.fspath(value)
     if isinstance(value, list):
         return [_paths_as_text(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _paths_as_text(v) for k, v in value.items()}
     return value
+
+
+def check(config: Any) -> None:
+    """Types, then ranges and choices, of every field of a config instance."""
+    check_types(config)
+    for f in fields(type(config)):
+        problem = _out_of_bounds(f, getattr(config, f.name))
+        if problem:
+            raise PrimekdError(f"{flag(f)} must be {problem}, not {getattr(config, f.name)!r}")
+
+
+def _out_of_bounds(f: dataclasses.Field, value: Any) -> str | None:
+    """What the value should be, when it is outside the field's range or choices."""
+    m = f.metadata
+    if value is None:
+        return None
+    if m.get("choices") is not None and value not in m["choices"]:
+        return "one of " + ", ".join(m["choices"])
+    low, high = (m.get("ge"), m.get("gt")), (m.get("le"), m.get("lt"))
+    if not any(b is not None for b in (*low, *high)) or isinstance(value, bool):
+        return None
+    bad = ((m.get("ge") is not None and value < m["ge"])
+           or (m.get("gt") is not None and value <= m["gt"])
+           or (m.get("le") is not None and value > m["le"])
+           or (m.get("lt") is not None and value >= m["lt"]))
+    if not bad:
+        return None
+    left = f"[{m['ge']:g}" if m.get("ge") is not None else (
+        f"({m['gt']:g}" if m.get("gt") is not None else None)
+    right = f"{m['le']:g}]" if m.get("le") is not None else (
+        f"{m['lt']:g})" if m.get("lt") is not None else None)
+    if left and right:
+        return f"in {left}, {right}"
+    words = {"ge": "at least", "gt": "above", "le": "at most", "lt": "below"}
+    key = next(k for k in words if m.get(k) is not None)
+    return f"{words[key]} {m[key]:g}"
 
 
 def from_mapping(cls: type, values: dict[str, Any], source: str, what: str) -> Any:

@@ -6,7 +6,6 @@ build and validate configs without importing torch and transformers (seconds of 
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -14,13 +13,14 @@ from typing import Any
 from primekd.core.errors import PrimekdError
 from primekd.core.io import read_yaml
 from primekd.core.models import BUNDLED_ALIAS
-from primekd.core.options import check_types, from_mapping, option
+from primekd.core.options import check, from_mapping, option
 from primekd.engines import engine_field, engine_options_field
 
 OBJECTIVES = ("kd", "sft")
 KEEP = ("all", "correct")  # which teacher answers a student trains on (rejection sampling)
 OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd"}
 SCHEDULERS = ("cosine", "linear", "constant")
+DTYPES = ("float32", "bfloat16", "float16")
 # Fields that do not change what is trained: a --resume may differ in these.
 _RUN_ONLY_FIELDS = {"resume", "out", "logging_steps", "save_steps", "num_workers", "config",
                     "force"}
@@ -55,62 +55,62 @@ class DistillConfig:
     objective: str = option("kd", "kd: CE on the teacher's answer tokens plus a divergence to "
                             "its distributions (needs --teacher-store); sft: CE only, on the "
                             "teacher's text or, without a store, on GSM8K references (--data)",
-                            set_by="experiment")
+                            set_by="experiment", choices=OBJECTIVES)
     data: str | None = option(None, "For --objective sft without a store, and the questions of "
                               "--on-policy rollouts: train, test, test_socratic, or a JSONL "
                               "file with question and answer", default_text="train",
                               set_by="experiment")
     limit: int | None = option(None, "Use only the first N questions (by id).",
-                               set_by="experiment")
+                               set_by="experiment", ge=1)
     keep: str = option("all", "all, or correct: train only on the teacher answers the store "
                        "graded correct (rejection sampling); references (sft without a store) "
-                       "are correct by definition")
+                       "are correct by definition", choices=KEEP)
     val_size: int = option(0, "Questions held out of training for the validation loss, every "
-                           "--eval-steps")
+                           "--eval-steps", ge=0)
     prompt: str | None = option(None, "Student prompt template (Jinja text with "
                                 "{{ question }}, or a file); default: the zero-shot template "
                                 "`primekd eval` uses.")
     divergence: str = option("reverse_kl", "forward_kl, reverse_kl, jsd, skew_kl or tvd")
     alpha: float = option(0.5, "Weight of CE; the divergence gets 1 - alpha. 1 = "
-                          "sequence-level KD (no distributions)")
+                          "sequence-level KD (no distributions)", ge=0, le=1)
     temperature: float = option(1.0, "Softening temperature T of the KD term (scaled by T^2)",
-                                flags=("--temperature", "-t"))
+                                flags=("--temperature", "-t"), gt=0)
     beta: float | None = option(None, "Mixing weight of jsd (default 0.5) and skew_kl "
                                 "(default 0.1).")
     lora_r: int = option(4, "LoRA rank")
-    lora_alpha: int = option(8, "LoRA alpha")
-    lora_dropout: float = option(0.1, "LoRA dropout")
+    lora_alpha: int = option(8, "LoRA alpha", ge=1)
+    lora_dropout: float = option(0.1, "LoRA dropout", ge=0, lt=1)
     target_modules: list[str] = option(
         help="Comma-separated module names for LoRA, or all-linear",
         factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], cli_type=str,
         parse=_split_modules)
     full_finetune: bool = option(False, "Train all weights instead of a LoRA adapter",
                                  flags=("--full-finetune/--lora",), default_text="--lora")
-    optimizer: str = option("adamw", "adamw or sgd")
+    optimizer: str = option("adamw", "adamw or sgd", choices=OPTIMIZERS)
     lr: float | None = option(None, "Peak learning rate", default_text="2e-4 with LoRA, 2e-5 "
-                              "full")
-    weight_decay: float = option(0.0, "Weight decay", default_text="0.0")
-    scheduler: str = option("cosine", "cosine, linear or constant")
-    warmup_ratio: float = option(0.03, "Fraction of steps for linear warmup")
+                              "full", gt=0)
+    weight_decay: float = option(0.0, "Weight decay", default_text="0.0", ge=0)
+    scheduler: str = option("cosine", "cosine, linear or constant", choices=SCHEDULERS)
+    warmup_ratio: float = option(0.03, "Fraction of steps for linear warmup", ge=0, le=1)
     epochs: float | None = option(None, "Passes over the training set (not with --max-steps)",
-                                  default_text="1")
-    max_steps: int | None = option(None, "Optimizer steps (not with --epochs).")
-    batch_size: int = option(4, "Sequences per device per step", flags=("--batch-size", "-b"))
-    grad_accum: int = option(1, "Gradient accumulation steps")
-    max_length: int = option(1024, "Longest prompt + answer in tokens (answers are cut)")
-    max_grad_norm: float = option(1.0, "Gradient clipping")
+                                  default_text="1", gt=0)
+    max_steps: int | None = option(None, "Optimizer steps (not with --epochs).", ge=1)
+    batch_size: int = option(4, "Sequences per device per step", flags=("--batch-size", "-b"), ge=1)
+    grad_accum: int = option(1, "Gradient accumulation steps", ge=1)
+    max_length: int = option(1024, "Longest prompt + answer in tokens (answers are cut)", ge=2)
+    max_grad_norm: float = option(1.0, "Gradient clipping", ge=0)
     seed: int = option(0, "Seed for LoRA init, data order, --val-size split",
                        default_text="0")
-    eval_steps: int = option(50, "Validation every N steps")
-    logging_steps: int = option(10, "Log every N steps")
-    save_steps: int = option(100, "Checkpoint every N steps (for --resume)")
-    chunk_size: int = option(1024, "Answer tokens per chunk of the loss (bounds memory)")
+    eval_steps: int = option(50, "Validation every N steps", ge=1)
+    logging_steps: int = option(10, "Log every N steps", ge=1)
+    save_steps: int = option(100, "Checkpoint every N steps (for --resume)", ge=1)
+    chunk_size: int = option(1024, "Answer tokens per chunk of the loss (bounds memory)", ge=1)
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to save "
                                           "memory", default_text="off")
     device: str | None = option(None, "cpu or cuda", default_text="cuda if available")
     dtype: str | None = option(None, "float32, bfloat16 or float16",
-                               default_text="bfloat16 on CUDA, float32 on CPU")
-    num_workers: int = option(0, "Data loader workers", default_text="0")
+                               default_text="bfloat16 on CUDA, float32 on CPU", choices=DTYPES)
+    num_workers: int = option(0, "Data loader workers", default_text="0", ge=0)
     resume: bool = option(False, "Continue a killed run in --out from its last checkpoint.",
                           set_by="experiment")
     force: bool = option(False, "Write into a non-empty --out that primekd did not make, "
@@ -131,23 +131,23 @@ class DistillConfig:
                                          set_by="experiment")
     lmbda: float = option(1.0, _ON_POLICY + "share of each round's sequences that are the "
                           "student's own; the rest come from --teacher-store",
-                          set_by="on_policy")
-    rounds: int = option(4, _ON_POLICY + "rounds", set_by="on_policy")
+                          set_by="on_policy", ge=0, le=1)
+    rounds: int = option(4, _ON_POLICY + "rounds", set_by="on_policy", ge=1)
     round_size: int = option(16, _ON_POLICY + "questions per round, times "
-                             "--samples-per-question sequences", set_by="on_policy")
+                             "--samples-per-question sequences", set_by="on_policy", ge=1)
     samples_per_question: int = option(1, _ON_POLICY + "rollouts per question",
-                                       set_by="on_policy")
+                                       set_by="on_policy", ge=1)
     rollout_temperature: float = option(1.0, _ON_POLICY + "sampling temperature of the "
-                                        "student's rollouts, 0 = greedy", set_by="on_policy")
+                                        "student's rollouts, 0 = greedy", set_by="on_policy", ge=0)
     rollout_max_new_tokens: int = option(256, _ON_POLICY + "longest rollout in tokens",
-                                         set_by="on_policy")
+                                         set_by="on_policy", ge=1)
     rollout_stop_at_answer: bool = option(
         False, _ON_POLICY + "end each rollout at its final-answer line, then EOS (scored by "
         "the teacher like every token, so the student learns to stop)", default_text="off",
         set_by="on_policy")
     top_k: int = option(20, _ON_POLICY + "teacher log-probs kept per student token",
                         default_text="20; with --teacher-store, the store's k",
-                        set_by="on_policy")
+                        set_by="on_policy", ge=1)
     engine: str = engine_field(_ON_POLICY + "hf (in this process) or vllm for rollouts and "
                                "scoring")
     engine_options: dict[str, Any] = engine_options_field(
@@ -176,27 +176,22 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> DistillC
 
 
 def check_config(config: DistillConfig) -> None:
-    """Refuse invalid combinations before anything heavy is loaded."""
+    """Refuse invalid values and combinations before anything heavy is loaded."""
     from primekd.core.validate import device
     from primekd.distill.kd_loss import DIVERGENCES, resolve_beta
 
     def bad(message: str) -> None:
         raise PrimekdError(message)
 
-    check_types(config)
+    check(config)  # types, ranges and choices, as the fields declare them
     device(config.device)
-
     if not config.out:
         bad("--out is required: the directory for the adapter, logs and checkpoints")
-    if config.objective not in OBJECTIVES:
-        bad(f"--objective must be one of {', '.join(OBJECTIVES)}, not {config.objective!r}")
     if config.on_policy:
         _check_on_policy(config)
     elif config.objective == "kd" and not config.teacher_store:
         bad("--objective kd needs --teacher-store DIR (from `primekd teach`); to train on "
             "GSM8K references instead use --objective sft --data train")
-    if config.keep not in KEEP:
-        bad(f"--keep must be one of {', '.join(KEEP)}, not {config.keep!r}")
     if config.teacher_store and config.data and not config.on_policy:
         bad("give either --teacher-store or --data, not both")
     if config.teacher_store:
@@ -209,46 +204,10 @@ def check_config(config: DistillConfig) -> None:
         resolve_beta(config.divergence, config.beta)
     except ValueError as e:
         bad(f"--beta: {e}")
-    for name in ("alpha", "temperature", "beta", "lora_dropout", "lr", "weight_decay",
-                 "warmup_ratio", "epochs", "max_grad_norm"):
-        value = getattr(config, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
-                                  or not math.isfinite(value)):
-            bad(f"--{name.replace('_', '-')} must be a finite number, not {value!r}")
-    if not 0.0 <= config.warmup_ratio <= 1.0:
-        bad(f"--warmup-ratio must be in [0, 1], got {config.warmup_ratio}")
-    if config.weight_decay < 0 or config.max_grad_norm < 0:
-        bad("--weight-decay and --max-grad-norm must not be negative")
-    if not 0.0 <= config.alpha <= 1.0:
-        bad(f"--alpha must be in [0, 1], got {config.alpha}")
-    if config.temperature <= 0:
-        bad(f"--temperature must be positive, got {config.temperature}")
     if config.epochs is not None and config.max_steps is not None:
         bad("give --epochs or --max-steps, not both")
-    if config.epochs is not None and config.epochs <= 0:
-        bad("--epochs must be positive")
-    if config.max_steps is not None and config.max_steps < 1:
-        bad("--max-steps must be at least 1")
-    if config.optimizer not in OPTIMIZERS:
-        bad(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, not {config.optimizer!r}")
-    if config.scheduler not in SCHEDULERS:
-        bad(f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {config.scheduler!r}")
-    for name in ("batch_size", "grad_accum", "max_length", "eval_steps", "logging_steps",
-                 "save_steps", "chunk_size"):
-        if getattr(config, name) < 1:
-            bad(f"--{name.replace('_', '-')} must be at least 1")
     if config.lora_r < 1 and not config.full_finetune:
         bad("--lora-r must be at least 1")
-    if not 0.0 <= config.lora_dropout < 1.0:
-        bad("--lora-dropout must be in [0, 1)")
-    if config.val_size < 0:
-        bad("--val-size must not be negative")
-    if config.lr is not None and config.lr <= 0:
-        bad("--lr must be positive")
-    if config.dtype not in (None, "float32", "bfloat16", "float16"):
-        bad("--dtype must be float32, bfloat16 or float16")
-    if config.device not in (None, "cpu", "cuda") and not str(config.device).startswith("cuda"):
-        bad("--device must be cpu or cuda")
 
 
 def _check_on_policy(config: DistillConfig) -> None:
@@ -260,16 +219,8 @@ def _check_on_policy(config: DistillConfig) -> None:
 
     if config.objective != "kd":
         bad("--on-policy trains with --objective kd (the teacher scores the student's tokens)")
-    if not isinstance(config.lmbda, int | float) or not 0.0 <= config.lmbda <= 1.0:
-        bad(f"--lmbda must be in [0, 1], got {config.lmbda!r}")
     if config.lmbda < 1.0 and not config.teacher_store:
         bad("--lmbda below 1 mixes in off-policy rows: give --teacher-store DIR")
-    for name in ("rounds", "round_size", "samples_per_question", "rollout_max_new_tokens",
-                 "top_k"):
-        if getattr(config, name) < 1:
-            bad(f"--{name.replace('_', '-')} must be at least 1")
-    if config.rollout_temperature < 0:
-        bad("--rollout-temperature must not be negative (0 means greedy)")
     if config.samples_per_question > 1 and config.rollout_temperature == 0:
         bad("several samples per question need sampling: --rollout-temperature above 0")
     if config.val_size:

@@ -25,7 +25,7 @@ from typing import Any
 from primekd import __version__
 from primekd.core.data import BUNDLED_SPLITS, Example, load_examples, resolve_data_path
 from primekd.core.errors import PrimekdError
-from primekd.core.grading import check_extractor, grade, grade_fields, summarize_grades
+from primekd.core.grading import EXTRACTORS, check_extractor, grade, grade_fields, summarize_grades
 from primekd.core.io import (
     append_jsonl,
     atomic_write_text,
@@ -70,29 +70,30 @@ class EvalConfig:
                        "or a JSONL file with `question` and `answer` (solution ending `#### N`, "
                        "or a bare number) per row.", set_by="experiment")
     limit: int | None = option(None, "Evaluate at most this many questions (default: all).",
-                               set_by="experiment")
-    offset: int = option(0, "Skip this many questions first.", set_by="experiment")
+                               set_by="experiment", ge=1)
+    offset: int = option(0, "Skip this many questions first.", set_by="experiment", ge=0)
     sample: int | None = option(None, "Draw this many questions at random (seeded by --seed) "
-                                "before --offset/--limit.", set_by="experiment")
+                                "before --offset/--limit.", set_by="experiment", ge=1)
     seed: int = option(0, "Seed for --sample, and for sampling when --temperature > 0.")
     batch_size: int | None = option(
         None, "hf: questions generated together (default: 16 on CPU, 64 on GPU; larger is "
         "faster until memory runs out). vllm: requests in flight (default 64). Every answer "
-        "is saved as it finishes.", flags=("--batch-size", "-b"))
+        "is saved as it finishes.", flags=("--batch-size", "-b"), ge=1)
     max_new_tokens: int = option(256, "Longest answer in tokens; longer answers are cut "
-                                 "(finish_reason `length`).")
-    temperature: float = option(0.0, "Sampling temperature; 0 is greedy decoding.")
-    top_p: float = option(1.0, "Nucleus sampling threshold (only with --temperature > 0).")
+                                 "(finish_reason `length`).", ge=1)
+    temperature: float = option(0.0, "Sampling temperature; 0 is greedy decoding.", ge=0)
+    top_p: float = option(1.0, "Nucleus sampling threshold (only with --temperature > 0).",
+                          gt=0, le=1)
     prompt: str | None = option(None, "Custom prompt template (the user turn), as text or a "
                                 "path to a file; a Jinja template, `{{ question }}` marks where "
                                 "the question goes. Default: zero-shot, step by step, ending "
                                 "with 'The answer is N'.")
     few_shot: int = option(0, "Put this many worked GSM8K train solutions before the prompt "
-                           "(0: zero-shot).")
+                           "(0: zero-shot).", ge=0)
     extractor: str = option("default", "How to find the final answer: `default` (boxed, ####, "
                             "'the answer is', 'Answer:', last number), `paper` (the precedence "
                             "of Goyal et al. 2024) or `math-verify` (Hugging Face's "
-                            "Math-Verify).")
+                            "Math-Verify).", choices=EXTRACTORS)
     device: str | None = option(None, "hf engine: cpu, cuda, cuda:1, mps, ... (default: cuda "
                                 "if available, else cpu).")
     engine: str = engine_field()

@@ -957,7 +957,7 @@ def precheck(stage: Stage) -> None:
 
             check_config(config)
         elif stage.kind == "distill":
-            options.check_types(config)
+            options.check(config)
         else:
             validate.check_eval(config)
             config.engine_spec().check()

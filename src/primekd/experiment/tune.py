@@ -300,28 +300,31 @@ class TuneConfig:
                             "cross-entropy on the held-out teacher answers, minimised, cheap) "
                             "or val_accuracy (GSM8K accuracy of its generated answers, "
                             "maximised).")
-    val_size: int = option(16, "Store questions held out of training as the validation slice.")
+    val_size: int = option(16, "Store questions held out of training as the validation "
+                           "slice.", ge=1)
     trials: int = option(10, "Finished trials (complete or pruned) the study should hold in "
-                         "total, counted over all workers sharing it.")
+                         "total, counted over all workers sharing it.", ge=1)
     timeout: float | None = option(None, "Seconds after which this worker starts no new "
-                                   "trial.")
+                                   "trial.", gt=0)
     storage: str | None = option(None, "Optuna RDB URL shared by workers, e.g. "
                                  "postgresql://user:pass@host/db. Default: "
                                  "sqlite:///OUT/study.db.")
     study: str = option(DEFAULT_STUDY, "Study name inside the storage (workers join by name).")
-    sampler: str = option("tpe", "tpe (Bayesian optimisation after random start-up) or random.")
+    sampler: str = option("tpe", "tpe (Bayesian optimisation after random start-up) or "
+                          "random.")
     pruner: str = option("median", "median (stop a trial whose validation loss is worse than "
                          "the median of earlier trials at the same step) or none.")
-    max_steps: int = option(30, "Optimiser steps per trial (a reduced budget).")
+    max_steps: int = option(30, "Optimiser steps per trial (a reduced budget).", ge=1)
     eval_steps: int | None = option(None, "Validation loss every N steps, reported to the "
                                     "pruner. Default: max-steps / 4.")
     seed: int = option(0, "Seed of the sampler, of every trial's training and of the "
                        "validation slice.")
     heartbeat: int = option(10, "Seconds between worker heartbeats; a trial silent for 3x "
-                            "this is marked failed and its parameters retried.")
+                            "this is marked failed and its parameters retried.", ge=1)
     max_new_tokens: int = option(256, "Answer length limit of the val_accuracy objective.")
 
     def __post_init__(self) -> None:
+        options.check(self)  # types and ranges, as the fields declare them
         if self.objective not in OBJECTIVES:
             raise PrimekdError(
                 f"unknown objective {self.objective!r}: use one of {', '.join(OBJECTIVES)}"
@@ -330,11 +333,6 @@ class TuneConfig:
             raise PrimekdError(f"unknown sampler {self.sampler!r}: use {' or '.join(SAMPLERS)}")
         if self.pruner not in PRUNERS:
             raise PrimekdError(f"unknown pruner {self.pruner!r}: use {' or '.join(PRUNERS)}")
-        for name in ("trials", "max_steps", "val_size", "heartbeat"):
-            if getattr(self, name) < 1:
-                raise PrimekdError(f"{name.replace('_', '-')} must be at least 1")
-        if self.timeout is not None and self.timeout <= 0:
-            raise PrimekdError("timeout must be a positive number of seconds")
         if not Path(self.teacher_store).is_dir():
             raise PrimekdError(
                 f"teacher store {self.teacher_store} does not exist: "

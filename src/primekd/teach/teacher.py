@@ -30,7 +30,7 @@ from primekd.core.data import Example, load_examples, resolve_data_path, strip_c
 from primekd.core.errors import PrimekdError
 from primekd.core.grading import EXTRACTORS, grade, grade_fields, looping, working_text
 from primekd.core.models import load_tokenizer, resolve, tokenizer_fingerprint
-from primekd.core.options import option
+from primekd.core.options import check, option
 from primekd.core.progress import progress_bar
 from primekd.engines import (
     EngineSpec,
@@ -66,31 +66,31 @@ class TeachConfig:
         "answer).", flags=("--strategies",), cli_type=Path, set_by="experiment")
     data: str = option("train", "Transfer set: train, test, test_socratic, or a JSONL file "
                        "with question and answer.", set_by="experiment")
-    limit: int | None = option(None, "Use at most N questions.", set_by="experiment")
-    offset: int = option(0, "Skip the first K questions.", set_by="experiment")
+    limit: int | None = option(None, "Use at most N questions.", set_by="experiment", ge=1)
+    offset: int = option(0, "Skip the first K questions.", set_by="experiment", ge=0)
     sample: int | None = option(None, "Draw N random questions (seeded by --seed) before "
-                                "--offset/--limit.", set_by="experiment")
+                                "--offset/--limit.", set_by="experiment", ge=1)
     seed: int = option(0, "Seed for --sample and for sampling.")
     samples_per_question: int = option(1, "Answers per question (needs --temperature > 0 when "
-                                       "above 1).", flags=("--samples-per-question", "-k"))
+                                       "above 1).", flags=("--samples-per-question", "-k"), ge=1)
     temperature: float = option(0.0, "Sampling temperature; 0 is greedy. Stored log-probs "
-                                "are always at temperature 1.", flags=("--temperature", "-t"))
-    max_new_tokens: int = option(256, "Longest answer, in tokens.")
-    top_k: int = option(20, "Teacher log-probs kept per answer token.")
+                                "are always at temperature 1.", flags=("--temperature", "-t"), ge=0)
+    max_new_tokens: int = option(256, "Longest answer, in tokens.", ge=1)
+    top_k: int = option(20, "Teacher log-probs kept per answer token.", ge=1)
     target: str = option("generated", "generated: the teacher's own answers; reference: the "
-                         "teacher reads the reference solution (teacher forcing).")
+                         "teacher reads the reference solution (teacher forcing).", choices=TARGETS)
     keep: str = option("all", "all, or correct: keep only correct answers (rejection "
-                       "sampling; accuracy is still over all).")
+                       "sampling; accuracy is still over all).", choices=KEEP)
     shard: str | None = option(None, "i/n: take every n-th question from the i-th (0-based), "
                                "to split the set across n processes, each with its own --out.",
                                set_by="experiment")
     batch_size: int = option(8, "Answers per part: every batch_size finished answers are "
                              "saved as one part (and the hf engine's batch).",
-                             flags=("--batch-size", "-b"))
+                             flags=("--batch-size", "-b"), ge=1)
     device: str | None = option(None, "Torch device for --engine hf (default: cuda if "
                                 "available, else cpu).")
     extractor: str = option("default", "How to grade the teacher's answers: default, paper or "
-                            "math-verify (see `primekd eval --help`).")
+                            "math-verify (see `primekd eval --help`).", choices=EXTRACTORS)
     engine: str = engine_field()
     base_url: str | None = base_url_field()
     engine_options: dict[str, Any] = engine_options_field()
@@ -328,35 +328,19 @@ def reference_tokens(tokenizer: Any, example: Example) -> list[int]:
 
 
 def check_config(config: TeachConfig) -> None:
-    from primekd.core.validate import check_teach
+    from primekd.core.validate import device
 
     def bad(message: str) -> None:
         raise PrimekdError(message)
 
-    check_teach(config)
-
-    if config.target not in TARGETS:
-        bad(f"--target must be one of {', '.join(TARGETS)}, not {config.target!r}")
-    if config.keep not in KEEP:
-        bad(f"--keep must be one of {', '.join(KEEP)}, not {config.keep!r}")
+    check(config)  # types, ranges and choices, as the fields declare them
+    device(config.device)
     config.engine_spec().check()
-    if config.extractor not in EXTRACTORS:
-        bad(f"--extractor must be one of {', '.join(EXTRACTORS)}, not {config.extractor!r}")
-    if config.samples_per_question < 1:
-        bad("--samples-per-question must be at least 1")
     if config.target == "reference" and config.samples_per_question > 1:
         bad("--target reference scores the one reference solution: "
             "use --samples-per-question 1")
     if config.samples_per_question > 1 and config.temperature <= 0:
         bad("several samples per question need sampling: set --temperature above 0 (e.g. 0.7)")
-    if config.temperature < 0:
-        bad("--temperature must not be negative (0 means greedy)")
-    if config.max_new_tokens < 1:
-        bad("--max-new-tokens must be at least 1")
-    if config.top_k < 1:
-        bad("--top-k must be at least 1")
-    if config.batch_size < 1:
-        bad("--batch-size must be at least 1")
     parse_shard(config.shard)
 
 

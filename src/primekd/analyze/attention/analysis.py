@@ -83,22 +83,11 @@ def _analyse(config: AttentionConfig, progress: bool) -> AttentionResult:
 
 
 def validate(config: AttentionConfig) -> None:
-    from primekd.core import validate as checks
+    from primekd.core import options
+    from primekd.core.validate import device
 
-    checks.data_slice(config)
-    checks.integer("max_length", config.max_length)
-    checks.number("threshold", config.threshold)
-    checks.integer("top_k", config.top_k)
-    checks.integer("heads_top", config.heads_top)
-    checks.device(config.device)
-    if config.max_length < 2:
-        raise PrimekdError("--max-length must be at least 2 tokens")
-    if not 0 < config.threshold <= 1:
-        raise PrimekdError("--threshold is an attention weight: give a number in (0, 1]")
-    if config.top_k < 1:
-        raise PrimekdError("--top-k must be at least 1")
-    if config.heads_top < 1:
-        raise PrimekdError("--heads-top must be at least 1")
+    options.check(config)  # types, ranges, as the fields declare them
+    device(config.device)
     if config.base_name in config.adapters:
         raise PrimekdError(
             f"adapter name {config.base_name!r} is taken by the base model: pick another name"

@@ -40,18 +40,19 @@ class AttentionConfig:
     data: str = option("test", "Questions: a bundled split (train, test, test_socratic) or a "
                        "JSONL file with `question` and `answer`.", set_by="experiment")
     sample: int | None = option(None, "Draw N questions at random (seeded) instead of the "
-                                "first ones.")
+                                "first ones.", ge=1)
     seed: int = option(0, "Seed for --sample.")
     limit: int | None = option(None, f"Use at most N questions (default {DEFAULT_LIMIT} when "
-                               "--sample is not given).")
+                               "--sample is not given).", ge=1)
     max_length: int = option(256, "Cut every sequence to its first L tokens (memory grows as "
-                             "L^2).")
+                             "L^2).", ge=2)
     with_answer: bool = option(False, "Append the reference answer after the chat-formatted "
                                "question, so the answer tokens are analysed too.")
-    heads_top: int = option(5, "How many top-ranked heads to list and draw as attention maps.")
+    heads_top: int = option(5, "How many top-ranked heads to list and draw as attention maps.",
+                            ge=1)
     threshold: float = option(0.01, "Sparsity threshold: the share of visible keys with "
-                              "attention weight below X.")
-    top_k: int = option(5, "k of the top-k mass metric.")
+                              "attention weight below X.", gt=0, le=1)
+    top_k: int = option(5, "k of the top-k mass metric.", ge=1)
     results: dict[str, str] = option(
         help="results.jsonl from `primekd eval` for model NAME (`base` or an adapter name); "
         "with 2+ of them, each metric is correlated with accuracy across models.",
