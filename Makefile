@@ -1,7 +1,7 @@
 # Two entry points, as the README says: `make demo` and `make test`.
-# Both create .venv with the CPU torch wheel first, so nothing pulls CUDA packages, and
-# .venv-vllm beside it: vLLM's CPU build in its own environment (its own pins), which
-# `--engine vllm` starts as a server (docs/engines.md).
+# Both create .venv with the CPU torch wheel first, so nothing pulls CUDA packages; `make test`
+# (and `make setup`, `make vllm`) also .venv-vllm beside it: vLLM's CPU build in its own
+# environment (its own pins), which `--engine vllm` starts as a server (docs/engines.md).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -35,7 +35,8 @@ vllm: $(VLLM_STAMP)
 
 setup: $(STAMP) $(VLLM_STAMP)
 
-demo: $(STAMP) $(VLLM_STAMP)
+# The quick preset generates with the hf engine, so the demo does not wait for .venv-vllm.
+demo: $(STAMP)
 	$(BIN)/primekd run --preset quick --out runs/quick
 
 # The report test renders report.html in headless Chromium (Debian's package).

@@ -36,6 +36,7 @@ make setup
 setup_s=$((SECONDS - setup_s))
 sets=()
 for item in ${RUN_SMALL_SET:-}; do sets+=(--set "$item"); done
+mkdir -p runs  # a fresh clone has none (runs/ is ignored)
 run_s=$SECONDS
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} .venv/bin/primekd run --preset small --out runs/small \
     "${sets[@]}" --json > runs/small-summary.json
