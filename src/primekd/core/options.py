@@ -159,12 +159,12 @@ def check(config: Any) -> None:
     """Types, then ranges and choices, of every field of a config instance."""
     check_types(config)
     for f in fields(type(config)):
-        problem = _out_of_bounds(f, getattr(config, f.name))
+        problem = out_of_bounds(f, getattr(config, f.name))
         if problem:
             raise PrimekdError(f"{flag(f)} must be {problem}, not {getattr(config, f.name)!r}")
 
 
-def _out_of_bounds(f: dataclasses.Field, value: Any) -> str | None:
+def out_of_bounds(f: dataclasses.Field, value: Any) -> str | None:
     """What the value should be, when it is outside the field's range or choices."""
     m = f.metadata
     if value is None:

@@ -43,6 +43,7 @@ from primekd.analyze.attention.config import AttentionConfig
 from primekd.core import options
 from primekd.core.errors import PrimekdError, did_you_mean
 from primekd.core.io import read_json, read_yaml, write_json
+from primekd.core.options import option
 from primekd.distill.config import DistillConfig
 from primekd.evaluate.evaluator import EvalConfig
 from primekd.experiment import report
@@ -61,10 +62,10 @@ class DataSlice:
     """Which questions of a set: a bundled split or a JSONL path, then sample/offset/limit."""
 
     split: str = "test"
-    sample: int | None = None  # a seeded random subset of this many questions
+    sample: int | None = option(None, "A seeded random subset of this many questions.", ge=1)
     seed: int = 0
-    offset: int = 0
-    limit: int | None = None
+    offset: int = option(0, "Questions skipped first.", ge=0)
+    limit: int | None = option(None, "At most this many questions.", ge=1)
 
 
 @dataclass
@@ -110,7 +111,7 @@ class EngineSection:
 @dataclass
 class ReportSection:
     title: str | None = None
-    examples: int = 1  # worked examples (questions) shown
+    examples: int = option(1, "Worked examples (questions) shown.", ge=0)
     max_response_chars: int = 1200  # responses are cut to this length in the report
 
 
@@ -127,7 +128,7 @@ class ExperimentConfig:
     engine: EngineSection = field(default_factory=EngineSection)
     # teacher stages per strategy, each answering every n-th question (`teach --shard i/n`);
     # the students train on all of them. Run shards in parallel with `primekd run --only`.
-    teacher_shards: int = 1
+    teacher_shards: int = option(1, "Teacher stages per strategy.", ge=1)
     teacher: dict[str, Any] = field(default_factory=dict)
     distill: dict[str, Any] = field(default_factory=dict)
     sft: dict[str, Any] = field(default_factory=dict)
@@ -341,6 +342,10 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
                             for k, v in value.items()}
         else:
             _type_error(f"{prefix}{name}", cls, name, value)
+            problem = options.out_of_bounds(cls.__dataclass_fields__[name], value)
+            if problem:
+                raise PrimekdError(f"config key `{prefix}{name}` must be {problem}, "
+                                   f"not {value!r}")
             kwargs[name] = float(value) if hint is float else value
     return cls(**kwargs)
 
@@ -378,17 +383,6 @@ def _check_semantics(config: ExperimentConfig) -> None:
                 f"strategy `{name}` sets system/prefill without `user`: a custom strategy "
                 "needs a `user` template (e.g. \"{{ question }}\")"
             )
-    for key, slc in (("data.transfer", config.data.transfer), ("data.test", config.data.test)):
-        for attr in ("sample", "limit"):
-            value = getattr(slc, attr)
-            if value is not None and value < 1:
-                raise PrimekdError(f"config key `{key}.{attr}` must be at least 1 (or null)")
-        if slc.offset < 0:
-            raise PrimekdError(f"config key `{key}.offset` must not be negative")
-    if config.report.examples < 0:
-        raise PrimekdError("config key `report.examples` must not be negative")
-    if config.teacher_shards < 1:
-        raise PrimekdError("config key `teacher_shards` must be at least 1")
 
 
 def _check_strategy_name(name: str, spec: StrategySpec) -> None:
@@ -796,8 +790,8 @@ def run_attention(stage: Stage, progress: bool) -> Any:
 
 
 def run_report(stage: Stage, progress: bool) -> Any:
-    options = stage.params["report"]
-    return report.write_report(stage.paths["out"], stage.paths["layout"], **options)
+    settings = stage.params["report"]
+    return report.write_report(stage.paths["out"], stage.paths["layout"], **settings)
 
 
 STAGE_FUNCTIONS: dict[str, StageFunction] = {
