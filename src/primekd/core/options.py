@@ -43,7 +43,7 @@ def option(default: Any = MISSING, help: str = "", *, factory: Callable[[], Any]
            parse: Callable[[Any], Any] | None = None, name: str | None = None,
            metavar: str | None = None, ge: float | None = None, gt: float | None = None,
            le: float | None = None, lt: float | None = None,
-           choices: Iterable[str] | None = None) -> Any:
+           choices: Iterable[str] | None = None, run_only: bool = False) -> Any:
     """A dataclass field that is also a command-line option.
 
     `flags`: the option's names (default `--field-name`, `--x/--no-x` for booleans);
@@ -52,12 +52,14 @@ def option(default: Any = MISSING, help: str = "", *, factory: Callable[[], Any]
     `cli=False`: no command-line option; `cli_type`/`parse`/`name`: the command line takes
     another type (e.g. repeated `--engine-option k=v`, parsed into a dict) under another
     parameter name; `ge`/`gt`/`le`/`lt`: the range of a number; `choices`: the values a
-    string may take (None passes both).
+    string may take (None passes both); `run_only`: changes how a run goes, not what it
+    produces (a resumed run may change it).
     """
     metadata = {"help": help, "flags": flags, "default_text": default_text, "set_by": set_by,
                 "cli": cli, "cli_type": cli_type, "parse": parse, "cli_name": name,
                 "metavar": metavar, "ge": ge, "gt": gt, "le": le, "lt": lt,
-                "choices": tuple(choices) if choices is not None else None}
+                "choices": tuple(choices) if choices is not None else None,
+                "run_only": run_only}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -95,6 +97,11 @@ def default_of(f: dataclasses.Field) -> Any:
 def defaults(cls: type, names: Iterable[str] | None = None) -> dict[str, Any]:
     chosen = set(names) if names is not None else None
     return {f.name: default_of(f) for f in fields(cls) if chosen is None or f.name in chosen}
+
+
+def run_only(cls: type) -> set[str]:
+    """The fields a resumed run may change (`option(..., run_only=True)`)."""
+    return {f.name for f in fields(cls) if f.metadata.get("run_only")}
 
 
 def settable(cls: type, on_policy: bool = False) -> dict[str, dataclasses.Field]:

@@ -21,9 +21,6 @@ KEEP = ("all", "correct")  # which teacher answers a student trains on (rejectio
 OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd"}
 SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
-# Fields that do not change what is trained: a --resume may differ in these.
-_RUN_ONLY_FIELDS = {"resume", "out", "logging_steps", "save_steps", "num_workers", "config",
-                    "force"}
 
 
 def _split_modules(text: str) -> list[str]:
@@ -43,7 +40,7 @@ class DistillConfig:
 
     out: str = option("", "Output directory: adapter, distill_config.yaml, "
                       "train_log.jsonl/.csv, summary.json, checkpoints/.",
-                      flags=("--out", "-o"), set_by="experiment")
+                      flags=("--out", "-o"), set_by="experiment", run_only=True)
     student: str = option(BUNDLED_ALIAS, "Student model: the bundled alias, a HF directory, "
                           "a .gguf file or a hub id", flags=("--student", "-m"),
                           set_by="experiment")
@@ -102,20 +99,20 @@ class DistillConfig:
     seed: int = option(0, "Seed for LoRA init, data order, --val-size split",
                        default_text="0")
     eval_steps: int = option(50, "Validation every N steps", ge=1)
-    logging_steps: int = option(10, "Log every N steps", ge=1)
-    save_steps: int = option(100, "Checkpoint every N steps (for --resume)", ge=1)
+    logging_steps: int = option(10, "Log every N steps", ge=1, run_only=True)
+    save_steps: int = option(100, "Checkpoint every N steps (for --resume)", ge=1, run_only=True)
     chunk_size: int = option(1024, "Answer tokens per chunk of the loss (bounds memory)", ge=1)
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to save "
                                           "memory", default_text="off")
     device: str | None = option(None, "cpu or cuda", default_text="cuda if available")
     dtype: str | None = option(None, "float32, bfloat16 or float16",
                                default_text="bfloat16 on CUDA, float32 on CPU", choices=DTYPES)
-    num_workers: int = option(0, "Data loader workers", default_text="0", ge=0)
+    num_workers: int = option(0, "Data loader workers", default_text="0", ge=0, run_only=True)
     resume: bool = option(False, "Continue a killed run in --out from its last checkpoint.",
-                          set_by="experiment")
+                          set_by="experiment", run_only=True)
     force: bool = option(False, "Write into a non-empty --out that primekd did not make, "
                          "beside the files there (never overwriting or deleting them).",
-                         flags=("--force",), set_by="experiment")
+                         flags=("--force",), set_by="experiment", run_only=True)
     # on-policy distillation (`--on-policy`, see primekd.distill.onpolicy and docs/distill.md)
     on_policy: bool = option(
         False, "On-policy distillation: in rounds the student answers training questions, "

@@ -32,6 +32,7 @@ import yaml
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from primekd.core import options
 from primekd.core.chat import encode_prompts, render
 from primekd.core.errors import PrimekdError
 from primekd.core.io import atomic_write, atomic_write_text, dumps, write_json
@@ -44,7 +45,6 @@ from primekd.core.models import (
     tokenizer_fingerprint,
 )
 from primekd.distill.config import (  # noqa: F401  re-exported: primekd.distill.trainer is the API
-    _RUN_ONLY_FIELDS,
     OBJECTIVES,
     OPTIMIZERS,
     SCHEDULERS,
@@ -948,7 +948,7 @@ def check_resume_config(config: DistillConfig, out: Path) -> None:
         return
     before = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
     changed = sorted(k for k, v in config.to_dict().items()
-                     if k not in _RUN_ONLY_FIELDS and before.get(k, v) != v)
+                     if k not in options.run_only(DistillConfig) and before.get(k, v) != v)
     if changed:
         raise PrimekdError(f"--resume with changed options ({', '.join(changed)}) "
                            f"would mix two runs in {out}; use the saved "
