@@ -244,9 +244,16 @@ def parameters(cls: type, skip: Iterable[str] = (), require: bool = False
         params.append(inspect.Parameter(
             f.metadata.get("cli_name") or f.name, inspect.Parameter.KEYWORD_ONLY,
             default=typer.Option(None, *names, help=_help(f, require), show_default=False,
-                                 metavar=f.metadata.get("metavar")),
+                                 metavar=f.metadata.get("metavar") or _metavar(annotation)),
             annotation=annotation))
     return params
+
+
+def _metavar(annotation: Any) -> str | None:
+    """Click's names for the value (TEXT, INTEGER, FLOAT), also for repeatable options."""
+    if typing.get_origin(annotation) is list:
+        annotation = typing.get_args(annotation)[0]
+    return {str: "TEXT", int: "INTEGER", float: "FLOAT"}.get(annotation)
 
 
 def _cli_annotation(hint: Any) -> Any:
