@@ -46,7 +46,7 @@ from primekd.errors import PrimekdError, did_you_mean
 from primekd.io import read_json, read_yaml, write_json
 from primekd.report import RECORDS, record_path
 
-PRESETS = ("quick", "small", "paper")
+PRESETS = ("quick", "small", "small-onpolicy", "paper")
 CONTROLS = ("base", "sft")
 CACHE_VERSION = 1  # bump to invalidate every cached stage after a format change
 
