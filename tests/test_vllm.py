@@ -69,6 +69,23 @@ def test_generation_and_scoring_agree_with_hf(vllm_url, bundled) -> None:
         vllm.close()
 
 
+def test_seeded_sampling_of_a_batch_longer_than_one_step(vllm_url, bundled) -> None:
+    """More prompt tokens than one engine step takes (2,048 on CPU), sampled at T=1 with a
+    seed: with chunked prefill vLLM's CPU worker died on this ("CPU Generator does not use
+    offset"); primekd's server prefills whole prompts. The seed makes answers repeatable."""
+    vllm = get_engine(BUNDLED_ALIAS, EngineSpec("vllm", vllm_url))
+    try:
+        prompts = _prompts(bundled[1], 24)
+        assert sum(map(len, prompts)) > 2048
+        sampling = SamplingParams(max_new_tokens=8, temperature=1.0, seed=7)
+        first = collect(vllm.generate(prompts, sampling), 24)
+        again = collect(vllm.generate(prompts, sampling), 24)
+    finally:
+        vllm.close()
+    assert all(a.n_tokens >= 1 for a in first)
+    assert [a.token_ids for a in first] == [b.token_ids for b in again]
+
+
 def test_teach_writes_a_valid_store_through_vllm(vllm_url, tmp_path) -> None:
     out = tmp_path / "store"
     result = subprocess.run(

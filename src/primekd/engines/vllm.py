@@ -67,6 +67,7 @@ CLIENT_OPTIONS = {
     "served_model": "with --base-url: the model name to request (default: the first served)",
 }
 CPU_DEFAULTS = {"dtype": "bfloat16", "max_model_len": 2048, "enforce_eager": True}
+# (and --no-enable-chunked-prefill on CPU, see VLLMServer.command)
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 LORA_NAME = "primekd-adapter"
 PROBE = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many "
@@ -117,8 +118,12 @@ class VLLMServer:
         if self.lora:
             command += ["--enable-lora", "--lora-modules", f"{LORA_NAME}={self.lora}"]
         extra = self.options.get("extra_args") or []
-        command += extra.split() if isinstance(extra, str) else [str(a) for a in extra]
-        return command
+        extra = extra.split() if isinstance(extra, str) else [str(a) for a in extra]
+        if not _cuda() and not any("chunked-prefill" in a for a in extra):
+            # vLLM's CPU worker fails ("CPU Generator does not use offset") on a seeded,
+            # sampled request whose prompt is split across steps: prefill prompts whole
+            command.append("--no-enable-chunked-prefill")
+        return command + extra
 
     def start(self) -> VLLMServer:
         command = self.command()

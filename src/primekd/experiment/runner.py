@@ -50,7 +50,7 @@ from primekd.experiment import report
 from primekd.experiment.report import RECORDS, record_path
 from primekd.teach.teacher import TeachConfig
 
-PRESETS = ("quick", "small", "paper")
+PRESETS = ("quick", "small", "small-onpolicy", "paper")
 CONTROLS = ("base", "sft")
 CACHE_VERSION = 1  # bump to invalidate every cached stage after a format change
 
