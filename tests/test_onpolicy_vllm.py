@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from primekd import store
-from primekd.chat import encode_prompts
-from primekd.data import load_examples
-from primekd.models import BUNDLED_ALIAS
+from primekd.core.chat import encode_prompts
+from primekd.core.data import load_examples
+from primekd.core.models import BUNDLED_ALIAS
+from primekd.teach import store
 
 pytestmark = [pytest.mark.vllm, pytest.mark.integration, pytest.mark.slow]
 CLI = [sys.executable, "-c", "from primekd.cli import main; main()"]
@@ -92,8 +92,8 @@ def _rows(directory: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from primekd.core.errors import PrimekdError
     from primekd.engines.vllm import vllm_python
-    from primekd.errors import PrimekdError
 
     try:
         vllm_python()
@@ -168,8 +168,8 @@ def test_vllm_servers_are_stopped_on_exit_and_after_a_kill(run) -> None:
 
 
 def _student_prompts(questions: list[str]) -> list[list[int]]:
-    from primekd.distill import student_prompts
-    from primekd.models import load_tokenizer, resolve
+    from primekd.core.models import load_tokenizer, resolve
+    from primekd.distill.trainer import student_prompts
 
     tokenizer = load_tokenizer(resolve(BUNDLED_ALIAS), padding_side="right")
     return student_prompts(tokenizer, questions, None)
@@ -179,10 +179,10 @@ def test_training_tokens_are_the_students_own_greedy_answers(run, vllm_url, bund
     """Round 0's rows are the base model's greedy answers to the bare prompt through the
     engine (LoRA starts at zero), not the references nor the primed teacher's answers; round
     1's are the answers of round 0's checkpoint; the training sequences are prompt + those."""
-    from primekd.distill import DistillConfig, build_datasets
+    from primekd.core.models import load, load_tokenizer, resolve
+    from primekd.distill.trainer import DistillConfig, build_datasets
     from primekd.engines import EngineSpec, SamplingParams, collect, get_engine
     from primekd.engines.hf import HFEngine
-    from primekd.models import load, load_tokenizer, resolve
 
     out = run["out"]
     first, second = (_rows(out / "rounds" / f"round-00{r}") for r in (0, 1))
@@ -223,7 +223,7 @@ def test_teacher_scores_come_from_the_primed_prompt(run, vllm_url, bundled) -> N
     """The teacher prompt of every row holds the ground truth, the student's does not, and
     the stored top-k is the base model's scoring of the student's tokens after it."""
     from primekd.engines import EngineSpec, collect, get_engine
-    from primekd.teacher import answer_text
+    from primekd.teach.teacher import answer_text
 
     rows = _rows(run["out"] / "rounds" / "round-000")
     examples = {e.id: e for e in load_examples("train", limit=N)}

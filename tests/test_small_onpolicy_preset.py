@@ -12,8 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from primekd.cli.app import app
-from primekd.data import load_examples
-from primekd.experiment import PRESETS, load_config, plan
+from primekd.core.data import load_examples
+from primekd.experiment.runner import PRESETS, load_config, plan
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_small_preset import TEST_IDS_SHA256  # noqa: E402  the small preset's test ids
