@@ -51,6 +51,9 @@ rm -rf "$dest"
 mkdir -p "$dest"
 cp runs/small/report.md runs/small/report.html runs/small/config.yaml "$dest/"
 cp -r runs/small/report_files "$dest/"
+# report.md also links the attention plots and the head ranking
+mkdir -p "$dest/attention"
+cp -r runs/small/attention/plots runs/small/attention/head_ranking.csv "$dest/attention/"
 cp runs/small-summary.json "$dest/run-summary.json"
 {
     echo "commit: $commit"
