@@ -144,14 +144,20 @@ def iter_jsonl(path: str | Path, tolerate_torn_tail: bool = True) -> Iterator[di
 
 
 def append_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
-    """Append rows and fsync, so a finished batch survives a kill."""
+    """Append rows and fsync, so a finished batch survives a kill. The rows go out in one
+    write(2) on an O_APPEND descriptor: a Ctrl-C (KeyboardInterrupt) between Python-level
+    buffer writes and flushes cannot leave half a line followed by later rows."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as f:
-        for row in rows:
-            f.write(dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    data = "".join(dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        view = memoryview(data)
+        while view:  # a regular file takes it in one call; loop in case it does not
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def truncate_torn_tail(path: str | Path) -> None:
