@@ -334,7 +334,9 @@ def test_sigint_prints_the_rerun_hint(tiny_model_dir: Path, tmp_path: Path) -> N
     process = subprocess.Popen(
         [*PRIMEKD, "eval", "-m", str(tiny_model_dir), "--data", "train", "--limit", "3000",
          "--out", str(out), "--max-new-tokens", "32", "-b", "4"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        # a shell's background job starts with SIGINT ignored, and Python keeps it so
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (out / "results.jsonl").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -387,3 +389,14 @@ def test_readers_never_raise_anything_but_one_line(tmp_path: Path, rows: list) -
             read()
         except PrimekdError as e:
             assert "\n" not in str(e)
+
+
+def test_jsonl_rows_with_unicode_line_separators_round_trip(tmp_path: Path) -> None:
+    """A random model's answer held U+2028; str.splitlines() split the row there and the
+    reader refused its own file ("results.jsonl:2388 is not valid JSON")."""
+    from primekd.core.io import append_jsonl, read_jsonl
+
+    rows = [{"id": "a", "response": "x\u2028y\x85z\x1cw"}, {"id": "b", "response": "ok"}]
+    path = tmp_path / "r.jsonl"
+    append_jsonl(path, rows)
+    assert read_jsonl(path) == rows

@@ -127,7 +127,11 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 def iter_jsonl(path: str | Path, tolerate_torn_tail: bool = True) -> Iterator[dict[str, Any]]:
     path = Path(path)
-    lines = read_text(path).splitlines()
+    # "\n" only: str.splitlines() also splits at U+2028, U+0085, \x1c..., which a model's
+    # answer may hold (written raw with ensure_ascii=False) and which are valid inside JSON
+    lines = read_text(path).split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue

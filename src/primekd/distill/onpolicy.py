@@ -296,7 +296,9 @@ def _rollout_row(example: Example, sample: int, generation: Generation) -> dict[
 def _read_rollouts(path: Path) -> dict[tuple[str, int], dict[str, Any]]:
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     text = path.read_text(encoding="utf-8") if path.exists() else ""
-    for line in text.splitlines():
+    for line in text.split("\n"):  # not splitlines(): answers may hold U+2028
+        if not line.strip():
+            continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
