@@ -65,6 +65,15 @@ def option(default: Any = MISSING, help: str = "", *, factory: Callable[[], Any]
     return dataclasses.field(default=default, metadata=metadata)
 
 
+FORCE_HELP = ("Write into a non-empty --out that primekd did not make, beside the files "
+              "there (never overwriting or deleting them).")
+
+
+def force_field(**extra: Any) -> Any:
+    """`--force`, the same in every stage that writes an --out (docs/outputs.md)."""
+    return option(False, FORCE_HELP, flags=("--force",), set_by="experiment", **extra)
+
+
 def fields(cls: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if f.init]
 

@@ -13,7 +13,7 @@ from typing import Any
 from primekd.core.errors import PrimekdError
 from primekd.core.io import read_yaml
 from primekd.core.models import BUNDLED_ALIAS
-from primekd.core.options import check, from_mapping, option
+from primekd.core.options import check, force_field, from_mapping, option
 from primekd.engines import engine_field, engine_options_field
 
 OBJECTIVES = ("kd", "sft")
@@ -110,9 +110,7 @@ class DistillConfig:
     num_workers: int = option(0, "Data loader workers", default_text="0", ge=0, run_only=True)
     resume: bool = option(False, "Continue a killed run in --out from its last checkpoint.",
                           set_by="experiment", run_only=True)
-    force: bool = option(False, "Write into a non-empty --out that primekd did not make, "
-                         "beside the files there (never overwriting or deleting them).",
-                         flags=("--force",), set_by="experiment", run_only=True)
+    force: bool = force_field(run_only=True)
     # on-policy distillation (`--on-policy`, see primekd.distill.onpolicy and docs/distill.md)
     on_policy: bool = option(
         False, "On-policy distillation: in rounds the student answers training questions, "

@@ -35,7 +35,7 @@ from primekd.core.io import (
     write_json,
 )
 from primekd.core.models import BUNDLED_ALIAS, adapter_hash
-from primekd.core.options import option
+from primekd.core.options import force_field, option
 from primekd.core.progress import progress_bar
 from primekd.engines import (
     EngineSpec,
@@ -106,9 +106,7 @@ class EvalConfig:
                                   "('The answer is N.', '#### N', a closed \\boxed{}): saves "
                                   "tokens and keeps rambling out of the grade.",
                                   flags=("--stop-at-answer",))
-    force: bool = option(False, "Write into a non-empty --out that primekd did not make, "
-                         "beside the files there (never overwriting or deleting them).",
-                         flags=("--force",), set_by="experiment")
+    force: bool = force_field()
 
     def sampling(self, stop: tuple[str, ...] = ()) -> SamplingParams:
         # --stop-at-answer: the engines' `cut` hook with grading's answer-line rule

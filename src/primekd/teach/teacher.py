@@ -30,7 +30,7 @@ from primekd.core.data import Example, load_examples, resolve_data_path, strip_c
 from primekd.core.errors import PrimekdError
 from primekd.core.grading import EXTRACTORS, grade, grade_fields, looping, working_text
 from primekd.core.models import load_tokenizer, resolve, tokenizer_fingerprint
-from primekd.core.options import check, option
+from primekd.core.options import check, force_field, option
 from primekd.core.progress import progress_bar
 from primekd.engines import (
     EngineSpec,
@@ -100,9 +100,7 @@ class TeachConfig:
     stop_at_answer: bool = option(False, "End each answer at its final-answer line ('The "
                                   "answer is N.', '#### N'), followed by the end-of-turn "
                                   "token.", flags=("--stop-at-answer",))
-    force: bool = option(False, "Write into a non-empty --out that primekd did not make, "
-                         "beside the files there (never overwriting or deleting them).",
-                         flags=("--force",), set_by="experiment")
+    force: bool = force_field()
 
     def engine_spec(self) -> EngineSpec:
         return EngineSpec(self.engine, self.base_url, dict(self.engine_options))

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from primekd.core.errors import PrimekdError
-from primekd.core.options import option
+from primekd.core.options import force_field, option
 
 DEFAULT_LIMIT = 32
 
@@ -63,6 +63,4 @@ class AttentionConfig:
     device: str | None = option(None, "cpu, cuda, cuda:1", default_text="auto")
     plots: bool = option(True, "Draw the plots (--no-plots: write the tables only).",
                          default_text="--plots")
-    force: bool = option(False, "Write into a non-empty --out that primekd did not make, "
-                         "beside the files there (never overwriting or deleting them).",
-                         flags=("--force",), set_by="experiment")
+    force: bool = force_field()
