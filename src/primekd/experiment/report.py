@@ -123,7 +123,7 @@ class EvalRun:
 
     @property
     def max_new_tokens(self) -> int | None:
-        return _pick(self.summary, "generation.max_new_tokens")
+        return _get(self.summary, "generation.max_new_tokens")
 
 
 def load_evals(layout: Layout) -> dict[str, EvalRun]:
@@ -148,15 +148,12 @@ def _read_optional(path: Path) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _pick(mapping: dict[str, Any], *keys: str, default: Any = None) -> Any:
-    """The first key present (dotted keys reach into nested dicts)."""
-    for key in keys:
-        node: Any = mapping
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is not None:
-            return node
-    return default
+def _get(mapping: dict[str, Any], key: str) -> Any:
+    """`mapping[key]`, reaching into nested dicts for a dotted key; None where absent."""
+    node: Any = mapping
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 # --- the results table --------------------------------------------------------------------------
@@ -415,16 +412,15 @@ def section_teachers(layout: Layout) -> str:
         m = _teacher_manifest(directory)
         body.append([
             f"`{name}`",
-            _pct(_pick(m, "teacher_accuracy", "accuracy", "counts.accuracy")),
-            _pct(_pick(m, "teacher_accuracy_strict")),
+            _pct(m.get("teacher_accuracy")),
+            _pct(m.get("teacher_accuracy_strict")),
             _teacher_truncation(m),
             _restated(m),
             _kept(m),
-            _num(_pick(m, "mean_answer_tokens", "counts.mean_answer_tokens",
-                       "stats.mean_answer_tokens")),
-            _num(_pick(m, "tokens_per_s", "throughput.tokens_per_s", "stats.tokens_per_s")),
-            _num(_pick(m, "compute_seconds", "wall_time_s")),
-            _cell(_pick(m, "target", default="generated")),
+            _num(m.get("mean_answer_tokens")),
+            _num(m.get("tokens_per_s")),
+            _num(m.get("compute_seconds")),
+            _cell(m.get("target", "–")),
         ])
     headers = ["strategy", "teacher accuracy", "strict", "truncated",
                "restates without working", "kept answers",
@@ -442,10 +438,10 @@ def section_teachers(layout: Layout) -> str:
 
 
 def _teacher_truncation(manifest: dict[str, Any]) -> str:
-    rate, count = _pick(manifest, "truncation_rate"), _pick(manifest, "truncated")
+    rate, count = manifest.get("truncation_rate"), manifest.get("truncated")
     if rate is None:
         return "–"
-    return _truncation_cell(rate, count, _pick(manifest, "looping"))
+    return _truncation_cell(rate, count, manifest.get("looping"))
 
 
 def _truncation_cell(rate: float, count: Any, loops: Any) -> str:
@@ -455,12 +451,12 @@ def _truncation_cell(rate: float, count: Any, loops: Any) -> str:
 
 
 def _restated(manifest: dict[str, Any]) -> str:
-    rate, count = _pick(manifest, "restated_rate"), _pick(manifest, "restated")
+    rate, count = manifest.get("restated_rate"), manifest.get("restated")
     return "–" if rate is None else f"{_pct(rate, 0)} ({count})"
 
 
 def _restate_n(layout: Layout) -> str:
-    values = {_pick(_teacher_manifest(d), "restate_max_tokens") for d in
+    values = {_teacher_manifest(d).get("restate_max_tokens") for d in
               layout.teachers.values()} - {None}
     return ", ".join(str(v) for v in sorted(values)) if values else "not recorded"
 
@@ -478,13 +474,9 @@ def _teacher_manifest(directory: Path) -> dict[str, Any]:
 
 
 def _kept(manifest: dict[str, Any]) -> str:
-    kept = _pick(manifest, "counts.kept", "kept", "counts.rows")
     # answers, not questions: with several samples per question the rows outnumber them
-    total = _pick(manifest, "counts.rows", "counts.answers", "counts.total",
-                  "counts.questions")
-    if kept is None:
-        return "–"
-    return f"{kept}/{total}" if total is not None else str(kept)
+    kept, rows = _get(manifest, "counts.kept"), _get(manifest, "counts.rows")
+    return "–" if kept is None or rows is None else f"{kept}/{rows}"
 
 
 def section_training(layout: Layout, assets: Path) -> str:
@@ -639,17 +631,17 @@ def _stage_tokens(name: str, directory: Path, record: dict[str, Any]) -> int | N
     summary = record.get("summary") if isinstance(record.get("summary"), dict) else {}
     if name.startswith("teacher/"):
         m = _read_optional(directory / "manifest.json")  # what teacher.py's manifest holds
-        mean, rows = _pick(m, "mean_answer_tokens"), _pick(m, "counts.rows")
+        mean, rows = m.get("mean_answer_tokens"), _get(m, "counts.rows")
         value = round(mean * rows) if mean is not None and rows is not None else None
     elif name.startswith("students/"):
         s = _read_optional(directory / "summary.json") or summary
-        value = _pick(s, "tokens")  # distill's summary.json
+        value = s.get("tokens")  # distill's summary.json
     elif name.startswith("eval/"):
         results = directory / "results.jsonl"
         value = sum(int(r.get("n_tokens") or 0) for r in read_jsonl(results)) \
             if results.exists() else None
     else:
-        value = _pick(summary or {}, "tokens", "n_tokens")
+        value = None  # attention and report generate no tokens
     return int(value) if isinstance(value, int | float) else None
 
 
@@ -778,27 +770,27 @@ def truncation_warnings(layout: Layout, runs: dict[str, EvalRun]) -> list[str]:
                 f"> **Warning: `{name}` hit the token limit on {run.truncated} of {run.n} "
                 f"answers ({_pct(run.truncation_rate, 0)}).** Raise `eval.max_new_tokens` "
                 f"(now {cap if cap is not None else '?'})"
-                + ("" if _pick(run.summary, "generation.stop_at_answer")
+                + ("" if _get(run.summary, "generation.stop_at_answer")
                    else " or set `eval.stop_at_answer: true`")
                 + "; truncated answers without a stated answer are graded wrong.")
     for name, directory in layout.teachers.items():
         m = _teacher_manifest(directory)
-        rate, rows = _pick(m, "truncation_rate"), _pick(m, "counts.rows")
-        loops = _pick(m, "looping") or 0
+        rate, rows = m.get("truncation_rate"), _get(m, "counts.rows")
+        loops = m.get("looping") or 0
         if rate is not None and rate > TRUNCATION_WARNING and rows and \
                 rate - loops / rows <= TRUNCATION_WARNING:
             warnings.append(
-                f"> **Note: the `{name}` teacher hit the token limit on {_pick(m, 'truncated')} "
+                f"> **Note: the `{name}` teacher hit the token limit on {m.get('truncated')} "
                 f"of {rows} answers ({_pct(rate, 0)}), but {loops} of them are repetition "
                 f"loops**, which no budget would end; the budget cut "
                 f"{_pct(rate - loops / rows, 0)}. Its students learn from those loops.")
         elif rate is not None and rate > TRUNCATION_WARNING:
-            cap = _pick(m, "generation.max_new_tokens")
+            cap = _get(m, "generation.max_new_tokens")
             warnings.append(
                 f"> **Warning: the `{name}` teacher hit the token limit on "
-                f"{_pick(m, 'truncated')} of {_pick(m, 'counts.rows')} answers "
+                f"{m.get('truncated')} of {_get(m, 'counts.rows')} answers "
                 f"({_pct(rate, 0)}).** Raise `teacher.max_new_tokens` (now {cap})"
-                + ("" if _pick(m, "generation.stop_at_answer")
+                + ("" if _get(m, "generation.stop_at_answer")
                    else " or set `teacher.stop_at_answer: true`")
                 + ": its students learn from unfinished answers.")
     return warnings
