@@ -152,7 +152,7 @@ def test_help_names_option_values_one_way() -> None:
         result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
         options = [line for line in result.stdout.splitlines() if line.lstrip().startswith("-")]
         assert result.exit_code == 0 and options
-        assert not [line for line in options if "<" in line.split("  ")[0]], command
+        assert not [line for line in options if "<" in line.strip().split("  ")[0]], command
 
 
 def _primekd() -> list[str]:
