@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from primekd.core.errors import PrimekdError
+from primekd.core.io import iter_jsonl
+from primekd.core.stats import summarize
 
 EXTRACTORS = ("default", "paper", "math-verify")
 # How an answer can be stated explicitly; anything else a rule finds is a `fallback`.
@@ -504,8 +506,6 @@ def grade_fields(graded: Grade) -> dict[str, Any]:
 def grade_file(path: str | Path, extractor: str = "default", lenient: bool = False
                ) -> list[dict[str, Any]]:
     """Grade every row of a JSONL file (see `grade_row`); errors name the file and line."""
-    from primekd.core.io import iter_jsonl
-
     check_extractor(extractor)
     path = Path(path)
     if path.is_dir():
@@ -525,8 +525,6 @@ def summarize_grades(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Accuracy under the rows' `correct` with its Wilson interval, strict and flexible
     accuracy, and how many answers were truncated, had no number, or had no accepted answer.
     `truncation_known` is False when no row said whether it hit the token limit."""
-    from primekd.core.stats import summarize
-
     n = len(rows)
     summary = summarize([bool(r.get("correct")) for r in rows],
                         no_answer=sum(r.get("no_answer") is not None for r in rows))

@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from primekd.core.errors import PrimekdError
 
 
@@ -176,8 +178,6 @@ def truncate_torn_tail(path: str | Path) -> None:
 
 def read_yaml(path: str | Path, what: str = "file") -> Any:
     """Parse a YAML file; a missing, unreadable or malformed file is a one-line PrimekdError."""
-    import yaml
-
     path = Path(path)
     text = read_text(path, what)
     try:

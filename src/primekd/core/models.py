@@ -13,10 +13,12 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from primekd.core.errors import PrimekdError
 
@@ -99,9 +101,6 @@ def _check_hub(reference: str) -> None:
 
 
 def _reachable(endpoint: str, timeout: float = 3.0) -> bool:
-    import socket
-    from urllib.parse import urlparse
-
     url = urlparse(endpoint)
     port = url.port or (443 if url.scheme == "https" else 80)
     try:

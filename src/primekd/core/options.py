@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import typer
+
 from primekd.core.errors import PrimekdError, did_you_mean
 
 MISSING = dataclasses.MISSING
@@ -239,8 +241,6 @@ def parameters(cls: type, skip: Iterable[str] = (), require: bool = False
                ) -> list[inspect.Parameter]:
     """A keyword parameter per command-line field: typer.Option(None, flags, help=...); None
     means "not given", so a `--config` file or the dataclass default decides."""
-    import typer
-
     params = []
     for f in fields(cls):
         if not f.metadata.get("cli", False) or f.name in skip:
@@ -317,8 +317,6 @@ def check_required(cls: type, values: dict[str, Any]) -> None:
 def extra(name: str, *names: str, default: Any = None, help: str, annotation: Any = str
           ) -> inspect.Parameter:
     """A command-line option that is not a config field (`--json`, `--config`)."""
-    import typer
-
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
                              default=typer.Option(default, *names, help=help,
                                                   metavar=_metavar(annotation)),

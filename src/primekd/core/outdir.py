@@ -30,7 +30,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from primekd import __version__
 from primekd.core.errors import PrimekdError
+from primekd.core.io import write_json
 
 MARKER = ".primekd.json"
 
@@ -158,9 +160,6 @@ def _list(names: set[str] | list[str], most: int = 3) -> str:
 
 
 def write_marker(out: Path, command: str, foreign: set[str]) -> None:
-    from primekd import __version__
-    from primekd.core.io import write_json
-
     previous = read_marker(out) or {}
     now = datetime.now(UTC).isoformat(timespec="seconds")
     written = sorted(n for n in _entries(out) if n != MARKER and is_ours(n, command, foreign))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -20,8 +21,6 @@ def wilson_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[flo
     The closed form (as statsmodels' `proportion_confint(method="wilson")` computes it, which
     the tests check), so that `eval` needs no scipy/statsmodels: a GPU box with only torch
     and transformers runs it (bench/gpu_check.sh)."""
-    from statistics import NormalDist
-
     if n == 0:
         return (0.0, 1.0)
     z = NormalDist().inv_cdf(1 - (1 - confidence) / 2)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from primekd.core.data import load_examples
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
     "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
@@ -20,8 +22,6 @@ CHATML_TEMPLATE = (
 def tiny_tokenizer(vocab_size: int = 320):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from primekd.core.data import load_examples
 
     corpus = [f"{e.question}\n{e.answer}" for e in load_examples("train", limit=200)]
     tok = Tokenizer(models.BPE())

@@ -9,7 +9,9 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from primekd.core.data import load_examples
 from primekd.core.errors import PrimekdError
+from primekd.core.options import check
 
 _DEVICE = re.compile(r"(cpu|cuda|mps|xpu|npu|hpu|meta)(:\d+)?")
 
@@ -26,8 +28,6 @@ def device(value: Any) -> str | None:
 def check_eval(config: Any) -> None:
     """Every option of `primekd eval` (an `EvalConfig`): as its fields declare them, then the
     few-shot examples that exist and the device."""
-    from primekd.core.options import check
-
     check(config)
     few_shot(config.few_shot)
     device(config.device)
@@ -35,8 +35,6 @@ def check_eval(config: Any) -> None:
 
 def few_shot(k: Any) -> int:
     """--few-shot: 0 up to the number of worked train solutions there are to show."""
-    from primekd.core.data import load_examples
-
     if k:
         available = len(load_examples("train"))
         if k > available:
