@@ -85,6 +85,7 @@ def _check_hub(reference: str) -> None:
     """A hub id is used from the local hub cache when it is there; otherwise, offline
     (HF_HUB_OFFLINE) or with the hub unreachable, refuse at once instead of after minutes of
     retries."""
+    # lazy: ~150 modules that commands which never fetch a model skip
     from huggingface_hub import constants, try_to_load_from_cache
 
     cached = try_to_load_from_cache(reference, "config.json")

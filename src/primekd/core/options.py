@@ -125,7 +125,7 @@ def settable(cls: type, on_policy: bool = False) -> dict[str, dataclasses.Field]
 
 def type_error(cls: type, name: str, value: Any) -> str | None:
     """What field `name` of `cls` should be, when `value` is not that; None when it is."""
-    from pydantic import ValidationError
+    from pydantic import ValidationError  # lazy: 50 modules `--help` skips
 
     hint = hints(cls)[name]
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):  # a built value (a space)
@@ -149,7 +149,7 @@ def expected_words(error: Any) -> str:
 
 @functools.cache
 def _adapter(hint: Any) -> Any:
-    from pydantic import ConfigDict, TypeAdapter
+    from pydantic import ConfigDict, TypeAdapter  # lazy: see type_error
 
     return TypeAdapter(hint, config=ConfigDict(strict=True, allow_inf_nan=False))
 
