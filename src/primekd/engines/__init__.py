@@ -20,6 +20,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import yaml
+
+from primekd.core.chat import encode_prompts, render
 from primekd.core.errors import PrimekdError
 from primekd.core.options import option
 from primekd.engines.base import (  # noqa: F401  re-exported
@@ -30,6 +33,7 @@ from primekd.engines.base import (  # noqa: F401  re-exported
     cut_text,
     finish,
 )
+from primekd.engines.hf import HFEngine
 
 ENGINES = ("hf", "vllm")
 # hf engine options: split a model over devices (accelerate's big-model loading), e.g. a
@@ -66,7 +70,7 @@ class EngineSpec:
         if self.base_url and self.name != "vllm":
             raise PrimekdError("--base-url needs --engine vllm")
         if self.name == "vllm":
-            from primekd.engines.vllm import check_options
+            from primekd.engines.vllm import check_options  # lazy: asyncio + httpx, ~110 modules
 
             check_options(self.options)
         else:
@@ -105,8 +109,6 @@ def engine_options_field(help: str = ENGINE_OPTION_HELP) -> Any:
 def parse_options(items: Sequence[str]) -> dict[str, Any]:
     """`["max_model_len=4096", "enforce_eager=true"]` -> {"max_model_len": 4096, ...}
     (values read as YAML)."""
-    import yaml
-
     options: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
@@ -129,11 +131,10 @@ def get_engine(model: str, spec: EngineSpec | None = None, *, adapter: str | Non
     spec = spec or EngineSpec()
     spec.check()
     if spec.name == "vllm":
-        from primekd.engines.vllm import VLLMEngine
+        from primekd.engines.vllm import VLLMEngine  # lazy: see check
 
         return VLLMEngine.open(model, adapter=adapter, base_url=spec.base_url,
                                options=spec.options, batch_size=batch_size)
-    from primekd.engines.hf import HFEngine
 
     if loaded is not None:
         return HFEngine(*loaded, batch_size=batch_size)
@@ -144,8 +145,6 @@ def get_engine(model: str, spec: EngineSpec | None = None, *, adapter: str | Non
 def encode_chats(tokenizer: Any, chats: Sequence[Any], date_string: str | None = None
                  ) -> list[list[int]]:
     """Chat prompts -> the token ids both engines receive."""
-    from primekd.core.chat import encode_prompts, render
-
     return encode_prompts(tokenizer, [render(tokenizer, c, date_string) for c in chats])
 
 

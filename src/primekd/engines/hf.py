@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from primekd.core import models
 from primekd.core.chat import left_pad
 from primekd.core.errors import PrimekdError
 from primekd.engines.base import Generation, SamplingParams, TopK, finish
@@ -50,10 +51,8 @@ class HFEngine:
              ) -> HFEngine:
         """`device_map`/`max_memory`: spread the model over devices (inputs then go to the
         device of its first layer)."""
-        from primekd.core.models import load
-
         placement = {"device_map": device_map, "max_memory": max_memory} if device_map else {}
-        return cls(*load(model, adapter=adapter, device=device, **placement),
+        return cls(*models.load(model, adapter=adapter, device=device, **placement),
                    batch_size=batch_size)
 
     def close(self) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import ctypes
 import hashlib
 import importlib.util
 import json
@@ -41,10 +42,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 
 from primekd.core.errors import PrimekdError
+from primekd.core.models import adapter_hash, cache_dir, load_model, load_tokenizer, resolve
 from primekd.engines.base import Generation, SamplingParams, TopK, finish
+from primekd.engines.hf import stop_token_ids
 
 # Options passed to the server as flags (`max_model_len` -> `--max-model-len`).
 SERVER_FLAGS = ("max_model_len", "gpu_memory_utilization", "dtype", "tensor_parallel_size",
@@ -143,8 +147,6 @@ class VLLMServer:
         return self
 
     def wait_ready(self) -> None:
-        import httpx
-
         timeout = float(self.options.get("startup_timeout", 900))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -190,8 +192,6 @@ class VLLMServer:
 def _die_with_parent() -> None:
     """Linux: the server gets SIGTERM when primekd dies, even by SIGKILL (no orphans)."""
     if sys.platform.startswith("linux"):
-        import ctypes
-
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
@@ -272,8 +272,6 @@ atexit.register(shutdown)
 def merged_model(source: Any, adapter: str) -> str:
     """The model with `adapter` merged into its weights, saved once in primekd's cache (keyed
     by the model and the adapter's hash): vLLM serves it like any model."""
-    from primekd.core.models import adapter_hash, cache_dir, load_model, load_tokenizer
-
     key = hashlib.sha256(f"{source.path}:{adapter_hash(adapter)}".encode()).hexdigest()[:16]
     target = cache_dir() / "merged" / f"{Path(source.path).name}-{key}"
     if (target / "config.json").exists():
@@ -313,8 +311,6 @@ class VLLMEngine:
     def open(cls, model: str, adapter: str | None = None, base_url: str | None = None,
              options: dict[str, Any] | None = None, batch_size: int | None = None
              ) -> VLLMEngine:
-        from primekd.core.models import load_tokenizer, resolve
-
         options = dict(options or {})
         check_options(options)
         source = resolve(model)
@@ -410,8 +406,6 @@ class VLLMEngine:
         return generation
 
     async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        import httpx
-
         if self._client is None:
             timeout = float(self.options.get("request_timeout", 1800))
             self._client = httpx.AsyncClient(base_url=self.url, timeout=timeout)
@@ -512,8 +506,6 @@ def _stop_ids(source: Any, tokenizer: Any) -> list[int]:
     """The hf engine's stop tokens, read from the model directory's generation config."""
     from transformers import GenerationConfig
 
-    from primekd.engines.hf import stop_token_ids
-
     try:
         config = GenerationConfig.from_pretrained(source.path)
     except (OSError, ValueError):
@@ -523,8 +515,6 @@ def _stop_ids(source: Any, tokenizer: Any) -> list[int]:
 
 
 def served_model(base_url: str, name: str | None = None) -> str:
-    import httpx
-
     try:
         response = httpx.get(f"{base_url.rstrip('/')}/v1/models", timeout=10)
         response.raise_for_status()
@@ -544,8 +534,6 @@ def served_model(base_url: str, name: str | None = None) -> str:
 def check_tokenizer(base_url: str, served: str, tokenizer: Any, model: str) -> None:
     """Refuse a server whose tokenizer splits a probe text differently from the model's:
     token ids (and so log-probs) would not line up."""
-    import httpx
-
     expected = tokenizer(PROBE, add_special_tokens=False)["input_ids"]
     try:
         response = httpx.post(f"{base_url.rstrip('/')}/tokenize", timeout=30, json={
