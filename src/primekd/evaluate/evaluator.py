@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from primekd import __version__
+from primekd.core import outdir, validate
+from primekd.core.chat import render
 from primekd.core.data import BUNDLED_SPLITS, Example, load_examples, resolve_data_path
 from primekd.core.errors import PrimekdError
 from primekd.core.grading import EXTRACTORS, check_extractor, grade, grade_fields, summarize_grades
@@ -34,9 +36,16 @@ from primekd.core.io import (
     truncate_torn_tail,
     write_json,
 )
-from primekd.core.models import BUNDLED_ALIAS, adapter_hash
+from primekd.core.models import (
+    BUNDLED_ALIAS,
+    adapter_hash,
+    load_tokenizer,
+    resolve,
+    tokenizer_fingerprint,
+)
 from primekd.core.options import force_field, option
 from primekd.core.progress import progress_bar
+from primekd.core.validate import model_context, prompts_fit
 from primekd.engines import (
     EngineSpec,
     Generation,
@@ -124,8 +133,6 @@ def evaluate(config: EvalConfig, progress: bool = True, loaded: tuple[Any, Any] 
     `loaded` is an already loaded (model, tokenizer) for `config.model`, to skip loading
     (hf engine).
     """
-    from primekd.core import outdir, validate
-
     started = time.perf_counter()
     validate.check_eval(config)
     check_extractor(config.extractor)
@@ -145,16 +152,8 @@ def evaluate(config: EvalConfig, progress: bool = True, loaded: tuple[Any, Any] 
 def _check_prompts_fit(config: EvalConfig, template: PromptTemplate, examples: list[Example],
                        loaded: tuple[Any, Any] | None) -> None:
     """A prompt longer than the model's context is refused before anything is generated."""
-    from primekd.core.chat import render
-    from primekd.core.validate import model_context, prompts_fit
-
     tokenizer = loaded[1] if loaded else _load_tokenizer(config)
-    if loaded:
-        context = model_context(loaded[0])
-    else:
-        from primekd.core.models import resolve
-
-        context = model_context(resolve(config.model).path)
+    context = model_context(loaded[0] if loaded else resolve(config.model).path)
     texts = [render(tokenizer, template.build(e.question)) for e in examples]
     prompts_fit(tokenizer, texts, context, config.max_new_tokens, "the prompt of question")
 
@@ -193,8 +192,6 @@ def _check_unique_ids(examples: list[Example], data: str) -> None:
 
 
 def _check_model(config: EvalConfig) -> None:
-    from primekd.core.models import resolve
-
     resolve(config.model)
     if config.adapter and not (Path(config.adapter) / "adapter_config.json").exists():
         raise PrimekdError(f"adapter directory {config.adapter} has no adapter_config.json")
@@ -258,8 +255,6 @@ def _done_ids(path: Path) -> set[str]:
 
 
 def _load_tokenizer(config: EvalConfig) -> Any:
-    from primekd.core.models import load_tokenizer
-
     return load_tokenizer(config.model)
 
 
@@ -331,8 +326,6 @@ def accuracy_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def build_summary(config: EvalConfig, template: PromptTemplate, rows: list[dict[str, Any]],
                   run: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
-    from primekd.core.models import tokenizer_fingerprint
-
     timing_keys = ("wall_time_s", "generation_time_s", "generated_tokens", "tokens_per_s",
                    "generated_this_run")
     return {
@@ -358,7 +351,7 @@ def build_summary(config: EvalConfig, template: PromptTemplate, rows: list[dict[
 @contextmanager
 def _progress_bar(enabled: bool, total: int) -> Iterator[Callable[[int, int], None]]:
     """Yields `advance(n_questions, tokens_so_far)`, which also shows tokens/s."""
-    from rich.progress import TextColumn
+    from rich.progress import TextColumn  # lazy: as in core.progress
 
     started = time.perf_counter()
     with progress_bar(enabled, TextColumn("{task.fields[rate]}")) as bar:

@@ -15,6 +15,7 @@ from primekd.core import templates
 from primekd.core.chat import ChatPrompt
 from primekd.core.data import load_examples, strip_calculator
 from primekd.core.errors import PrimekdError
+from primekd.core.io import read_text
 
 DEFAULT_TEMPLATE = (
     "Solve the following math problem. Think step by step, then write the final answer "
@@ -59,8 +60,6 @@ def _read_template(prompt: str) -> str:
     if "{" not in prompt and "\n" not in prompt and len(prompt) < 4096:
         path = Path(prompt).expanduser()
         if path.is_file():
-            from primekd.core.io import read_text
-
             return read_text(path, "prompt template file")
         if path.suffix in {".txt", ".md", ".jinja", ".tmpl", ".prompt"}:
             raise PrimekdError(f"prompt template file {prompt} does not exist")
