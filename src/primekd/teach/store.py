@@ -15,6 +15,7 @@ from them.
 
 from __future__ import annotations
 
+import glob
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ import pyarrow.parquet as pq
 
 from primekd.core.errors import PrimekdError
 from primekd.core.io import atomic_write, read_json, write_json
+from primekd.core.outdir import locked as locked_directory
 
 FORMAT = "primekd-teacher-store"
 FORMAT_VERSION = 1
@@ -67,8 +69,6 @@ COLUMNS = tuple(SCHEMA.names)
 @contextmanager
 def locked(directory: str | Path) -> Iterator[None]:
     """Hold an exclusive lock on a store directory (released by the OS if we are killed)."""
-    from primekd.core.outdir import locked as locked_directory
-
     with locked_directory(directory, "teach"):
         yield
 
@@ -223,8 +223,6 @@ def load_store(
 def store_directories(spec: str | Path | Sequence[str | Path]) -> list[Path]:
     """The store directories a `--teacher-store` value names: one directory, several
     (the shards of one `teach --shard i/n` run), or a glob such as `teacher/shard-*`."""
-    import glob
-
     specs = [spec] if isinstance(spec, str | Path) else list(spec)
     if not specs:
         raise PrimekdError("no teacher store directories given")

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from primekd import __version__
-from primekd.core.chat import encode_prompts, render
+from primekd.core import outdir, validate
+from primekd.core.chat import chat_date, encode_prompts, render
 from primekd.core.data import Example, load_examples, resolve_data_path, strip_calculator
 from primekd.core.errors import PrimekdError
 from primekd.core.grading import EXTRACTORS, grade, grade_fields, looping, working_text
@@ -127,8 +128,6 @@ def teach(config: TeachConfig, progress: bool = True) -> dict[str, Any]:
     _check_fits(config, strategy, examples, source, tokenizer)
     params = identity(config, strategy, tokenizer)
     out = Path(config.out)
-    from primekd.core import outdir
-
     with outdir.claimed(out, "teach", config.force):
         existing = _existing_manifest(out, params)
         date = _chat_date(existing)
@@ -168,16 +167,14 @@ def _check_fits(config: TeachConfig, strategy: Strategy, examples: Sequence[Exam
                 source: Any, tokenizer: Any) -> None:
     """--top-k within the vocabulary, and every primed prompt (plus the answer budget)
     within the teacher's context, checked before the model loads or a file is written."""
-    from primekd.core.validate import model_context, prompts_fit
-
     if config.top_k > len(tokenizer):
         raise PrimekdError(f"--top-k {config.top_k} exceeds the teacher's vocabulary of "
                            f"{len(tokenizer)} tokens")
     texts = [render(tokenizer, strategy.render(e.question, e.answer, answer_text(e)))
              for e in examples]
     budget = config.max_new_tokens if config.target == "generated" else 0
-    prompts_fit(tokenizer, texts, model_context(source.path), budget,
-                "the primed prompt of question")
+    validate.prompts_fit(tokenizer, texts, validate.model_context(source.path), budget,
+                         "the primed prompt of question")
 
 
 # ---------------------------------------------------------------- the units
@@ -326,13 +323,11 @@ def reference_tokens(tokenizer: Any, example: Example) -> list[int]:
 
 
 def check_config(config: TeachConfig) -> None:
-    from primekd.core.validate import device
-
     def bad(message: str) -> None:
         raise PrimekdError(message)
 
     check(config)  # types, ranges and choices, as the fields declare them
-    device(config.device)
+    validate.device(config.device)
     config.engine_spec().check()
     if config.target == "reference" and config.samples_per_question > 1:
         bad("--target reference scores the one reference solution: "
@@ -414,8 +409,6 @@ def _shard_dict(shard: str | None) -> dict[str, int] | None:
 def _chat_date(existing: dict[str, Any] | None) -> str:
     """The date chat templates see: the store's own (a resume on another day keeps it),
     else the day the store was created, else today."""
-    from primekd.core.chat import chat_date
-
     if existing and existing.get("chat_date"):
         return existing["chat_date"]
     if existing and existing.get("created_at"):
@@ -438,10 +431,8 @@ def _existing_manifest(out: Path, params: dict[str, Any]) -> dict[str, Any] | No
                 "or choose a new --out"
             )
         return manifest
-    from primekd.core.outdir import MARKER, is_ours
-
     strays = [p.name for p in out.iterdir()
-              if p.name not in (".lock", MARKER) and is_ours(p.name, "teach")]
+              if p.name not in (".lock", outdir.MARKER) and outdir.is_ours(p.name, "teach")]
     if strays:
         raise PrimekdError(f"{out} is not empty and holds no teacher store "
                            f"({', '.join(sorted(strays)[:3])}...); choose a new --out")
