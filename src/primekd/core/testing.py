@@ -10,6 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
 from primekd.core.data import load_examples
 
 CHATML_TEMPLATE = (
@@ -20,9 +24,6 @@ CHATML_TEMPLATE = (
 
 
 def tiny_tokenizer(vocab_size: int = 320):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     corpus = [f"{e.question}\n{e.answer}" for e in load_examples("train", limit=200)]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -50,9 +51,6 @@ def tiny_model(
 ) -> Path:
     """Write a tiny random Llama + tokenizer to `directory` and return it; `tokenizer`
     (e.g. SmolLM2's, for a real vocabulary size) replaces the tiny BPE one."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     directory = Path(directory)
     if (directory / "config.json").exists():
         return directory
