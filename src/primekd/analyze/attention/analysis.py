@@ -19,13 +19,16 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 
 from primekd.analyze.attention.config import DEFAULT_LIMIT, AttentionConfig
-from primekd.analyze.attention.hooks import AttentionCollector, ModelBank
+from primekd.analyze.attention.hooks import AttentionCollector, ModelBank, attention_modules
 from primekd.analyze.attention.metrics import JS_METRIC, METRIC_LABELS, METRICS
+from primekd.core import options, outdir
 from primekd.core.chat import ChatPrompt, encode_prompts, render
 from primekd.core.data import Example, load_examples
 from primekd.core.errors import PrimekdError
 from primekd.core.io import atomic_write, read_jsonl, write_json
+from primekd.core.models import load_model, load_tokenizer, resolve
 from primekd.core.progress import progress_bar
+from primekd.core.validate import device as check_device
 
 
 @dataclass
@@ -45,8 +48,6 @@ class _Prompt:
 
 def analyse(config: AttentionConfig, progress: bool = True) -> AttentionResult:
     """Run the analysis and write every output into `config.out`."""
-    from primekd.core import outdir
-
     validate(config)
     outdir.check_out(config.out, "attention", config.force)  # before minutes of computing
     with outdir.claimed(config.out, "attention", config.force):
@@ -83,11 +84,8 @@ def _analyse(config: AttentionConfig, progress: bool) -> AttentionResult:
 
 
 def validate(config: AttentionConfig) -> None:
-    from primekd.core import options
-    from primekd.core.validate import device
-
     options.check(config)  # types, ranges, as the fields declare them
-    device(config.device)
+    check_device(config.device)
     if config.base_name in config.adapters:
         raise PrimekdError(
             f"adapter name {config.base_name!r} is taken by the base model: pick another name"
@@ -131,8 +129,6 @@ def _select_examples(config: AttentionConfig) -> list[Example]:
 
 def _load_models(config: AttentionConfig) -> tuple[ModelBank, Any, list[str]]:
     """The base model with eager attention and every adapter loaded under an internal key."""
-    from primekd.core.models import load_model, load_tokenizer, resolve
-
     source = resolve(config.model)
     try:
         model = load_model(source, device=config.device, attn_implementation="eager")
@@ -151,7 +147,7 @@ def _load_models(config: AttentionConfig) -> tuple[ModelBank, Any, list[str]]:
 
 
 def _add_adapter(model: Any, key: str, name: str, directory: str) -> Any:
-    from peft import PeftModel
+    from peft import PeftModel  # lazy: ~1.5 s that a base-model-only analysis skips
 
     try:
         if isinstance(model, PeftModel):
@@ -195,8 +191,6 @@ def _collect(
     config: AttentionConfig,
     progress: bool,
 ) -> AttentionCollector:
-    from primekd.analyze.attention.hooks import attention_modules
-
     device = next(bank.model.parameters()).device
     n_layers = len(attention_modules(bank.model))
     collector = AttentionCollector(bank.size, n_layers, n_heads, config.threshold, config.top_k)
@@ -344,7 +338,7 @@ def _write_plots(
     tokens: list[str],
     config: AttentionConfig,
 ) -> list[Path]:
-    from primekd.analyze.attention import plots
+    from primekd.analyze.attention import plots  # lazy: matplotlib, only with config.plots
 
     plot_dir = out_dir / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
