@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from primekd.analyze.attention.report import report_section
 from primekd.core import stats
 from primekd.core.errors import PrimekdError
 from primekd.core.grading import looping
@@ -659,10 +662,6 @@ def section_attention(layout: Layout) -> str:
         return heading + "The attention analysis was not run (`attention.enabled: false`).\n"
     if not (layout.attention / "summary.json").exists():
         return heading + "The attention analysis has not finished; rerun to complete it.\n"
-    try:
-        from primekd.analyze.attention import report_section
-    except ImportError:
-        return heading + "This primekd has no attention analysis installed.\n"
     text = report_section(layout.attention, relative_to=layout.run_dir).strip()
     if not text.startswith("#"):
         text = heading + text
@@ -805,8 +804,6 @@ def truncation_warnings(layout: Layout, runs: dict[str, EvalRun]) -> list[str]:
 
 
 def _read_yaml(path: Path) -> Any:
-    import yaml
-
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError):
@@ -908,7 +905,7 @@ def markdown_to_html(markdown: str, base_dir: str | Path, title: str) -> str:
 def _markdown_parser() -> Any:
     """CommonMark + GFM tables (markdown-it-py), raw HTML escaped, with three local rules:
     headings get ids, right-aligned cells a class, and images and links stay inside the file."""
-    from markdown_it import MarkdownIt
+    from markdown_it import MarkdownIt  # lazy: ~70 modules that only `run`'s report uses
 
     parser = MarkdownIt("commonmark", {"html": False}).enable("table")
     parser.core.ruler.push("primekd_self_contained", _self_contained)
