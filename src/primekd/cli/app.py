@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import warnings
+
 import typer
 from rich.console import Console
+
+from primekd import __version__
 
 app = typer.Typer(
     name="primekd",
@@ -26,8 +32,6 @@ state = State()
 
 def _print_version(value: bool) -> None:
     if value:
-        from primekd import __version__
-
         typer.echo(f"primekd {__version__}")
         raise typer.Exit()
 
@@ -44,10 +48,6 @@ def _root(
 
 def _quiet_libraries() -> None:
     """Keep library chatter (weight-loading bars, advisory warnings) off the user's screen."""
-    import logging
-    import os
-    import warnings
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Read by transformers and huggingface_hub when first imported; importing them here
     # instead would cost commands that never load a model (grade, compare) about a second.

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rich.table import Table
+
 from primekd.analyze.attention.config import AttentionConfig
 from primekd.cli.app import app, console
 from primekd.core import options
@@ -12,7 +14,7 @@ from primekd.core.io import dumps
 
 
 def _attention(given: dict[str, Any], as_json: bool) -> None:
-    from primekd.analyze.attention import analyse
+    from primekd.analyze.attention import analyse  # lazy: torch, scipy, pandas
 
     config = AttentionConfig(**given)
     result = analyse(config, progress=True)
@@ -36,8 +38,6 @@ app.command("attention")(options.command(AttentionConfig, [
 
 
 def _print_summary(summary: dict, out: Path) -> None:
-    from rich.table import Table
-
     console.print(
         f"analysed {summary['n_prompts']} prompts x {len(summary['models'])} model(s), "
         f"{summary['n_layers']} layers x {summary['n_heads']} heads in {summary['seconds']:.1f} s"

@@ -10,7 +10,14 @@ from rich.table import Table
 from primekd.cli.app import app, console
 from primekd.core import options
 from primekd.core.io import dumps
-from primekd.distill.config import DistillConfig, config_from_dict, load_distill_config
+from primekd.core.outdir import check_out
+from primekd.distill import distill
+from primekd.distill.config import (
+    DistillConfig,
+    check_config,
+    config_from_dict,
+    load_distill_config,
+)
 
 
 def _distill(given: dict[str, Any], config_file: Path | None, as_json: bool, quiet: bool
@@ -19,12 +26,9 @@ def _distill(given: dict[str, Any], config_file: Path | None, as_json: bool, qui
         given["alpha"] = 0.0  # on-policy: the divergence alone (CE on own samples self-trains)
     config = (load_distill_config(config_file, **given) if config_file
               else config_from_dict(given, source="options"))
-    from primekd.core.outdir import check_out
-    from primekd.distill.config import check_config
 
     check_config(config)  # before the seconds it takes to import torch and transformers
     check_out(config.out, "distill", config.force)
-    from primekd.distill import distill  # torch and transformers: load only to train
 
     result = distill(config, progress=not quiet)
     _leave_process_group()

@@ -8,15 +8,13 @@ from typing import TYPE_CHECKING, Any
 from primekd.cli.app import app, console
 from primekd.core import options
 from primekd.core.io import dumps
-from primekd.experiment.tune import TuneConfig
+from primekd.experiment.tune import TuneConfig, tune
 
 if TYPE_CHECKING:
     from primekd.experiment.tune import TuneResult
 
 
 def _tune(given: dict[str, Any], as_json: bool) -> None:
-    from primekd.experiment.tune import tune
-
     result = tune(TuneConfig(**given), progress=True)
     if as_json:
         print(dumps(result.to_dict(), indent=2, default=str))
