@@ -221,7 +221,7 @@ def test_run_checks_every_stage_before_writing(tmp_path: Path) -> None:
     ({"alpha": {"low": 0.1, "high": math.inf}}, "finite"),
 ])
 def test_tune_spaces_of_the_wrong_type(space: dict, match: str) -> None:
-    from primekd.experiment.tune import parse_search_space
+    from primekd.experiment.search_space import parse_search_space
 
     with pytest.raises(PrimekdError, match=match):
         parse_search_space(space)

@@ -14,13 +14,12 @@ import yaml
 from typer.testing import CliRunner
 
 from primekd.core.errors import PrimekdError
-from primekd.experiment.tune import (
-    TuneConfig,
+from primekd.experiment.search_space import (
     default_search_space,
     load_search_space,
     parse_search_space,
-    tune,
 )
+from primekd.experiment.tune import TuneConfig, tune
 
 FAST = ["--max-steps", "2", "--eval-steps", "1", "--val-size", "3", "--heartbeat", "1"]
 
