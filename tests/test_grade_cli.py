@@ -145,6 +145,16 @@ def test_help_explains_every_option() -> None:
             assert option in result.stdout
 
 
+def test_help_names_option_values_one_way() -> None:
+    """Every option's value is named as click does (TEXT, INTEGER, PATH, or a word such as
+    KEY=VALUE), not typer's `<str>`/`<list[str]>` on the hand-declared options only."""
+    for command in ("run", "grade", "compare", "teach", "eval", "distill", "tune", "attention"):
+        result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+        options = [line for line in result.stdout.splitlines() if line.lstrip().startswith("-")]
+        assert result.exit_code == 0 and options
+        assert not [line for line in options if "<" in line.strip().split("  ")[0]], command
+
+
 def _primekd() -> list[str]:
     script = shutil.which("primekd", path=str(Path(sys.executable).parent))
     return [script] if script else [sys.executable, "-c", "from primekd.cli import main; main()"]

@@ -110,3 +110,23 @@ def test_teacher_kept_answers_count_against_rows_not_questions(tmp_path: Path) -
         {"counts": {"questions": 64, "rows": 256, "kept": 200}}))  # 4 samples per question
     teachers = _markdown(tmp_path).split("## Teachers", 1)[1].split("## Training", 1)[0]
     assert "200/256" in teachers and "200/64" not in teachers
+
+
+def test_worked_examples_do_not_put_forward_a_lead_that_is_not_significant(
+        tmp_path: Path) -> None:
+    """kd-teacher leads kd-gt by a margin that is not significant: the examples show the
+    student that comes first in the table and say it was not chosen by its score."""
+    _results(tmp_path / "eval" / "base", [False] * 20)
+    _results(tmp_path / "eval" / "kd-ground_truth", [i < 1 for i in range(20)])
+    _results(tmp_path / "eval" / "kd-teacher", [i < 3 for i in range(20)])
+    examples = _markdown(tmp_path).split("## Worked examples", 1)[1].split("## Compute", 1)[0]
+    assert "`kd-ground_truth` comes first in the results table" in examples
+    assert "not chosen by its score" in examples and "kd-teacher" not in examples
+
+
+def test_worked_examples_show_a_significantly_better_student(tmp_path: Path) -> None:
+    _results(tmp_path / "eval" / "base", [False] * 40)
+    _results(tmp_path / "eval" / "kd-ground_truth", [False] * 40)
+    _results(tmp_path / "eval" / "kd-teacher", [i < 20 for i in range(40)])
+    examples = _markdown(tmp_path).split("## Worked examples", 1)[1].split("## Compute", 1)[0]
+    assert "`kd-teacher` is the most accurate trained student with a significant" in examples

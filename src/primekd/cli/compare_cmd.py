@@ -22,18 +22,21 @@ def compare_command(
     reference: Path | None = typer.Option(
         None,
         "--reference",
+        metavar="FILE",
         help="The file the others are compared with (default: the first file); added to "
         "the list if it is not in it.",
     ),
     match: str = typer.Option(
         "auto",
         "--match",
+        metavar="HOW",
         help="How rows are paired across files: `id`, `question` (whitespace-normalised "
         "text), or `auto` (ids where both files have them, else question text).",
     ),
     extractor: str = typer.Option(
         "default",
         "--extractor",
+        metavar="NAME",
         help="Extractor for rows that have no `correct` field: `default`, `paper` or "
         "`math-verify`.",
     ),
@@ -42,9 +45,11 @@ def compare_command(
         help="For rows graded here: count a truncated answer's last number (harness-style).",
     ),
     bootstrap: int = typer.Option(
-        10_000, "--bootstrap", help="Resamples for the paired bootstrap interval (>= 100)."
+        10_000, "--bootstrap", metavar="INTEGER",
+        help="Resamples for the paired bootstrap interval (>= 100)."
     ),
-    seed: int = typer.Option(0, "--seed", help="Random seed of the bootstrap."),
+    seed: int = typer.Option(0, "--seed", metavar="INTEGER",
+                             help="Random seed of the bootstrap."),
     json_output: bool = typer.Option(
         False,
         "--json",

@@ -27,6 +27,7 @@ def grade_command(
     extractor: str = typer.Option(
         "default",
         "--extractor",
+        metavar="NAME",
         help="How to find the final answer: `default` (boxed, ####, 'the answer is', "
         "'Answer:', last number), `paper` (Goyal et al. 2024: boxed, an agreeing first "
         "line, 'the answer is', last number) or `math-verify` (Hugging Face's Math-Verify).",
@@ -47,6 +48,7 @@ def grade_command(
     out: Path | None = typer.Option(
         None,
         "--out",
+        metavar="FILE",
         help="Write the graded rows here as JSONL: every input field plus `gold`, "
         "`extracted` (number or null), `correct`, `found_by`, `no_answer`, `truncated`, "
         "`correct_strict` and `correct_flexible`.",

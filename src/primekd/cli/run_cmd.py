@@ -37,7 +37,8 @@ def run_command(
         "without either, the `quick` preset runs.", show_default=False,
     ),
     preset: str | None = typer.Option(
-        None, "--preset", help="Built-in config to start from: `quick` (bundled model, CPU, "
+        None, "--preset", metavar="NAME",
+        help="Built-in config to start from: `quick` (bundled model, CPU, "
         "minutes, a demonstration), `small` (the paper's comparison on the bundled model, "
         "vLLM on CPU, about 90 minutes), `small-onpolicy` (off- against on-policy students "
         "on the bundled model, about 90 minutes) or `paper` (the paper's full design, for a "
@@ -45,11 +46,12 @@ def run_command(
         show_default=False,
     ),
     out: Path | None = typer.Option(
-        None, "--out", help="Run directory. Default: runs/<name from the config>.",
+        None, "--out", metavar="DIR", help="Run directory. Default: runs/<name from the config>.",
         show_default=False,
     ),
     overrides: list[str] = typer.Option(
-        [], "--set", help="Override a config key, e.g. --set distill.alpha=0.5 or "
+        [], "--set", metavar="KEY=VALUE",
+        help="Override a config key, e.g. --set distill.alpha=0.5 or "
         "--set strategies=\\[none,teacher]. The value is read as YAML. Repeatable.",
     ),
     print_config: bool = typer.Option(
@@ -69,7 +71,8 @@ def run_command(
         "instead of progress and tables.",
     ),
     only: list[str] = typer.Option(
-        [], "--only", help="Run only this stage (a name from --dry-run, or a glob such as "
+        [], "--only", metavar="STAGE",
+        help="Run only this stage (a name from --dry-run, or a glob such as "
         "'teacher/none/shard-*'); its upstream stages must be complete. Repeatable. Several "
         "`run --only` processes can share the run directory, e.g. one per teacher shard.",
         show_default=False,

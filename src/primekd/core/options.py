@@ -22,6 +22,7 @@ import os
 import types
 import typing
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from primekd.core.errors import PrimekdError, did_you_mean
@@ -259,10 +260,10 @@ def parameters(cls: type, skip: Iterable[str] = (), require: bool = False
 
 
 def _metavar(annotation: Any) -> str | None:
-    """Click's names for the value (TEXT, INTEGER, FLOAT), also for repeatable options."""
+    """Click's names for the value (TEXT, INTEGER, FLOAT, PATH), also for repeatable options."""
     if typing.get_origin(annotation) is list:
         annotation = typing.get_args(annotation)[0]
-    return {str: "TEXT", int: "INTEGER", float: "FLOAT"}.get(annotation)
+    return {str: "TEXT", int: "INTEGER", float: "FLOAT", Path: "PATH"}.get(annotation)
 
 
 def _cli_annotation(hint: Any) -> Any:
@@ -319,5 +320,6 @@ def extra(name: str, *names: str, default: Any = None, help: str, annotation: An
     import typer
 
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
-                             default=typer.Option(default, *names, help=help),
+                             default=typer.Option(default, *names, help=help,
+                                                  metavar=_metavar(annotation)),
                              annotation=annotation)

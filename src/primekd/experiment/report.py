@@ -522,8 +522,7 @@ def training_chart(name: str, log: list[dict[str, Any]], path: Path) -> Path:
 def section_examples(runs: dict[str, EvalRun], count: int, max_chars: int) -> str:
     if count == 0:
         return ""
-    trained = [n for n in runs if n not in ("base", "kd-none")]
-    best = max(trained, key=lambda n: runs[n].accuracy) if trained else None
+    best, why = _example_student(runs)
     shown = [n for n in ("base", "kd-none") if n in runs] + ([best] if best else [])
     ids = [i for i in runs[shown[0]].rows if all(i in runs[n].rows for n in shown)]
     if not ids:
@@ -536,8 +535,7 @@ def section_examples(runs: dict[str, EvalRun], count: int, max_chars: int) -> st
 
     parts = ["## Worked examples\n",
              f"The same test question answered by {', '.join(f'`{n}`' for n in shown)}"
-             + (f" (`{best}` has the highest point estimate among the trained students; the "
-                "Results section says whether its lead is significant)" if best else "")
+             + (f" (`{best}` {why})" if best else "")
              + f". Questions where `{best or shown[-1]}` is right and `{shown[0]}` wrong are "
              "shown first.\n"]
     for number, i in enumerate(sorted(ids, key=interest)[:count], start=1):
@@ -554,6 +552,25 @@ def section_examples(runs: dict[str, EvalRun], count: int, max_chars: int) -> st
             parts.append(f"**{name}**: extracted {_answer(row.get('extracted'))} ({mark})\n")
             parts.append(_fence(_clip(str(row.get("response", "")), max_chars)) + "\n")
     return "\n".join(parts)
+
+
+def _example_student(runs: dict[str, EvalRun]) -> tuple[str | None, str]:
+    """The third model of the worked examples: the most accurate trained student that differs
+    significantly from a reference; without one, the first primed student in the table's
+    order, so that a lead that is not significant is never put forward."""
+    trained = [n for n in runs if n not in ("base", "kd-none", "sft")] + \
+        [n for n in runs if n == "sft"]  # primed students before the plain fine-tuning
+    rows, references, _ = results_rows(runs)
+    significant = [r for r in rows if r.name in trained
+                   and any(ref != r.name and r.significant(ref) for ref in references)]
+    if significant:
+        best = max(significant, key=lambda r: r.accuracy)
+        return best.name, ("is the most accurate trained student with a significant "
+                           "difference in the Results section")
+    if not trained:
+        return None, ""
+    return trained[0], ("comes first in the results table; it is not chosen by its score, "
+                        "as no trained student differs significantly from a reference")
 
 
 def _answer(value: Any) -> str:
