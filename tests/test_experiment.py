@@ -67,6 +67,9 @@ def test_print_config_is_the_commented_preset() -> None:
     resolved = CliRunner().invoke(app, ["run", "--print-config", "--set", "eval.few_shot=2"])
     assert resolved.exit_code == 0, resolved.output
     assert yaml.safe_load(resolved.output)["eval"]["few_shot"] == 2
+    unknown = CliRunner().invoke(app, ["run", "--print-config", "--preset", "nope"])
+    assert isinstance(unknown.exception, PrimekdError)  # main() prints it on one line, exit 2
+    assert "unknown preset 'nope'; choose one of quick, small" in str(unknown.exception)
 
 
 # --- validation ---------------------------------------------------------------------------------

@@ -296,47 +296,14 @@ def report_stage(config: ExperimentConfig, out: Path, stages: list[Stage]) -> St
 
 
 def stage_config(stage: Stage) -> Any:
-    """The stage's own config dataclass, built from its params and paths."""
-    cls = STAGE_CONFIGS[stage.kind]
+    """The stage's own config dataclass, built from its params and paths (as text)."""
     values = {k: v for k, v in stage.params.items() if not k.startswith("_")}
-    values |= {k: _path_value(v) for k, v in stage.paths.items()}
-    accepted = {f.name for f in dataclasses.fields(cls)}
-    values = _rename_for(cls, values)
-    missing = sorted(set(values) - accepted)
-    if missing:
-        raise PrimekdError(
-            f"{cls.__name__} has no field(s) {', '.join(missing)}: this primekd's "
-            f"{stage.kind} stage does not match the experiment runner"
-        )
     try:
-        return cls(**values)
+        return STAGE_CONFIGS[stage.kind](**values | plain(stage.paths))
     except PrimekdError as e:
         raise PrimekdError(f"{stage.name}: {e}") from None
     except (TypeError, ValueError) as e:
         raise PrimekdError(f"{stage.name}: bad settings: {e}") from None
-
-
-def _rename_for(cls: type, values: dict[str, Any]) -> dict[str, Any]:
-    """Map the runner's generic names onto the stage config's (`teacher`/`model`, ...)."""
-    accepted = {f.name for f in dataclasses.fields(cls)}
-    renamed = dict(values)
-    for ours, alternatives in (("teacher", ("model",)), ("student", ("model",))):
-        if ours in renamed and ours not in accepted:
-            for alt in alternatives:
-                if alt in accepted:
-                    renamed[alt] = renamed.pop(ours)
-                    break
-    return renamed
-
-
-def _path_value(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _path_value(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_path_value(v) for v in value]
-    return value
 
 
 StageFunction = Callable[[Stage, bool], Any]
