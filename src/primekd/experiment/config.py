@@ -351,7 +351,7 @@ def _check_semantics(config: ExperimentConfig) -> None:
     if not config.name or "/" in config.name:
         raise PrimekdError("config key `name` must be a non-empty name without `/`")
     for name, spec in config.strategies.items():
-        if not name.replace("_", "").replace("-", "").isalnum():
+        if not _plain_name(name):
             raise PrimekdError(
                 f"strategy name {name!r}: use letters, digits, `_` and `-` only"
             )
@@ -361,6 +361,10 @@ def _check_semantics(config: ExperimentConfig) -> None:
                 f"strategy `{name}` sets system/prefill without `user`: a custom strategy "
                 "needs a `user` template (e.g. \"{{ question }}\")"
             )
+
+
+def _plain_name(name: str) -> bool:
+    return name.replace("_", "").replace("-", "").isalnum()
 
 
 def _check_strategy_name(name: str, spec: StrategySpec) -> None:
@@ -376,8 +380,8 @@ def _check_strategy_name(name: str, spec: StrategySpec) -> None:
 
 
 def check_stage_sections(config: ExperimentConfig) -> None:
-    """Check the stage sections against the stage config dataclasses, then build every stage
-    config once, so that a bad value fails before anything runs."""
+    """Check the stage sections' keys and value types against the stage config dataclasses
+    (the runner's precheck checks ranges, on each stage's built config, before any runs)."""
     for section, kind in SECTION_KINDS.items():
         values = dict(getattr(config, section))
         if section == "attention":
@@ -402,7 +406,7 @@ def _check_on_policy(config: ExperimentConfig) -> None:
             raise PrimekdError(f"config key `{where}.strategy` must name one of `strategies` "
                                f"({', '.join(config.strategies)})")
         name = str(entry.get("name") or f"op-{entry['strategy']}")
-        if name in taken or not name.replace("_", "").replace("-", "").isalnum():
+        if name in taken or not _plain_name(name):
             raise PrimekdError(f"config key `{where}.name`: {name!r} is taken or not a plain "
                                "name (letters, digits, `_`, `-`); give each on-policy student "
                                "its own `name`")
@@ -424,8 +428,6 @@ def _check_section(prefix: str, values: dict[str, Any], cls: type, on_policy: bo
         if key not in known:
             raise unknown_key_error(f"{prefix}.{key}", [*known, *extra])
         _type_error(f"{prefix}.{key}", cls, key, value)
-
-
 
 
 # --- helpers ------------------------------------------------------------------------------------
