@@ -125,7 +125,7 @@ def settable(cls: type, on_policy: bool = False) -> dict[str, dataclasses.Field]
 
 def type_error(cls: type, name: str, value: Any) -> str | None:
     """What field `name` of `cls` should be, when `value` is not that; None when it is."""
-    from pydantic import ValidationError  # lazy: ~50 modules building commands needs not
+    from pydantic import ValidationError  # lazy: ~50 modules; --help needs none
 
     hint = hints(cls)[name]
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):  # a built value (a space)
