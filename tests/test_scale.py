@@ -16,7 +16,7 @@ import torch
 
 from primekd.core.errors import PrimekdError
 from primekd.distill import distill
-from primekd.distill.trainer import DistillConfig
+from primekd.distill.config import DistillConfig
 from primekd.teach import store
 from primekd.teach.teacher import TeachConfig, teach
 
@@ -393,13 +393,8 @@ def test_fsdp2_on_two_cpu_processes_saves_an_adapter_plain_peft_loads(tiny_model
     from transformers import AutoModelForCausalLM
 
     from primekd.core.models import load_tokenizer
-    from primekd.distill.trainer import (
-        KDCollator,
-        KDSettings,
-        KDTrainer,
-        build_datasets,
-        training_arguments,
-    )
+    from primekd.distill.data import KDCollator, build_datasets
+    from primekd.distill.trainer import KDSettings, KDTrainer, training_arguments
 
     out = tmp_path / "fsdp"
     cmd = [shutil.which("accelerate"), "launch", "--num_processes", "2", "--num_machines",

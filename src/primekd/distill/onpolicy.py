@@ -43,13 +43,12 @@ from primekd.core.errors import PrimekdError
 from primekd.core.grading import grade
 from primekd.core.io import atomic_write_text, read_json, write_json
 from primekd.core.models import default_device, load_tokenizer, resolve, tokenizer_fingerprint
+from primekd.distill.config import DistillConfig, check_config
+from primekd.distill.data import Item, KDCollator, build_datasets, student_prompts
 from primekd.distill.trainer import (
     CONFIG_FILE,
     SUMMARY_FILE,
-    DistillConfig,
     DistillResult,
-    Item,
-    KDCollator,
     KDSettings,
     KDTrainer,
     TrainLogWriter,
@@ -58,13 +57,10 @@ from primekd.distill.trainer import (
     _quiet_callbacks,
     _resumed_totals,
     _stop_progress,
-    build_datasets,
     build_student,
-    check_config,
     check_resume_config,
     mixed_precision,
     save_final_model,
-    student_prompts,
     trainable_parameters,
     training_arguments,
 )
