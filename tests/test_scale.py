@@ -309,7 +309,7 @@ def test_resumed_summary_covers_the_whole_run(tiny_model_dir, whole, tmp_path):
 
 def test_adapter_files_are_portable(tiny_model_dir, shards, tmp_path):
     from primekd.core.models import load_model
-    from primekd.distill.trainer import _make_portable
+    from primekd.distill.trainer import make_portable
 
     out = tmp_path / "o"
     distill(_config(tiny_model_dir, str(shards / "shard-0"), out), progress=False)
@@ -319,7 +319,7 @@ def test_adapter_files_are_portable(tiny_model_dir, shards, tmp_path):
     assert config["base_model_name_or_path"] == str(tiny_model_dir)
     load_model(str(tiny_model_dir), adapter=out, device="cpu")  # still loads
 
-    _make_portable(out, "smollm2-135m-instruct", "bundled")
+    make_portable(out, "smollm2-135m-instruct", "bundled")
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
 

@@ -33,7 +33,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from primekd import __version__
@@ -44,25 +45,21 @@ from primekd.core.grading import grade
 from primekd.core.io import atomic_write_text, read_json, write_json
 from primekd.core.models import default_device, load_tokenizer, resolve, tokenizer_fingerprint
 from primekd.distill.config import DistillConfig, check_config
-from primekd.distill.data import Item, KDCollator, build_datasets, student_prompts
+from primekd.distill.data import Item, build_datasets, student_prompts
 from primekd.distill.trainer import (
-    CONFIG_FILE,
     SUMMARY_FILE,
     DistillResult,
-    KDSettings,
     KDTrainer,
-    TrainLogWriter,
-    _claimed,
-    _make_portable,
-    _quiet_callbacks,
-    _resumed_totals,
-    _stop_progress,
     build_student,
-    check_resume_config,
+    check_out,
+    claimed,
+    kd_trainer,
     mixed_precision,
+    run_summary,
     save_final_model,
     trainable_parameters,
     training_arguments,
+    write_config,
 )
 from primekd.engines import EngineSpec, Generation, SamplingParams, TopK, collect
 from primekd.teach import store
@@ -106,7 +103,7 @@ def round_off_policy(pool: list[Item], r: int, n: int) -> list[Item]:
 def distill_on_policy(config: DistillConfig, progress: bool = True) -> DistillResult:
     check_config(config)
     out = Path(config.out)
-    with _claimed(out, config.force):
+    with claimed(out, config.force):
         return _distill_on_policy(config, out, progress)
 
 
@@ -126,8 +123,6 @@ def _distill_on_policy(config: DistillConfig, out: Path, progress: bool) -> Dist
     args.ignore_data_skip = True  # each round trains on its own data, from its start
     model = build_student(config, device)
     counts = trainable_parameters(model)
-    kd = KDSettings(config.alpha, config.divergence, config.temperature, config.beta,
-                    config.chunk_size)
     teacher = _Teacher(config, model, tokenizer, device)
     trainer = None
     try:
@@ -145,7 +140,7 @@ def _distill_on_policy(config: DistillConfig, out: Path, progress: bool) -> Dist
                 raise PrimekdError(f"round {r} has no training sequences")
             teacher.release()
             tick = time.perf_counter()
-            trainer = _train_round(config, model, args, tokenizer, kd, items, out, previous,
+            trainer = _train_round(config, model, args, tokenizer, items, out, previous,
                                    progress, plan["steps_per_round"] * (r + 1))
             record.update(train_s=round(time.perf_counter() - tick, 3),
                           on_sequences=len(on_items), off_sequences=len(items) - len(on_items),
@@ -180,8 +175,7 @@ def _print_round(record: dict[str, Any]) -> None:
 def _finish(config: DistillConfig, trainer: KDTrainer, state: dict[str, Any],
             plan: dict[str, int], counts: tuple[int, int], device: str, out: Path, kind: str,
             wall: float) -> dict[str, Any]:
-    save_final_model(trainer, out)
-    _make_portable(out, config.student, kind)
+    save_final_model(trainer, out, config.student, kind)
     summary = _summary(config, trainer, state, plan, counts, device, wall)
     write_json(out / SUMMARY_FILE, summary)
     return summary
@@ -189,12 +183,8 @@ def _finish(config: DistillConfig, trainer: KDTrainer, state: dict[str, Any],
 
 def _prepare(config: DistillConfig, out: Path) -> dict[str, Any]:
     """`rounds.json` of a run being resumed (with --resume), else a fresh state."""
-    if config.resume and (out / CONFIG_FILE).exists():
-        check_resume_config(config, out)
-    elif (out / ROUNDS_DIR).exists() or (out / SUMMARY_FILE).exists():
-        raise PrimekdError(f"{out} already holds a distill run: pass --resume to continue it, "
-                           "or choose a new --out")
-    atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    check_out(config, out, ROUNDS_DIR)
+    write_config(config, out)
     if (out / ROUNDS_FILE).exists():
         return read_json(out / ROUNDS_FILE)
     return {"format": "primekd-on-policy-rounds", "rounds": []}
@@ -222,9 +212,8 @@ def _off_policy_pool(config: DistillConfig, tokenizer: Any) -> list[Item]:
 
 
 def _load_adapter(model: Any, checkpoint: str) -> None:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
+    """The LoRA weights of a saved round (the file itself: peft's `load_peft_weights` would
+    look for a missing one on the hub)."""
     set_peft_model_state_dict(model, load_file(str(Path(checkpoint) /
                                                    "adapter_model.safetensors")))
 
@@ -365,9 +354,8 @@ def _manifest(config: DistillConfig, round_dir: Path, strategy: Strategy, tokeni
               "top_k": config.top_k, "keep": "all", "engine": config.engine, "shard": None}
     return {
         "format": store.FORMAT, "format_version": store.FORMAT_VERSION,
-        "teacher": params["teacher"], "tokenizer_fingerprint": params["tokenizer_fingerprint"],
-        "strategy": params["strategy"], "target": TARGET, "generation": params["generation"],
-        "top_k": config.top_k, "keep": "all", "engine": config.engine, "shard": None,
+        **{key: params[key] for key in ("teacher", "tokenizer_fingerprint", "strategy", "target",
+                                        "generation", "top_k", "keep", "engine", "shard")},
         "logprobs": "full-vocabulary log-softmax at temperature 1 of the teacher (under the "
                     "priming prompt) over the student's answer; top_k per token",
         "columns": list(store.COLUMNS),
@@ -501,19 +489,11 @@ class _RoundEnd(TrainerCallback):
 
 
 def _train_round(config: DistillConfig, model: Any, args: Any, tokenizer: Any,
-                 kd: KDSettings, items: list[Item], out: Path, previous: str | None,
-                 progress: bool, last_step: int) -> KDTrainer:
-    trainer = KDTrainer(model=model, args=args, train_dataset=items,
-                        data_collator=KDCollator(tokenizer.pad_token_id),
-                        processing_class=tokenizer,
-                        callbacks=[TrainLogWriter(out), _RoundEnd(last_step)], kd=kd)
-    _quiet_callbacks(trainer, progress)
-    trainer.resumed_totals = _resumed_totals(previous)
-    trainer.tokens_seen = trainer.resumed_totals[1]
-    try:
-        trainer.train(resume_from_checkpoint=previous)
-    finally:
-        _stop_progress(trainer)
+                 items: list[Item], out: Path, previous: str | None, progress: bool,
+                 last_step: int) -> KDTrainer:
+    trainer = kd_trainer(config, model, args, tokenizer, out, items,
+                         callbacks=[_RoundEnd(last_step)], progress=progress)
+    trainer.train(resume_from_checkpoint=previous)
     return trainer
 
 
@@ -521,28 +501,14 @@ def _summary(config: DistillConfig, trainer: KDTrainer, state: dict[str, Any],
              plan: dict[str, int], counts: tuple[int, int], device: str, wall: float
              ) -> dict[str, Any]:
     rounds = state["rounds"]
-    loss_sum, tokens = trainer.run_totals()
-    train_logs = [h for h in trainer.state.log_history if "loss" in h]
     cost = {key: round(sum(r.get(key) or 0.0 for r in rounds), 3)
             for key in ("rollout_s", "score_s", "train_s")}
-    return {
-        "out": str(config.out), "student": config.student, "objective": config.objective,
-        "divergence": config.divergence if config.alpha < 1 else None,
-        "adapter": not config.full_finetune,
-        "final_train_loss": train_logs[-1]["loss"] if train_logs else None,
-        "mean_train_loss": loss_sum / max(trainer.state.global_step, 1),
-        "val_loss_before": None, "val_loss_after": None, "val_improvement": None,
-        "steps": trainer.state.global_step, "epochs": trainer.state.epoch,
-        "tokens": tokens,
-        "tokens_per_s": tokens / cost["train_s"] if cost["train_s"] else None,
-        "train_runtime_s": cost["train_s"], "wall_time_s": round(wall, 3),
-        "trainable_params": counts[0], "total_params": counts[1],
-        "trainable_fraction": counts[0] / counts[1] if counts[1] else None,
-        "device": device, "world_size": trainer.args.world_size,
-        "data": {"source": "on_policy", "teacher_store": config.teacher_store,
-                 "white_box": config.alpha < 1},
-        "on_policy": {"teacher": config.teacher or config.student,
-                      "strategy": config.strategy, "lmbda": config.lmbda,
-                      "rounds": rounds, "plan": plan, "cost_s": cost,
-                      "engine": config.engine},
-    }
+    data = {"source": "on_policy", "teacher_store": config.teacher_store,
+            "white_box": config.alpha < 1}
+    summary = run_summary(config, trainer, counts, device, white_box=config.alpha < 1,
+                          train_time=cost["train_s"], untimed_tokens=0, wall=wall, data=data)
+    summary["on_policy"] = {"teacher": config.teacher or config.student,
+                            "strategy": config.strategy, "lmbda": config.lmbda,
+                            "rounds": rounds, "plan": plan, "cost_s": cost,
+                            "engine": config.engine}
+    return summary

@@ -19,16 +19,27 @@ import math
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from accelerate import init_empty_weights
+from peft import LoraConfig, get_peft_model
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import get_last_checkpoint
 
-from primekd.core import options
+from primekd.core import options, outdir
 from primekd.core.errors import PrimekdError
 from primekd.core.io import atomic_write, atomic_write_text, dumps, write_json
 from primekd.core.models import (
@@ -39,7 +50,7 @@ from primekd.core.models import (
     resolve,
 )
 from primekd.distill.config import OPTIMIZERS, DistillConfig, check_config
-from primekd.distill.data import Datasets, KDCollator, build_datasets, check_vocabulary
+from primekd.distill.data import Item, KDCollator, build_datasets, check_vocabulary
 from primekd.distill.kd_loss import kd_loss_parts
 
 CONFIG_FILE, SUMMARY_FILE = "distill_config.yaml", "summary.json"
@@ -76,6 +87,11 @@ class KDSettings:
     temperature: float = 1.0
     beta: float | None = None
     chunk_size: int = 1024
+
+    @classmethod
+    def of(cls, config: DistillConfig) -> KDSettings:
+        return cls(config.alpha, config.divergence, config.temperature, config.beta,
+                   config.chunk_size)
 
 
 class _HeadTap:
@@ -150,14 +166,26 @@ class KDTrainer(Trainer):
             self._tap = None
         self._reset_meter()
         # Whole-run totals (loss summed over optimizer steps, input tokens), carried across
-        # --resume in each checkpoint's RUN_TOTALS file.
+        # --resume in each checkpoint's RUN_TOTALS file (read by `train`).
         self._run_totals = torch.zeros(2, dtype=torch.float64)
         self.resumed_totals = (0.0, 0)
+        self.tokens_seen = 0
 
     def _reset_meter(self) -> None:
         self._meter = torch.zeros(5, dtype=torch.float64)  # ce, kd, n_ce, n_kd, input tokens
         self._meter_since = time.perf_counter()
-        self.tokens_seen = getattr(self, "tokens_seen", 0)
+
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any) -> Any:
+        """Trainer's `train`, carrying the whole-run totals of the checkpoint it resumes
+        from, and with the progress bar stopped however training ends."""
+        self.resumed_totals = _resumed_totals(resume_from_checkpoint)
+        self.tokens_seen = self.resumed_totals[1]
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        finally:
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, _RichProgress):
+                    callback.stop()
 
     def loss_parts(self, model: Any, inputs: dict[str, torch.Tensor]) -> Any:
         """Forward the student and return the `LossParts` sums of this batch."""
@@ -195,7 +223,6 @@ class KDTrainer(Trainer):
                 loss = loss * self.accelerator.num_processes  # DDP averages the gradients
         if model.training:
             self._stop_if_not_finite(loss.detach())
-        if model.training:
             tokens = int(inputs["attention_mask"].sum())
             self._run_totals[1] += tokens
             self._meter += torch.tensor([float(parts.ce_sum.detach()), float(parts.kd_sum.detach()),
@@ -335,6 +362,9 @@ class _RichProgress(TrainerCallback):
             self.bar.update(self.task, completed=state.global_step)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.stop()
+
+    def stop(self) -> None:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
@@ -419,8 +449,6 @@ def mixed_precision(config: DistillConfig, device: str) -> dict[str, bool]:
 
 
 def build_student(config: DistillConfig, device: str) -> Any:
-    from transformers import set_seed
-
     set_seed(config.seed)  # LoRA's random init
     # device None: where from_pretrained put it (meta on ranks > 0 under FSDP's
     # cpu_ram_efficient_loading, partitioned under ZeRO-3); Trainer/accelerate place it.
@@ -430,8 +458,6 @@ def build_student(config: DistillConfig, device: str) -> Any:
     if config.full_finetune:
         model.train()
         return model
-    from peft import LoraConfig, get_peft_model
-
     targets: str | list[str] = config.target_modules
     if targets == ["all-linear"]:
         targets = "all-linear"
@@ -526,17 +552,13 @@ def distill_off_policy(config: DistillConfig, callbacks: list[TrainerCallback] |
     """Train a student adapter (or full model) from a teacher store or the references."""
     check_config(config)
     out = Path(config.out)
-    with _claimed(out, config.force):
+    with claimed(out, config.force):
         return _distill(config, out, callbacks, progress)
 
 
-def _claimed(out: Path, force: bool) -> Any:
+def claimed(out: Path, force: bool) -> Any:
     """The output directory checked, locked and marked (by the first process only: under
     `accelerate launch` every rank writes into the same --out)."""
-    from contextlib import nullcontext
-
-    from primekd.core import outdir
-
     # before the Trainer exists (no is_world_process_zero yet): the launcher's rank
     if int(os.environ.get("RANK", "0")) != 0:
         return nullcontext(out)
@@ -545,7 +567,9 @@ def _claimed(out: Path, force: bool) -> Any:
 
 def _distill(config: DistillConfig, out: Path, callbacks: list[TrainerCallback] | None,
              progress: bool) -> DistillResult:
-    resume_from = _prepare_out(config, out)
+    out.mkdir(parents=True, exist_ok=True)
+    check_out(config, out, CHECKPOINTS)
+    resume_from = _last_checkpoint(out) if config.resume else None
     started = time.perf_counter()
     device = config.device or default_device()
     mixed_precision(config, device)  # refuse float16 without CUDA before loading anything
@@ -558,40 +582,48 @@ def _distill(config: DistillConfig, out: Path, callbacks: list[TrainerCallback] 
     # TrainingArguments first: under ZeRO-3 it registers the config from_pretrained reads to
     # partition the weights while loading (zero.Init) instead of loading all of them per rank.
     args = training_arguments(config, out, device, progress, bool(data.val))
-    _write_config(config, out, args)
+    if args.process_index == 0:
+        write_config(config, out)
     model = build_student(config, device)
     counts = trainable_parameters(model)
-    trainer = KDTrainer(
-        model=model, args=args, train_dataset=data.train, eval_dataset=data.val or None,
-        data_collator=KDCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-        callbacks=[TrainLogWriter(out), *_tensorboard(out), *(callbacks or [])],
-        kd=KDSettings(config.alpha, config.divergence, config.temperature, config.beta,
-                      config.chunk_size))
-    _quiet_callbacks(trainer, progress)
-    trainer.resumed_totals = _resumed_totals(resume_from)
-    trainer.tokens_seen = trainer.resumed_totals[1]
+    trainer = kd_trainer(config, model, args, tokenizer, out, data.train, data.val,
+                         [*_tensorboard(out), *(callbacks or [])], progress)
     if data.val and resume_from is None:
         trainer.add_callback(_ValidateAtStart(trainer))
-    try:
-        output = trainer.train(resume_from_checkpoint=resume_from)
-        val_before = _val_before(trainer.state.log_history) if data.val else None
-        val_after = _val_after(trainer) if data.val else None
-    finally:
-        _stop_progress(trainer)
-    save_final_model(trainer, out)
-    if trainer.is_world_process_zero():
-        _make_portable(out, config.student, source.kind)
-    summary = _summary(config, trainer, data, output, val_before, val_after,
-                       time.perf_counter() - started, device, counts)
+    output = trainer.train(resume_from_checkpoint=resume_from)
+    val_before = _val_before(trainer.state.log_history) if data.val else None
+    val_after = _val_after(trainer) if data.val else None
+    save_final_model(trainer, out, config.student, source.kind)
+    wall = time.perf_counter() - started
+    summary = run_summary(config, trainer, counts, device, white_box=data.info.get("white_box"),
+                          val_loss=(val_before, val_after),
+                          train_time=output.metrics.get("train_runtime") or wall,
+                          untimed_tokens=trainer.resumed_totals[1], wall=wall, data=data.info)
     if trainer.is_world_process_zero():
         write_json(out / SUMMARY_FILE, summary)
     return DistillResult(out, summary, list(trainer.state.log_history))
 
 
+def kd_trainer(config: DistillConfig, model: Any, args: TrainingArguments, tokenizer: Any,
+               out: Path, train: list[Item], val: list[Item] | None = None,
+               callbacks: list[TrainerCallback] | None = None, progress: bool = True
+               ) -> KDTrainer:
+    """A `KDTrainer` with primekd's callbacks: the train log in `out`, and the rich progress
+    bar (or none) instead of Trainer's tqdm bar and printed log dicts."""
+    trainer = KDTrainer(model=model, args=args, train_dataset=train, eval_dataset=val or None,
+                        data_collator=KDCollator(tokenizer.pad_token_id),
+                        processing_class=tokenizer,
+                        callbacks=[TrainLogWriter(out), *(callbacks or [])],
+                        kd=KDSettings.of(config))
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if progress:
+        trainer.add_callback(_RichProgress())
+    return trainer
+
+
 def _embedding_rows(source: Any) -> int:
     """The student's vocabulary rows from its config (no weights loaded)."""
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(source.path)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(text.vocab_size)
@@ -605,9 +637,6 @@ def _linear_names(model: torch.nn.Module) -> list[str]:
 def _check_target_modules(config: DistillConfig, source: Any) -> None:
     """Refuse LoRA targets the student does not have before its weights load, from the
     architecture built on the meta device (no memory, well under a second)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     if config.target_modules == ["all-linear"]:
         return
     with init_empty_weights():
@@ -620,21 +649,17 @@ def _check_target_modules(config: DistillConfig, source: Any) -> None:
                            "pass them with --target-modules")
 
 
-def _stop_progress(trainer: Trainer) -> None:
-    for callback in trainer.callback_handler.callbacks:
-        if isinstance(callback, _RichProgress) and callback.bar is not None:
-            callback.bar.stop()
-            callback.bar = None
-
-
-def save_final_model(trainer: KDTrainer, out: Path) -> None:
-    """The adapter (or full model) and tokenizer in `out`. Under FSDP the weights are
-    gathered into one full state dict first: accelerate's FSDP2 default, a sharded state dict,
-    makes `save_model` write no adapter_config.json and no loadable weights."""
+def save_final_model(trainer: KDTrainer, out: Path, reference: str, kind: str) -> None:
+    """The adapter (or full model) and tokenizer in `out`, made portable. Under FSDP the
+    weights are gathered into one full state dict first: accelerate's FSDP2 default, a
+    sharded state dict, makes `save_model` write no adapter_config.json and no loadable
+    weights."""
     if trainer.is_fsdp_enabled:
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(out))
     trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        make_portable(out, reference, kind)
 
 
 def adapter_is_saved(out: str | Path) -> bool:
@@ -646,7 +671,7 @@ def adapter_is_saved(out: str | Path) -> bool:
         w.name != "training_args.bin" for w in weights)
 
 
-def _make_portable(out: Path, reference: str, kind: str) -> None:
+def make_portable(out: Path, reference: str, kind: str) -> None:
     """Record the base model as the user named it (the bundled GGUF as the hub id it came
     from), not the machine-local conversion cache, and give the weights the mode of their
     siblings (safetensors writes them 0600)."""
@@ -662,16 +687,22 @@ def _make_portable(out: Path, reference: str, kind: str) -> None:
             weights.chmod(mode)
 
 
-def _resumed_totals(resume_from: str | None) -> tuple[float, int]:
-    if resume_from is None or not (Path(resume_from) / RUN_TOTALS).exists():
+def _resumed_totals(resume_from: str | bool | None) -> tuple[float, int]:
+    if not isinstance(resume_from, str) or not (Path(resume_from) / RUN_TOTALS).exists():
         return 0.0, 0
     totals = json.loads((Path(resume_from) / RUN_TOTALS).read_text(encoding="utf-8"))
     return float(totals["loss_sum"]), int(totals["tokens"])
 
 
-def check_resume_config(config: DistillConfig, out: Path) -> None:
-    """A --resume whose options differ from the saved config (run-only fields aside) is
-    refused: it would mix two runs in one directory."""
+def check_out(config: DistillConfig, out: Path, marker: str) -> None:
+    """Refuse a second run in `out` (one holding `marker` or a summary) without --resume,
+    and a --resume whose options differ from the saved config (run-only fields aside): it
+    would mix two runs in one directory."""
+    if not config.resume:
+        if (out / marker).exists() or (out / SUMMARY_FILE).exists():
+            raise PrimekdError(f"{out} already holds a distill run: pass --resume to continue "
+                               "it, or choose a new --out")
+        return  # a train log left by a run killed before its first checkpoint is rewritten
     saved = out / CONFIG_FILE
     if not saved.exists():
         return
@@ -684,24 +715,13 @@ def check_resume_config(config: DistillConfig, out: Path) -> None:
                            f"{CONFIG_FILE} or a new --out")
 
 
-def _prepare_out(config: DistillConfig, out: Path) -> str | None:
-    """Create `out`; with --resume return the last checkpoint, refusing a changed config."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    out.mkdir(parents=True, exist_ok=True)
+def _last_checkpoint(out: Path) -> str | None:
     checkpoints = out / CHECKPOINTS
-    if config.resume:
-        check_resume_config(config, out)
-        return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-    if checkpoints.exists() or (out / SUMMARY_FILE).exists():
-        raise PrimekdError(f"{out} already holds a distill run: pass --resume to continue it, "
-                           "or choose a new --out")
-    return None  # a train log left by a run killed before its first checkpoint is rewritten
+    return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
 
 
-def _write_config(config: DistillConfig, out: Path, args: TrainingArguments) -> None:
-    if args.process_index == 0:
-        atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
+def write_config(config: DistillConfig, out: Path) -> None:
+    atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def _tensorboard(out: Path) -> list[TrainerCallback]:
@@ -713,13 +733,6 @@ def _tensorboard(out: Path) -> list[TrainerCallback]:
     callback = TensorBoardCallback()
     callback.logging_dir = str(out / "tensorboard")
     return [callback]
-
-
-def _quiet_callbacks(trainer: Trainer, progress: bool) -> None:
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    if progress:
-        trainer.add_callback(_RichProgress())
 
 
 def _val_before(history: list[dict[str, Any]]) -> float | None:
@@ -737,31 +750,33 @@ def _val_after(trainer: KDTrainer) -> float:
     return trainer.evaluate()["eval_loss"]
 
 
-def _summary(config: DistillConfig, trainer: KDTrainer, data: Datasets, output: Any,
-             val_before: float | None, val_after: float | None, wall: float,
-             device: str, counts: tuple[int, int]) -> dict[str, Any]:
-    history = trainer.state.log_history
-    train_logs = [h for h in history if "loss" in h]
+def run_summary(config: DistillConfig, trainer: KDTrainer, counts: tuple[int, int],
+                device: str, *, white_box: bool | None, train_time: float,
+                untimed_tokens: int, wall: float, data: dict[str, Any],
+                val_loss: tuple[float | None, float | None] = (None, None)
+                ) -> dict[str, Any]:
+    """summary.json of a finished run (off- or on-policy). `untimed_tokens`: the tokens
+    trained on outside `train_time` (before a --resume), left out of tokens/s."""
+    train_logs = [h for h in trainer.state.log_history if "loss" in h]
     trainable, total = counts
     loss_sum, tokens = trainer.run_totals()  # the whole run, across a --resume
-    session_tokens = tokens - trainer.resumed_totals[1]
-    train_time = output.metrics.get("train_runtime") or wall
+    before, after = val_loss
     return {
         "out": str(config.out),
         "student": config.student,
         "objective": config.objective,
-        "divergence": config.divergence if data.info.get("white_box") else None,
+        "divergence": config.divergence if white_box else None,
         "adapter": not config.full_finetune,
         "final_train_loss": train_logs[-1]["loss"] if train_logs else None,
         "mean_train_loss": loss_sum / max(trainer.state.global_step, 1),
-        "val_loss_before": val_before,
-        "val_loss_after": val_after,
-        "val_improvement": (val_before - val_after) if val_before is not None
-        and val_after is not None else None,
+        "val_loss_before": before,
+        "val_loss_after": after,
+        "val_improvement": before - after if before is not None and after is not None
+        else None,
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
         "tokens": tokens,
-        "tokens_per_s": session_tokens / train_time if train_time else None,
+        "tokens_per_s": (tokens - untimed_tokens) / train_time if train_time else None,
         "train_runtime_s": train_time,
         "wall_time_s": round(wall, 3),
         "trainable_params": trainable,
@@ -769,7 +784,7 @@ def _summary(config: DistillConfig, trainer: KDTrainer, data: Datasets, output: 
         "trainable_fraction": trainable / total if total else None,
         "device": device,
         "world_size": trainer.args.world_size,
-        "data": data.info,
+        "data": data,
     }
 
 
