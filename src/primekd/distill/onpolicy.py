@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
@@ -62,12 +62,15 @@ from primekd.distill.trainer import (
     write_config,
 )
 from primekd.engines import EngineSpec, Generation, SamplingParams, TopK, collect
+from primekd.engines.hf import HFEngine
+from primekd.evaluate.answer_stop import sampling_options
 from primekd.teach import store
 from primekd.teach.priming import Strategy, get_strategy
 from primekd.teach.teacher import answer_text
 
 ROUNDS_DIR, ROUNDS_FILE, ROLLOUT_FILE = "rounds", "rounds.json", "rollout.jsonl"
 TARGET = "student"
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------- the plan
@@ -88,13 +91,10 @@ def round_plan(config: DistillConfig, n_questions: int, n_pool: int) -> dict[str
             "steps_per_round": steps, "max_steps": steps * config.rounds}
 
 
-def round_questions(examples: list[Example], r: int, n: int) -> list[Example]:
-    """Round r's questions: the next n of the (id-ordered) set, wrapping around."""
-    return [examples[(r * n + j) % len(examples)] for j in range(n)] if n else []
-
-
-def round_off_policy(pool: list[Item], r: int, n: int) -> list[Item]:
-    return [pool[(r * n + j) % len(pool)] for j in range(n)] if n else []
+def round_slice(values: list[T], r: int, n: int) -> list[T]:
+    """Round r's share of `values` (questions in id order, or off-policy items): the next n,
+    wrapping around."""
+    return [values[(r * n + j) % len(values)] for j in range(n)] if n else []
 
 
 # ---------------------------------------------------------------- the run
@@ -131,11 +131,11 @@ def _distill_on_policy(config: DistillConfig, out: Path, progress: bool) -> Dist
             if previous is not None and trainer is None:
                 _load_adapter(model, previous)  # resumed: roll out with round r's student
             record = {"round": r}
-            questions = round_questions(examples, r, plan["on_questions"])
+            questions = round_slice(examples, r, plan["on_questions"])
             round_dir = out / ROUNDS_DIR / f"round-{r:03d}"
             on_items = _on_policy_round(config, model, tokenizer, teacher, strategy,
                                         questions, round_dir, r, record, progress)
-            items = on_items + round_off_policy(pool, r, plan["off_sequences"])
+            items = on_items + round_slice(pool, r, plan["off_sequences"])
             if not items:
                 raise PrimekdError(f"round {r} has no training sequences")
             teacher.release()
@@ -256,8 +256,6 @@ def _rollouts(config: DistillConfig, model: Any, tokenizer: Any, teacher: _Teach
     if todo:
         prompts = student_prompts(tokenizer, [e.question for e, _ in todo], config.prompt)
         seed = zlib.crc32(f"{config.seed}:on-policy:{r}".encode())
-        from primekd.evaluate.answer_stop import sampling_options
-
         stop = sampling_options(config.rollout_stop_at_answer)
         sampling = SamplingParams(config.rollout_max_new_tokens, config.rollout_temperature,
                                   1.0, seed, eos_after_cut=bool(stop), **stop)
@@ -401,8 +399,6 @@ class _Teacher:
 
                 self._merged = merged_model(resolve(self.config.student), str(adapter))
             return engine
-        from primekd.engines.hf import HFEngine
-
         model.eval()
         model.config.use_cache = True
         return HFEngine(model, self.tokenizer, batch_size=self.config.batch_size * 4)
@@ -427,8 +423,6 @@ class _Teacher:
             engine = get_engine(teacher, self.spec)  # the student's server is stopped now
             self._drop_merged()
             return engine
-        from primekd.engines.hf import HFEngine
-
         if self.self_teacher:
             return HFEngine(self.model, self.tokenizer, batch_size=self.config.batch_size * 4)
         if self._hf_teacher is None:

@@ -49,6 +49,7 @@ from primekd.core.models import (
     load_tokenizer,
     resolve,
 )
+from primekd.core.progress import progress_bar
 from primekd.distill.config import OPTIMIZERS, DistillConfig, check_config
 from primekd.distill.data import Item, KDCollator, build_datasets, check_vocabulary
 from primekd.distill.kd_loss import kd_loss_parts
@@ -350,8 +351,6 @@ class _RichProgress(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
-            from primekd.core.progress import progress_bar
-
             self.bar = progress_bar(True)
             self.bar.start()
             self.task = self.bar.add_task("training", total=state.max_steps,
