@@ -318,7 +318,6 @@ class KDTrainer(Trainer):
                                                          metrics)
         return metrics
 
-
     def _prepared_model(self) -> Any:
         """The model as accelerate prepared it. FSDP and DeepSpeed place and shard it only in
         `train()` (until then Trainer leaves it on the CPU), so under them the validation
