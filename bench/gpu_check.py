@@ -41,6 +41,7 @@ sys.path.insert(0, str(SRC))
 sys.path.insert(0, str(HERE))
 
 from primekd.core.errors import PrimekdError  # noqa: E402
+from primekd.core.testing import tiny_model  # noqa: E402
 
 
 def tokenizer_source(explicit: str | None) -> Any:
@@ -58,26 +59,6 @@ def tokenizer_source(explicit: str | None) -> Any:
     from primekd.core.testing import tiny_tokenizer
 
     return tiny_tokenizer()
-
-
-def tiny_llama(directory: Path, tokenizer: Any, hidden: int, layers: int, seed: int) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden,
-                         intermediate_size=hidden * 2, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=2048, tie_word_embeddings=False,
-                         bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 class Check:
@@ -320,8 +301,10 @@ def main() -> int:
     ctx.questions, ctx.new_tokens = 8, 24 if big else 12
     tokenizer = tokenizer_source(ctx.tokenizer)
     hidden = 256 if big else 64
-    ctx.teacher = tiny_llama(ctx.work / "teacher", tokenizer, hidden, 4 if big else 2, seed=1)
-    ctx.student = tiny_llama(ctx.work / "student-base", tokenizer, hidden // 2, 2, seed=2)
+    ctx.teacher = tiny_model(ctx.work / "teacher", seed=1, layers=4 if big else 2,
+                             tokenizer=tokenizer, hidden=hidden, positions=2048)
+    ctx.student = tiny_model(ctx.work / "student-base", seed=2, layers=2,
+                             tokenizer=tokenizer, hidden=hidden // 2, positions=2048)
     check = Check(ctx.work, ctx.device)
     steps = {"teach_distill_eval": pipeline, "tap_vs_full_logits": tap_vs_full,
              "accelerate_fsdp": fsdp, "kd_loss_memory": kd_memory,

@@ -26,7 +26,7 @@ if [[ "${1:-}" == "--pack" ]]; then
     "$PY" - "$dir/tokenizer" <<'PYEOF'
 import sys
 sys.path.insert(0, "src")
-from primekd.models import load_tokenizer
+from primekd.core.models import load_tokenizer
 load_tokenizer("smollm2-135m-instruct").save_pretrained(sys.argv[1])
 PYEOF
     size=$(du -sm "$dir" | cut -f1)

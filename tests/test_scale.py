@@ -493,3 +493,18 @@ def test_lora_targets_checked_before_the_weights_load(tiny_model_dir, whole, tmp
     with pytest.raises(PrimekdError, match="LoRA target modules nope not found"):
         distill(_config(skeleton, str(whole), tmp_path / "o", target_modules=["nope"]),
                 progress=False)
+
+
+@pytest.mark.slow
+def test_gpu_check_script_passes_on_cpu(tmp_path: Path) -> None:
+    """bench/gpu_check.sh cannot run on a GPU here; its CPU mode keeps every step's code
+    working (teach -> distill -> eval, the head tap, FSDP on 2 processes, the loss guards)."""
+    root = HERE.parent
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([str(root / "bench" / "gpu_check.sh"), "--device", "cpu",
+                             "--out", str(tmp_path / "check")], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "check" / "gpu_check.json").read_text())
+    assert report["device"] == "cpu" and len(report["steps"]) == 7
+    assert all(step["passed"] for step in report["steps"].values())

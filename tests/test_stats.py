@@ -13,8 +13,10 @@ from scipy.stats import binomtest
 from primekd.core.stats import (
     discordant_counts,
     holm_adjust,
+    holm_within,
     mcnemar_exact_p,
     paired_bootstrap_ci,
+    paired_comparison,
     summarize,
     wilson_interval,
 )
@@ -96,3 +98,25 @@ def test_summarize() -> None:
         "no_answer": 1,
     }
     assert summarize([])["accuracy"] == 0.0
+
+
+def test_paired_comparison_is_the_parts_put_together() -> None:
+    a = [True] * 10 + [False] * 30
+    b = [True] * 4 + [False] * 6 + [True] * 12 + [False] * 18
+    pair = paired_comparison(a, b, n_resamples=500, seed=3)
+    assert (pair.n, pair.only_a, pair.only_b) == (40, 6, 12)
+    assert pair.accuracy_a == 0.25 and pair.accuracy_b == 0.4
+    assert pair.diff == pytest.approx(0.15)
+    assert pair.ci95 == paired_bootstrap_ci(a, b, n_resamples=500, seed=3)
+    assert pair.p == mcnemar_exact_p(a, b)
+    assert paired_comparison([], []) is None
+    with pytest.raises(ValueError):
+        paired_comparison([True], [True, False])
+
+
+def test_holm_within_adjusts_the_present_p_values_only() -> None:
+    adjusted = holm_within([0.01, None, 0.04, 0.03])
+    assert adjusted[1] is None
+    assert adjusted[0] == pytest.approx(0.03) and adjusted[2] == pytest.approx(0.06)
+    assert adjusted[3] == pytest.approx(0.06)
+    assert holm_within([None]) == [None] and holm_within([]) == []

@@ -265,30 +265,27 @@ def _pair(
     if by == "id":
         _check_same_questions(ref, other, ref_rows, other_rows)
     keys = [key for key in ref_rows if key in other_rows]
-    a = [ref_rows[key].correct for key in keys]
-    b = [other_rows[key].correct for key in keys]
-    only_ref, only_other = stats.discordant_counts(a, b)
+    pair = stats.paired_comparison([ref_rows[key].correct for key in keys],
+                                   [other_rows[key].correct for key in keys], bootstrap, seed)
     unmatched = {
         "only_in_reference": [k for k in ref_rows if k not in other_rows],
         "only_in_file": [k for k in other_rows if k not in ref_rows],
     }
-    if not keys:
+    if pair is None:
         return PairedComparison(other.label, ref.label, by, 0, None, None, None, None,
                                 0, 0, None, None, **unmatched)
-    low, high = stats.paired_bootstrap_ci(a, b, n_resamples=bootstrap, seed=seed)
-    ref_acc, acc = sum(a) / len(a), sum(b) / len(b)
     return PairedComparison(
         label=other.label,
         reference=ref.label,
         matched_by=by,
-        n_paired=len(keys),
-        reference_accuracy=ref_acc,
-        accuracy=acc,
-        diff_points=100 * (acc - ref_acc),
-        ci95_points=(100 * low, 100 * high),
-        only_reference_correct=only_ref,
-        only_file_correct=only_other,
-        p_mcnemar=stats.mcnemar_exact_p(a, b),
+        n_paired=pair.n,
+        reference_accuracy=pair.accuracy_a,
+        accuracy=pair.accuracy_b,
+        diff_points=100 * pair.diff,
+        ci95_points=(100 * pair.ci95[0], 100 * pair.ci95[1]),
+        only_reference_correct=pair.only_a,
+        only_file_correct=pair.only_b,
+        p_mcnemar=pair.p,
         p_holm=None,
         **unmatched,
     )
@@ -320,10 +317,8 @@ def _check_same_questions(
 
 
 def _with_holm(pairs: list[PairedComparison]) -> list[PairedComparison]:
-    tested = [i for i, pair in enumerate(pairs) if pair.p_mcnemar is not None]
-    adjusted = stats.holm_adjust([pairs[i].p_mcnemar for i in tested])  # type: ignore[misc]
-    holm = dict(zip(tested, adjusted, strict=True))
-    return [replace(pair, p_holm=holm.get(i)) for i, pair in enumerate(pairs)]
+    holm = stats.holm_within([pair.p_mcnemar for pair in pairs])
+    return [replace(pair, p_holm=p) for pair, p in zip(pairs, holm, strict=True)]
 
 
 # --- rendering ------------------------------------------------------------------------------

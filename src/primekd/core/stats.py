@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -91,6 +92,41 @@ def paired_bootstrap_ci(
     )
     interval = result.confidence_interval
     return (float(interval.low), float(interval.high))
+
+
+@dataclass(frozen=True)
+class Paired:
+    """`b` against `a` on the same questions: the one paired comparison that `compare` and
+    the report both show. Accuracies and differences are fractions."""
+
+    n: int
+    accuracy_a: float
+    accuracy_b: float
+    diff: float  # accuracy_b - accuracy_a
+    ci95: tuple[float, float]  # paired bootstrap interval of `diff`
+    only_a: int  # questions only `a` got right
+    only_b: int
+    p: float  # exact McNemar, before any multiple-comparison adjustment
+
+
+def paired_comparison(a: Sequence[bool], b: Sequence[bool], n_resamples: int = 10_000,
+                      seed: int = 0) -> Paired | None:
+    """Accuracy difference, its bootstrap interval and McNemar p; None without questions."""
+    if not a:
+        _check_paired(a, b)
+        return None
+    only_a, only_b = discordant_counts(a, b)
+    accuracy_a, accuracy_b = sum(a) / len(a), sum(b) / len(b)
+    return Paired(len(a), accuracy_a, accuracy_b, accuracy_b - accuracy_a,
+                  paired_bootstrap_ci(a, b, n_resamples, seed), only_a, only_b,
+                  mcnemar_exact_p(a, b))
+
+
+def holm_within(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm-adjusted p-values over the family of those present; None stays None."""
+    present = [i for i, p in enumerate(p_values) if p is not None]
+    adjusted = dict(zip(present, holm_adjust([p_values[i] for i in present]), strict=True))
+    return [adjusted.get(i) for i in range(len(p_values))]
 
 
 def holm_adjust(p_values: Sequence[float]) -> list[float]:

@@ -8,6 +8,7 @@ generation, LoRA, attention hooks) runs in milliseconds on CPU.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
@@ -44,24 +45,28 @@ def tiny_tokenizer(vocab_size: int = 320):
 
 
 def tiny_model(
-    directory: str | Path, seed: int = 0, layers: int = 2, vocab_size: int = 320
+    directory: str | Path, seed: int = 0, layers: int = 2, vocab_size: int = 320,
+    tokenizer: Any = None, hidden: int = 32, positions: int = 1024,
 ) -> Path:
-    """Write a tiny random Llama + tokenizer to `directory` and return it."""
+    """Write a tiny random Llama + tokenizer to `directory` and return it; `tokenizer`
+    (e.g. SmolLM2's, for a real vocabulary size) replaces the tiny BPE one."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     directory = Path(directory)
     if (directory / "config.json").exists():
         return directory
-    tokenizer = tiny_tokenizer(vocab_size)
+    tokenizer = tokenizer or tiny_tokenizer(vocab_size)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=1024,
+        max_position_embeddings=positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

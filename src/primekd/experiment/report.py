@@ -184,18 +184,13 @@ def results_rows(runs: dict[str, EvalRun]) -> tuple[list[ResultRow], list[str], 
     references = [r for r in ("kd-none", "base") if r in runs]
     for ref in references:
         others = [name for name in runs if name != ref]
-        diffs, ps = [], []
-        for name in others:
-            a, b = _paired(runs[ref], runs[name])
-            diffs.append(_mean(b) - _mean(a))
-            ps.append(stats.mcnemar_exact_p(a, b) if a else math.nan)
-            if a:
-                rows[name].ci_vs[ref] = stats.paired_bootstrap_ci(a, b, n_resamples=2000,
-                                                                  seed=0)
-        valid = [p for p in ps if not math.isnan(p)]
-        adjusted = iter(stats.holm_adjust(valid))
-        for name, diff, p in zip(others, diffs, ps, strict=True):
-            rows[name].vs[ref] = (diff, None if math.isnan(p) else next(adjusted))
+        pairs = [stats.paired_comparison(*_paired(runs[ref], runs[name]), n_resamples=2000)
+                 for name in others]
+        holm = stats.holm_within([pair.p if pair else None for pair in pairs])
+        for name, pair, p in zip(others, pairs, holm, strict=True):
+            rows[name].vs[ref] = (pair.diff if pair else 0.0, p)
+            if pair:
+                rows[name].ci_vs[ref] = pair.ci95
     gain_ref = references[0] if references else None
     if gain_ref:
         base_acc = runs[gain_ref].accuracy
@@ -209,10 +204,6 @@ def _paired(a: EvalRun, b: EvalRun) -> tuple[list[bool], list[bool]]:
     ids = [i for i in a.rows if i in b.rows]
     return ([bool(a.rows[i].get("correct")) for i in ids],
             [bool(b.rows[i].get("correct")) for i in ids])
-
-
-def _mean(flags: list[bool]) -> float:
-    return sum(flags) / len(flags) if flags else 0.0
 
 
 # --- Markdown sections --------------------------------------------------------------------------

@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
-# Run the `small` preset (issue 14) from a clean clone and publish its report in the
-# repository, under docs/results/small/, with the commit it came from and the machine.
+# Run a preset (default `small`, issue 14) from a clean clone and publish its report in the
+# repository, under docs/results/<preset>/, with the commit it came from and the machine.
 #
-#   bench/run_small.sh                 # clone HEAD into a temp dir, set up, run, publish
-#   bench/run_small.sh --here          # run in this checkout (must be clean), then publish
-#   RUN_SMALL_SET="eval.batch_size=32" bench/run_small.sh   # extra --set overrides (recorded)
+#   bench/run_preset.sh                 # clone HEAD into a temp dir, set up, run, publish
+#   bench/run_preset.sh --here          # run in this checkout (must be clean), then publish
+#   PRESET=small-onpolicy bench/run_preset.sh               # another preset
+#   RUN_SMALL_SET="eval.batch_size=32" bench/run_preset.sh  # extra --set overrides (recorded)
 #
-# The run directory is kept (runs/small in the clone; its path is printed): a rerun of this
+# The run directory is kept (runs/<preset> in the clone; its path is printed): a rerun of this
 # script with --here on the same checkout is served from the stage cache. Nothing is
-# committed: review docs/results/small/ and commit it yourself. Training uses 2 threads
+# committed: review docs/results/<preset>/ and commit it yourself. Training uses 2 threads
 # (OMP_NUM_THREADS=2, measured 1.34x over 1 on 2 cores): run it on cores nothing else uses.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 here=false
+preset=${PRESET:-small}
 [[ "${1:-}" == "--here" ]] && here=true
 if [[ -n "$(git status --porcelain --untracked-files=no)" ]]; then
-    echo "run_small: the checkout has uncommitted changes; commit them first (the report" \
+    echo "run_preset: the checkout has uncommitted changes; commit them first (the report" \
          "names the commit it came from)" >&2
     exit 2
 fi
@@ -24,7 +26,7 @@ commit=$(git rev-parse HEAD)
 if $here; then
     work=$repo
 else
-    work=$(mktemp -d /tmp/primekd-small.XXXXXX)
+    work=$(mktemp -d "/tmp/primekd-$preset.XXXXXX")
     git clone --quiet --no-hardlinks "$repo" "$work/primekd"
     work=$work/primekd
     git -C "$work" checkout --quiet "$commit"
@@ -38,24 +40,25 @@ sets=()
 for item in ${RUN_SMALL_SET:-}; do sets+=(--set "$item"); done
 mkdir -p runs  # a fresh clone has none (runs/ is ignored)
 run_s=$SECONDS
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} .venv/bin/primekd run --preset small --out runs/small \
-    "${sets[@]}" --json > runs/small-summary.json
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} .venv/bin/primekd run --preset "$preset" --out "runs/$preset" \
+    "${sets[@]}" --json > "runs/$preset-summary.json"
 run_s=$((SECONDS - run_s))
 rerun_s=$SECONDS
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} .venv/bin/primekd run --preset small --out runs/small \
-    "${sets[@]}" --json > runs/small-rerun.json
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} .venv/bin/primekd run --preset "$preset" --out "runs/$preset" \
+    "${sets[@]}" --json > "runs/$preset-rerun.json"
 rerun_s=$((SECONDS - rerun_s))
 
-dest=$repo/docs/results/small
+dest=$repo/docs/results/$preset
 rm -rf "$dest"
 mkdir -p "$dest"
-cp runs/small/report.md runs/small/report.html runs/small/config.yaml "$dest/"
-cp -r runs/small/report_files "$dest/"
+cp "runs/$preset"/{report.md,report.html,config.yaml} "$dest/"
+cp -r "runs/$preset/report_files" "$dest/"
 # report.md also links the attention plots and the head ranking
 mkdir -p "$dest/attention"
-cp -r runs/small/attention/plots runs/small/attention/head_ranking.csv "$dest/attention/"
-cp runs/small-summary.json "$dest/run-summary.json"
+cp -r "runs/$preset/attention/plots" "runs/$preset/attention/head_ranking.csv" "$dest/attention/"
+cp "runs/$preset-summary.json" "$dest/run-summary.json"
 {
+    echo "preset: $preset"
     echo "commit: $commit"
     echo "started_utc: $started"
     echo "setup_seconds: $setup_s"
@@ -72,5 +75,5 @@ cp runs/small-summary.json "$dest/run-summary.json"
     echo "  python: $(.venv/bin/python -V 2>&1)"
     echo "  omp_num_threads: ${OMP_NUM_THREADS:-2}"
 } > "$dest/RUN.txt"
-echo "run_small: published to $dest (run ${run_s}s, cached rerun ${rerun_s}s); the run" \
-     "directory is $work/runs/small"
+echo "run_preset: published to $dest (run ${run_s}s, cached rerun ${rerun_s}s); the run" \
+     "directory is $work/runs/$preset"
