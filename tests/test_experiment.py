@@ -15,13 +15,23 @@ from primekd.cli import app
 from primekd.core import options
 from primekd.core.errors import PrimekdError
 from primekd.experiment import report
-from primekd.experiment import runner as experiment
-from primekd.experiment.runner import load_config, plan, run_stage
+from primekd.experiment.config import (
+    PRESETS,
+    STAGE_CONFIGS,
+    DataSlice,
+    ExperimentConfig,
+    ReportSection,
+    load_config,
+    preset_text,
+)
+from primekd.experiment.report import record_path
+from primekd.experiment.runner import run_experiment, run_lock, run_stage
+from primekd.experiment.stages import Stage, plan, stage_config, stage_hash
 
 # --- presets ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset", experiment.PRESETS)
+@pytest.mark.parametrize("preset", PRESETS)
 def test_presets_load_and_plan(preset: str, tmp_path: Path) -> None:
     config = load_config(preset=preset)
     stages = plan(config, tmp_path)
@@ -33,15 +43,15 @@ def test_presets_load_and_plan(preset: str, tmp_path: Path) -> None:
 
 def test_paper_preset_lists_every_key() -> None:
     """`--print-config --preset paper` is the complete reference: every settable key."""
-    raw = yaml.safe_load(experiment.preset_text("paper"))
+    raw = yaml.safe_load(preset_text("paper"))
     for section, kind in (("teacher", "teacher"), ("distill", "distill"), ("eval", "eval"),
                           ("attention", "attention")):
-        missing = set(options.settable(experiment.STAGE_CONFIGS[kind])) - set(raw[section])
+        missing = set(options.settable(STAGE_CONFIGS[kind])) - set(raw[section])
         assert not missing, f"paper.yaml `{section}` lacks {sorted(missing)}"
-    top = {f for f in experiment.ExperimentConfig.__dataclass_fields__}
+    top = {f for f in ExperimentConfig.__dataclass_fields__}
     assert top == set(raw)
-    assert set(raw["data"]["test"]) == set(experiment.DataSlice.__dataclass_fields__)
-    assert set(raw["report"]) == set(experiment.ReportSection.__dataclass_fields__)
+    assert set(raw["data"]["test"]) == set(DataSlice.__dataclass_fields__)
+    assert set(raw["report"]) == set(ReportSection.__dataclass_fields__)
     paper = load_config(preset="paper")
     assert paper.data.test.sample is None and paper.data.test.limit is None  # full test set
     assert (paper.distill["lora_r"], paper.distill["lora_alpha"]) == (4, 8)
@@ -52,11 +62,14 @@ def test_paper_preset_lists_every_key() -> None:
 def test_print_config_is_the_commented_preset() -> None:
     result = CliRunner().invoke(app, ["run", "--print-config", "--preset", "paper"])
     assert result.exit_code == 0, result.output
-    assert result.output == experiment.preset_text("paper")
+    assert result.output == preset_text("paper")
     assert "# the paper's LoRA" in result.output
     resolved = CliRunner().invoke(app, ["run", "--print-config", "--set", "eval.few_shot=2"])
     assert resolved.exit_code == 0, resolved.output
     assert yaml.safe_load(resolved.output)["eval"]["few_shot"] == 2
+    unknown = CliRunner().invoke(app, ["run", "--print-config", "--preset", "nope"])
+    assert isinstance(unknown.exception, PrimekdError)  # main() prints it on one line, exit 2
+    assert "unknown preset 'nope'; choose one of quick, small" in str(unknown.exception)
 
 
 # --- validation ---------------------------------------------------------------------------------
@@ -152,7 +165,7 @@ def test_custom_strategy(tmp_path: Path) -> None:
         "strategies.careful.prefill=Let's check.",
     ])
     stage = next(s for s in plan(config, tmp_path) if s.name == "teacher/careful")
-    teach_config = experiment.stage_config(stage)
+    teach_config = stage_config(stage)
     assert teach_config.strategy == "careful"
     assert teach_config.strategies_file.endswith("careful.yaml")
     with pytest.raises(PrimekdError, match="is a built-in"):
@@ -217,7 +230,7 @@ class _Writer:
         self.calls = 0
         self.kill = False
 
-    def __call__(self, stage: experiment.Stage, progress: bool) -> dict:
+    def __call__(self, stage: Stage, progress: bool) -> dict:
         self.calls += 1
         from primekd.core.outdir import write_marker
 
@@ -229,10 +242,10 @@ class _Writer:
         return {"tokens": 10 * self.calls}
 
 
-def _stage(tmp_path: Path, value: int) -> experiment.Stage:
-    stage = experiment.Stage("eval/x", "eval", tmp_path / "eval" / "x", {"value": value},
+def _stage(tmp_path: Path, value: int) -> Stage:
+    stage = Stage("eval/x", "eval", tmp_path / "eval" / "x", {"value": value},
                              run_dir=tmp_path)
-    stage.hash = experiment.stage_hash("eval", stage.params, [])
+    stage.hash = stage_hash("eval", stage.params, [])
     return stage
 
 
@@ -271,13 +284,13 @@ def test_deleted_stage_dir_reruns(tmp_path: Path) -> None:
     assert stage.state() == "new"
     (tmp_path / "eval" / "y").mkdir(parents=True)
     (tmp_path / "eval" / "y" / "stray.txt").write_text("?")
-    unknown = experiment.Stage("eval/y", "eval", tmp_path / "eval" / "y", {}, run_dir=tmp_path)
+    unknown = Stage("eval/y", "eval", tmp_path / "eval" / "y", {}, run_dir=tmp_path)
     assert unknown.state() == "changed"  # content without a record is never trusted
 
 
 def test_one_run_per_directory(tmp_path: Path) -> None:
-    with (experiment.run_lock(tmp_path), pytest.raises(PrimekdError, match="another"),
-          experiment.run_lock(tmp_path)):
+    with (run_lock(tmp_path), pytest.raises(PrimekdError, match="another"),
+          run_lock(tmp_path)):
         pass
 
 
@@ -334,7 +347,7 @@ def test_markdown_to_html_is_self_contained(tmp_path: Path) -> None:
 
 
 def test_engine_section_reaches_teacher_and_eval_stages(tmp_path: Path) -> None:
-    def stages(*overrides: str) -> dict[str, experiment.Stage]:
+    def stages(*overrides: str) -> dict[str, Stage]:
         return {s.name: s for s in plan(load_config(overrides=list(overrides)), tmp_path)}
 
     hf = stages()
@@ -342,9 +355,9 @@ def test_engine_section_reaches_teacher_and_eval_stages(tmp_path: Path) -> None:
     served = stages("engine.name=vllm", "engine.options={max_model_len: 1024}",
                     "engine.base_url=http://127.0.0.1:8000")
     for name in ("teacher/none", "eval/base", "eval/kd-none"):
-        assert experiment.stage_config(vllm[name]).engine == "vllm"
-        assert experiment.stage_config(vllm[name]).engine_options == {"max_model_len": 1024}
-        assert experiment.stage_config(served[name]).base_url == "http://127.0.0.1:8000"
+        assert stage_config(vllm[name]).engine == "vllm"
+        assert stage_config(vllm[name]).engine_options == {"max_model_len": 1024}
+        assert stage_config(served[name]).base_url == "http://127.0.0.1:8000"
     changed = {n for n in hf if hf[n].hash != vllm[n].hash}
     assert "teacher/none" in changed and "eval/base" in changed
     assert "students/sft" not in changed  # training does not generate
@@ -358,7 +371,7 @@ def test_engine_section_reaches_teacher_and_eval_stages(tmp_path: Path) -> None:
 # --- sharded teachers and `run --only` ----------------------------------------------------------
 
 
-def _sharded(tmp_path: Path, shards: int = 2) -> experiment.ExperimentConfig:
+def _sharded(tmp_path: Path, shards: int = 2) -> ExperimentConfig:
     return load_config(preset="quick", overrides=[
         f"teacher_shards={shards}", "strategies=[none]", "controls=[]", "attention.enabled=false"])
 
@@ -367,18 +380,18 @@ def test_sharded_teacher_plan_feeds_every_shard_to_the_student(tmp_path: Path) -
     stages = {s.name: s for s in plan(_sharded(tmp_path), tmp_path)}
     shards = ["teacher/none/shard-0-of-2", "teacher/none/shard-1-of-2"]
     assert [n for n in stages if n.startswith("teacher/")] == shards
-    assert [experiment.stage_config(stages[n]).shard for n in shards] == ["0/2", "1/2"]
+    assert [stage_config(stages[n]).shard for n in shards] == ["0/2", "1/2"]
     assert stages[shards[0]].hash != stages[shards[1]].hash
     student = stages["students/kd-none"]
     assert student.upstream == tuple(shards)
-    assert experiment.stage_config(student).teacher_store == [
+    assert stage_config(student).teacher_store == [
         str(tmp_path / "teacher" / "none" / f"shard-{i}-of-2") for i in range(2)]
     with pytest.raises(PrimekdError, match="teacher_shards"):
         load_config(preset="quick", overrides=["teacher_shards=0"])
 
 
 def _fake_functions(calls: list[str]) -> dict:
-    def fn(stage: experiment.Stage, progress: bool) -> dict:
+    def fn(stage: Stage, progress: bool) -> dict:
         calls.append(stage.name)
         stage.directory.mkdir(parents=True, exist_ok=True)
         (stage.directory / ("manifest.json" if stage.kind == "teacher" else "summary.json")
@@ -391,35 +404,35 @@ def test_run_only_runs_the_named_stages_after_their_upstream(tmp_path: Path) -> 
     config, calls = _sharded(tmp_path), []
     functions = _fake_functions(calls)
     with pytest.raises(PrimekdError, match="students/kd-none needs teacher/none/shard-0-of-2"):
-        experiment.run_experiment(config, tmp_path, False, stage_functions=functions,
+        run_experiment(config, tmp_path, False, stage_functions=functions,
                                   only=["students/*"])
     with pytest.raises(PrimekdError, match="--only teacher/nope names no stage"):
-        experiment.run_experiment(config, tmp_path, False, stage_functions=functions,
+        run_experiment(config, tmp_path, False, stage_functions=functions,
                                   only=["teacher/nope"])
     assert calls == []
-    experiment.run_experiment(config, tmp_path, False, stage_functions=functions,
+    run_experiment(config, tmp_path, False, stage_functions=functions,
                               only=["teacher/none/shard-1-of-2"])
-    experiment.run_experiment(config, tmp_path, False, stage_functions=functions,
+    run_experiment(config, tmp_path, False, stage_functions=functions,
                               only=["teacher/*/shard-0-*", "students/kd-none"])
     assert calls == ["teacher/none/shard-1-of-2", "teacher/none/shard-0-of-2",
                      "students/kd-none"]
-    summary = experiment.run_experiment(config, tmp_path, False, stage_functions=functions)
+    summary = run_experiment(config, tmp_path, False, stage_functions=functions)
     assert [s.name for s in summary.stages if s.ran] == ["eval/kd-none", "report"]
 
 
 def test_run_only_locks_per_stage(tmp_path: Path) -> None:
     a, b = ["teacher/none/shard-0-of-2"], ["teacher/none/shard-1-of-2"]
-    with experiment.run_lock(tmp_path, only_stages=a):
-        with experiment.run_lock(tmp_path, only_stages=b):  # other shards run side by side
+    with run_lock(tmp_path, only_stages=a):
+        with run_lock(tmp_path, only_stages=b):  # other shards run side by side
             pass
         with pytest.raises(PrimekdError, match="running teacher/none/shard-0-of-2"), \
-                experiment.run_lock(tmp_path, only_stages=a):
+                run_lock(tmp_path, only_stages=a):
             pass
         with pytest.raises(PrimekdError, match="another `primekd run`"), \
-                experiment.run_lock(tmp_path):
+                run_lock(tmp_path):
             pass
-    with experiment.run_lock(tmp_path), pytest.raises(PrimekdError, match="another"), \
-            experiment.run_lock(tmp_path, only_stages=b):
+    with run_lock(tmp_path), pytest.raises(PrimekdError, match="another"), \
+            run_lock(tmp_path, only_stages=b):
         pass
 
 
@@ -428,14 +441,14 @@ def test_changing_the_shard_count_clears_the_old_layout(tmp_path: Path) -> None:
     functions = _fake_functions(calls)
     one = load_config(preset="quick", overrides=[
         "strategies=[none]", "controls=[]", "attention.enabled=false"])
-    experiment.run_experiment(one, tmp_path, False, stage_functions=functions)
+    run_experiment(one, tmp_path, False, stage_functions=functions)
     (tmp_path / "teacher" / "none" / "mine.txt").write_text("the user's")
     assert (tmp_path / "teacher" / "none" / "manifest.json").exists()
-    experiment.run_experiment(_sharded(tmp_path), tmp_path, False, stage_functions=functions)
+    run_experiment(_sharded(tmp_path), tmp_path, False, stage_functions=functions)
     teacher = tmp_path / "teacher" / "none"
     assert sorted(p.name for p in teacher.iterdir()) == [  # the user's file stays
         "mine.txt", "shard-0-of-2", "shard-1-of-2"]
-    assert not experiment.record_path(tmp_path, "teacher/none").exists()
-    experiment.run_experiment(_sharded(tmp_path, 3), tmp_path, False, stage_functions=functions)
+    assert not record_path(tmp_path, "teacher/none").exists()
+    run_experiment(_sharded(tmp_path, 3), tmp_path, False, stage_functions=functions)
     assert sorted(p.name for p in teacher.iterdir() if p.is_dir()) == [
         f"shard-{i}-of-3" for i in range(3)]

@@ -104,16 +104,17 @@ def test_distill_refuses_before_loading_anything(tmp_path: Path) -> None:
 
 
 def test_run_refuses_a_directory_holding_the_users_files(tmp_path: Path) -> None:
-    from primekd.experiment import runner as experiment
+    from primekd.experiment.config import load_config
+    from primekd.experiment.runner import run_experiment
 
     out = tmp_path / "run"
     before = _user_dir(out, {"config.yaml": "mine", "data/test.jsonl": "mine",
                              "report.md": "mine", "teacher/none/mine.txt": "mine"})
-    config = experiment.load_config(preset="quick")
+    config = load_config(preset="quick")
     with pytest.raises(PrimekdError, match="not empty"):
-        experiment.run_experiment(config, out, progress=False)
+        run_experiment(config, out, progress=False)
     with pytest.raises(PrimekdError, match="overwrite"):
-        experiment.run_experiment(config, out, progress=False, force=True)
+        run_experiment(config, out, progress=False, force=True)
     assert _snapshot(out) == before
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "data", "report.md",
                                                      "teacher"]
@@ -122,29 +123,31 @@ def test_run_refuses_a_directory_holding_the_users_files(tmp_path: Path) -> None
 @pytest.mark.parametrize("stage_name,kind", [("teacher/none", "teacher"),
                                              ("attention", "attention")])
 def test_run_clears_only_what_it_wrote(tmp_path: Path, stage_name: str, kind: str) -> None:
-    from primekd.experiment import runner as experiment
+    from primekd.experiment.runner import clear_stage_dir
+    from primekd.experiment.stages import Stage
 
     directory = tmp_path / stage_name
-    stage = experiment.Stage(stage_name, kind, directory, {"v": 1}, run_dir=tmp_path)
+    stage = Stage(stage_name, kind, directory, {"v": 1}, run_dir=tmp_path)
     stage.hash = "new"
     before = _user_dir(directory, {"mine.txt": "user's", "x.txt": "user's"})
     assert stage.state() == "changed"  # content without a record
     with pytest.raises(PrimekdError, match="did not write"):
-        experiment.clear_stage_dir(stage)
+        clear_stage_dir(stage)
     assert _snapshot(directory) == before
 
 
 def test_stale_stage_loses_its_own_files_only(tmp_path: Path) -> None:
-    from primekd.experiment import runner as experiment
+    from primekd.experiment.runner import clear_stage_dir
+    from primekd.experiment.stages import Stage
 
     directory = tmp_path / "eval" / "base"
     directory.mkdir(parents=True)
     (directory / "results.jsonl").write_text("{}\n")
     (directory / "mine.txt").write_text("user's")
     outdir.write_marker(directory, "eval", {"mine.txt"})
-    stage = experiment.Stage("eval/base", "eval", directory, {}, run_dir=tmp_path)
+    stage = Stage("eval/base", "eval", directory, {}, run_dir=tmp_path)
     with pytest.raises(PrimekdError, match="mine.txt"):
-        experiment.clear_stage_dir(stage)
+        clear_stage_dir(stage)
     assert sorted(p.name for p in directory.iterdir()) == ["mine.txt"]
 
 
@@ -203,12 +206,13 @@ def test_distill_values_of_the_wrong_type_or_not_finite(tmp_path: Path, values: 
 
 
 def test_run_checks_every_stage_before_writing(tmp_path: Path) -> None:
-    from primekd.experiment import runner as experiment
+    from primekd.experiment.config import load_config
+    from primekd.experiment.runner import run_experiment
 
     out = tmp_path / "run"
-    config = experiment.load_config(preset="quick", overrides=["eval.batch_size=0"])
+    config = load_config(preset="quick", overrides=["eval.batch_size=0"])
     with pytest.raises(PrimekdError, match="batch-size must be at least 1"):
-        experiment.run_experiment(config, out, progress=False)
+        run_experiment(config, out, progress=False)
     assert not out.exists()
 
 
@@ -217,7 +221,7 @@ def test_run_checks_every_stage_before_writing(tmp_path: Path) -> None:
     ({"alpha": {"low": 0.1, "high": math.inf}}, "finite"),
 ])
 def test_tune_spaces_of_the_wrong_type(space: dict, match: str) -> None:
-    from primekd.experiment.tune import parse_search_space
+    from primekd.experiment.search_space import parse_search_space
 
     with pytest.raises(PrimekdError, match=match):
         parse_search_space(space)

@@ -14,6 +14,8 @@ import primekd
 ROOT = Path(primekd.__file__).parent
 # Each stage package may import only those before it (README, Layout).
 ORDER = ("core", "engines", "evaluate", "teach", "distill", "analyze", "experiment", "cli")
+# Inside these packages too, a module imports only those listed before it.
+MODULE_ORDER = {"experiment": ("report", "config", "stages", "runner", "search_space", "tune")}
 
 
 def _modules() -> dict[str, Path]:
@@ -75,6 +77,18 @@ def test_stage_packages_import_only_earlier_ones() -> None:
         and ORDER.index(package(b)) > ORDER.index(package(a))
     )
     assert not wrong, wrong
+
+
+def test_modules_inside_a_package_import_only_earlier_ones() -> None:
+    graph = _graph()
+    for package, order in MODULE_ORDER.items():
+        prefix = f"primekd.{package}."
+        inside = {m.removeprefix(prefix) for m in graph if m.startswith(prefix)}
+        assert inside == set(order), f"place every {package} module in MODULE_ORDER"
+        wrong = sorted(f"{a} -> {b}" for a in order for b in graph[prefix + a]
+                       if b.startswith(prefix) and order.index(b.removeprefix(prefix))
+                       > order.index(a))
+        assert not wrong, wrong
 
 
 def test_the_check_sees_a_cycle() -> None:

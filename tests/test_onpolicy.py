@@ -266,7 +266,8 @@ def test_kill_and_resume_loses_and_repeats_nothing(tiny_model_dir, tmp_path):
 
 
 def test_run_config_on_policy_entries(tmp_path):
-    from primekd.experiment.runner import config_from_dict, plan
+    from primekd.experiment.config import config_from_dict
+    from primekd.experiment.stages import plan
 
     def build(*entries):
         return config_from_dict({"strategies": ["none", "ground_truth"],

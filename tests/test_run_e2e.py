@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from primekd.experiment.runner import load_config, run_experiment
+from primekd.experiment.config import load_config
+from primekd.experiment.runner import run_experiment
 
 pytestmark = pytest.mark.slow
 

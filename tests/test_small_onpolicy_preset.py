@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from primekd.cli.app import app
 from primekd.core.data import load_examples
-from primekd.experiment.runner import PRESETS, load_config, plan
+from primekd.experiment.config import PRESETS, load_config
+from primekd.experiment.stages import plan
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_small_preset import TEST_IDS_SHA256  # noqa: E402  the small preset's test ids

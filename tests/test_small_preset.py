@@ -14,7 +14,8 @@ from primekd.cli.app import app
 from primekd.core.data import load_examples
 from primekd.core.grading import answer_line_span, working_text
 from primekd.experiment import report
-from primekd.experiment.runner import load_config, plan
+from primekd.experiment.config import load_config
+from primekd.experiment.stages import plan
 from primekd.teach.teacher import RESTATE_MAX_TOKENS, restated_count, working_tokens
 
 # sha256 of the 400 test ids (one per line, in the sampled order), fixed when the preset was

@@ -14,13 +14,12 @@ import yaml
 from typer.testing import CliRunner
 
 from primekd.core.errors import PrimekdError
-from primekd.experiment.tune import (
-    TuneConfig,
+from primekd.experiment.search_space import (
     default_search_space,
     load_search_space,
     parse_search_space,
-    tune,
 )
+from primekd.experiment.tune import TuneConfig, tune
 
 FAST = ["--max-steps", "2", "--eval-steps", "1", "--val-size", "3", "--heartbeat", "1"]
 
@@ -208,7 +207,7 @@ def test_short_search_exports_params_that_distill_accepts(tiny_model_dir, tiny_s
     assert trained.summary["steps"] == 1
 
     # best_run.yaml is the same values as a `primekd run` config (its `distill` section).
-    from primekd.experiment.runner import load_config
+    from primekd.experiment.config import load_config
 
     experiment = load_config(out / "best_run.yaml", preset="quick")
     assert {k: experiment.distill[k] for k in fragment} == fragment

@@ -9,10 +9,10 @@ import typer
 from rich.table import Table
 
 from primekd.cli.app import app, console
-from primekd.core.errors import PrimekdError
 from primekd.core.io import dumps
-from primekd.experiment import runner as experiment
-from primekd.experiment.runner import RunSummary, Stage
+from primekd.experiment.config import load_config, preset_text
+from primekd.experiment.runner import RunSummary, run_experiment
+from primekd.experiment.stages import Stage, plan
 
 _STATE_TEXT = {
     "cached": "[green]cached[/]",
@@ -79,24 +79,20 @@ def run_command(
 ) -> None:
     """Run the experiment: teachers per priming strategy, students, evaluation, attention
     analysis and the report. Finished stages are cached: rerunning resumes or skips them."""
-    if preset is not None and preset not in experiment.PRESETS:
-        raise PrimekdError(
-            f"unknown preset {preset!r}; choose one of {', '.join(experiment.PRESETS)}"
-        )
     if print_config and config is None and not overrides:
-        experiment.load_config(preset=preset or "quick")  # the shipped file must be valid
-        typer.echo(experiment.preset_text(preset or "quick"), nl=False)
+        load_config(preset=preset or "quick")  # the shipped file must be valid
+        typer.echo(preset_text(preset or "quick"), nl=False)
         return
-    resolved = experiment.load_config(config, preset, overrides)
+    resolved = load_config(config, preset, overrides)
     if print_config:
         typer.echo("# primekd experiment config, resolved (preset, file and --set applied)")
         typer.echo(resolved.to_yaml(), nl=False)
         return
     run_dir = out or Path("runs") / resolved.name
     if dry_run:
-        _print_plan(experiment.plan(resolved, run_dir), json_output)
+        _print_plan(plan(resolved, run_dir), json_output)
         return
-    summary = experiment.run_experiment(
+    summary = run_experiment(
         resolved, run_dir, progress=not json_output,
         callback=None if json_output else _announce, force=force, only=only or None,
     )

@@ -1,1 +1,2 @@
-"""The whole experiment: `run` configs and the stage graph (`runner`), the report, tuning."""
+"""The whole experiment: `run` configs (`config`), the cached stage graph (`stages`), running
+it (`runner`), the report; tuning (`search_space`, `tune`)."""

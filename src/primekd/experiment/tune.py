@@ -20,7 +20,6 @@ import dataclasses
 import datetime
 import hashlib
 import json
-import math
 import random
 import time
 import traceback
@@ -32,10 +31,18 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from primekd.core import options
-from primekd.core.errors import PrimekdError, did_you_mean
-from primekd.core.io import atomic_write, atomic_write_text, read_yaml, write_json
+from primekd.core import options, outdir
+from primekd.core.errors import PrimekdError
+from primekd.core.io import atomic_write, atomic_write_text, write_json
 from primekd.core.options import option
+from primekd.distill.config import DistillConfig, check_config
+from primekd.evaluate.evaluator import EvalConfig, evaluate
+from primekd.experiment.search_space import (
+    TRIAL_FIELDS,
+    SearchSpace,
+    default_search_space,
+    load_search_space,
+)
 
 if TYPE_CHECKING:
     import optuna
@@ -44,237 +51,12 @@ OBJECTIVES = ("val_loss", "val_accuracy")
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "none")
 DEFAULT_STUDY = "primekd-tune"
-# DistillConfig fields that tune itself controls, so a search space may not set them.
-RESERVED_FIELDS = (
-    "student",
-    "teacher_store",
-    "out",
-    "max_steps",
-    "epochs",
-    "seed",
-    "val_size",
-    "eval_steps",
-    "resume",
-)
 _SURPLUS_ATTR = "primekd_surplus"
 # The yardstick of every trial: the student's per-token cross-entropy on the held-out teacher
 # answers. Not `eval_loss`: that is alpha * CE + (1 - alpha) * T^2 * KD, which changes with the
 # very alpha and temperature being tuned, so comparing it across trials would reward the loss
 # formula instead of the student.
 VAL_METRIC = "eval_ce"
-_SPEC_KEYS = {"type", "low", "high", "log", "step", "choices"}
-
-
-# --------------------------------------------------------------------------- search space
-
-
-@dataclass(frozen=True)
-class Param:
-    """One searched `DistillConfig` field: a float or int range, or a list of choices."""
-
-    name: str
-    kind: str  # "float" | "int" | "categorical"
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = None
-    choices: tuple[Any, ...] = ()
-
-    def suggest(self, trial: optuna.Trial) -> Any:
-        if self.kind == "categorical":
-            return trial.suggest_categorical(self.name, list(self.choices))
-        if self.kind == "int":
-            step = int(self.step or 1)
-            return trial.suggest_int(
-                self.name, int(self.low), int(self.high), step=step, log=self.log
-            )
-        return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
-
-    def extremes(self) -> list[Any]:
-        """The values at the edges of the range (every choice of a categorical)."""
-        if self.kind == "categorical":
-            return list(self.choices)
-        if self.kind == "int":
-            return [int(self.low), int(self.high)]
-        return [float(self.low), float(self.high)]
-
-    def to_yaml(self) -> dict[str, Any]:
-        if self.kind == "categorical":
-            return {"choices": list(self.choices)}
-        spec: dict[str, Any] = {"type": self.kind, "low": self.low, "high": self.high}
-        if self.log:
-            spec["log"] = True
-        if self.step is not None:
-            spec["step"] = self.step
-        return spec
-
-
-@dataclass
-class SearchSpace:
-    """Searched parameters plus fixed `DistillConfig` values shared by every trial."""
-
-    params: list[Param]
-    fixed: dict[str, Any] = field(default_factory=dict)
-
-    def sample(self, trial: optuna.Trial) -> dict[str, Any]:
-        return {**self.fixed, **{p.name: p.suggest(trial) for p in self.params}}
-
-    def to_yaml(self) -> str:
-        data = {p.name: p.to_yaml() for p in self.params} | self.fixed
-        return yaml.safe_dump(data, sort_keys=False)
-
-
-def default_search_space() -> SearchSpace:
-    """The paper's knobs: KD weight, temperature, learning rate and LoRA rank."""
-    return SearchSpace(
-        params=[
-            Param("alpha", "float", 0.0, 1.0),
-            Param("temperature", "float", 1.0, 10.0, log=True),
-            Param("lr", "float", 1e-5, 1e-3, log=True),
-            Param("lora_r", "categorical", choices=(4, 8, 16)),
-        ]
-    )
-
-
-def load_search_space(path: str | Path) -> SearchSpace:
-    """Read and check a search space YAML file (format: see `parse_search_space`)."""
-    data = read_yaml(path, "search space file")
-    return parse_search_space(data, source=str(path))
-
-
-def parse_search_space(data: Any, source: str = "search space") -> SearchSpace:
-    """Check a search space given as a mapping of `DistillConfig` field -> spec.
-
-    A spec with `low`/`high` (optional `log`, `step`, `type: int|float`) is a range, one with
-    `choices` a categorical; any plain value fixes the field for every trial.
-    """
-    if not isinstance(data, dict) or not data:
-        raise PrimekdError(
-            f"{source} must be a YAML mapping of DistillConfig fields to ranges, "
-            "e.g. `alpha: {low: 0.0, high: 1.0}`"
-        )
-    known = _distill_fields()
-    params: list[Param] = []
-    fixed: dict[str, Any] = {}
-    for name, spec in data.items():
-        _check_field(str(name), known)
-        if isinstance(spec, dict):
-            params.append(_parse_param(str(name), spec, known[name]))
-        else:
-            fixed[str(name)] = spec
-    if not params:
-        raise PrimekdError(f"{source} fixes every field and searches none")
-    return SearchSpace(params, fixed)
-
-
-def _distill_fields() -> dict[str, Any]:
-    """DistillConfig field name -> its default value (or None where it has none)."""
-    from primekd.distill.config import DistillConfig
-
-    return options.defaults(DistillConfig)
-
-
-def _check_field(name: str, known: dict[str, Any]) -> None:
-    if name in RESERVED_FIELDS:
-        raise PrimekdError(
-            f"search space: {name!r} is set by primekd tune itself "
-            "(use its command-line options), not by the search space"
-        )
-    if name not in known:
-        raise PrimekdError(
-            f"search space: {name!r} is not a DistillConfig field{did_you_mean(name, known)}; "
-            f"fields: {', '.join(sorted(set(known) - set(RESERVED_FIELDS)))}"
-        )
-
-
-def _parse_param(name: str, spec: dict[str, Any], default: Any) -> Param:
-    unknown = set(spec) - _SPEC_KEYS
-    if unknown:
-        raise PrimekdError(
-            f"search space: {name}: unknown key(s) {sorted(unknown)}; use {sorted(_SPEC_KEYS)}"
-        )
-    if "choices" in spec:
-        return _parse_choices(name, spec)
-    if "low" not in spec or "high" not in spec:
-        raise PrimekdError(
-            f"search space: {name} needs `low` and `high` (a range) or `choices` (a list)"
-        )
-    low, high = _number(name, "low", spec["low"]), _number(name, "high", spec["high"])
-    kind = spec.get("type") or _infer_kind(spec, default)
-    if kind not in ("float", "int"):
-        raise PrimekdError(f"search space: {name}: type must be float or int, not {kind!r}")
-    if kind == "float" and isinstance(default, int) and not isinstance(default, bool):
-        raise PrimekdError(f"search space: {name} is an integer field; use `type: int`")
-    log = bool(spec.get("log", False))
-    step = _number(name, "step", spec["step"]) if spec.get("step") is not None else None
-    _check_range(name, kind, low, high, log, step)
-    return Param(name, kind, low, high, log=log, step=step)
-
-
-def _parse_choices(name: str, spec: dict[str, Any]) -> Param:
-    choices = spec["choices"]
-    if not isinstance(choices, list) or not choices:
-        raise PrimekdError(f"search space: {name}: `choices` must be a non-empty list")
-    if set(spec) - {"choices", "type"}:
-        raise PrimekdError(f"search space: {name}: `choices` cannot be mixed with a range")
-    for choice in choices:
-        if not isinstance(choice, (str, int, float, bool)) and choice is not None:
-            raise PrimekdError(
-                f"search space: {name}: choice {choice!r} must be a string, number or boolean"
-            )
-        _check_choice_type(name, choice)
-    return Param(name, "categorical", choices=tuple(choices))
-
-
-def _check_choice_type(name: str, choice: Any) -> None:
-    """A choice must have the type of its distill option (`lora_r: [4, "eight"]` fails)."""
-    from primekd.distill.config import DistillConfig
-
-    if name not in options.hints(DistillConfig):
-        return  # not a distill field; _check_field reports that
-    expected = options.type_error(DistillConfig, name, choice)
-    if expected:
-        flag = options.field_flag(DistillConfig, name)
-        raise PrimekdError(f"search space: {name}: choice {choice!r}: {flag} must be "
-                           f"{expected}, not {choice!r}")
-
-
-def _infer_kind(spec: dict[str, Any], default: Any) -> str:
-    if isinstance(default, float):
-        return "float"
-    ints = all(isinstance(spec.get(k), int) for k in ("low", "high"))
-    return "int" if ints else "float"
-
-
-def _number(name: str, key: str, value: Any) -> float:
-    """A number from YAML; accepts `1e-5`, which PyYAML reads as a string."""
-    if isinstance(value, bool):
-        raise PrimekdError(f"search space: {name}.{key} must be a number, not {value!r}")
-    try:
-        number = value if isinstance(value, (int, float)) else float(value)
-    except (TypeError, ValueError):
-        raise PrimekdError(f"search space: {name}.{key} must be a number, not {value!r}") from None
-    if not math.isfinite(number):
-        raise PrimekdError(f"search space: {name}.{key} must be a finite number, not {value!r}")
-    return number
-
-
-def _check_range(
-    name: str, kind: str, low: float, high: float, log: bool, step: float | None
-) -> None:
-    if not low < high:
-        raise PrimekdError(f"search space: {name}: low ({low}) must be below high ({high})")
-    if log and low <= 0:
-        raise PrimekdError(f"search space: {name}: a log range needs low > 0, not {low}")
-    if log and step is not None:
-        raise PrimekdError(f"search space: {name}: `step` cannot be used with `log: true`")
-    if step is not None and step <= 0:
-        raise PrimekdError(f"search space: {name}: step must be positive")
-    if kind == "int" and (low != int(low) or high != int(high)):
-        raise PrimekdError(f"search space: {name}: an int range needs whole-number bounds")
-
-
-# --------------------------------------------------------------------------- configuration
 
 
 @dataclass
@@ -534,8 +316,6 @@ def tune(config: TuneConfig, progress: bool = True) -> TuneResult:
     """
     import optuna
 
-    from primekd.core import outdir
-
     start = time.monotonic()
     # no lock: several tune workers may share one --out
     foreign = outdir.check_out(config.out, "tune")
@@ -699,19 +479,11 @@ def _objective(trial: optuna.Trial, config: TuneConfig, progress: bool) -> float
     return value
 
 
-def trial_distill_config(config: TuneConfig, params: dict[str, Any], out: Path) -> Any:
+def trial_distill_config(config: TuneConfig, params: dict[str, Any], out: Path
+                         ) -> DistillConfig:
     """The DistillConfig of one trial: the sampled parameters over tune's fixed settings."""
-    from primekd.distill.config import DistillConfig
-
-    settings = {
-        "student": config.student,
-        "teacher_store": config.teacher_store,
-        "out": str(out),
-        "max_steps": config.max_steps,
-        "val_size": config.val_size,
-        "eval_steps": config.resolved_eval_steps,
-        "seed": config.seed,
-    }
+    settings = {name: getattr(config, name) for name in TRIAL_FIELDS}
+    settings |= {"out": str(out), "eval_steps": config.resolved_eval_steps}
     try:
         return DistillConfig(**{**params, **settings})
     except (TypeError, ValueError) as e:
@@ -785,8 +557,6 @@ def _score(config: TuneConfig, distill_config: Any, pruning: Any) -> float:
 
 def _val_accuracy(config: TuneConfig, distill_config: Any) -> float:
     """Greedy GSM8K accuracy of the trained adapter on the held-out slice questions."""
-    from primekd.evaluate.evaluator import EvalConfig, evaluate
-
     trial_dir = Path(distill_config.out)
     questions = trial_dir / "val_questions.jsonl"
     atomic_write_text(
@@ -849,8 +619,6 @@ def _split(distill_config: Any) -> list[dict[str, Any]]:
 def preflight(config: TuneConfig) -> None:
     """Refuse a search space that distill would reject, or a store too small for the
     validation slice, before any trial starts."""
-    from primekd.distill.config import check_config
-
     base = trial_distill_config(config, config.space.fixed, Path(config.out) / "trials")
     try:
         check_config(base)
@@ -938,8 +706,9 @@ def export_best(study: optuna.Study, path: str | Path, for_run: bool = False) ->
     attrs = study.user_attrs
     params = best_params(study)
     if for_run:
-        reserved = _run_reserved_fields()
-        body = yaml.safe_dump({"distill": _without(params, reserved)}, sort_keys=False)
+        settable = options.settable(DistillConfig)
+        body = yaml.safe_dump({"distill": {k: v for k, v in params.items() if k in settable}},
+                              sort_keys=False)
         use = f"primekd run {Path(path).name} [--preset quick|paper]"
     else:
         body = yaml.safe_dump(params, sort_keys=False)
@@ -958,18 +727,6 @@ def export_best(study: optuna.Study, path: str | Path, for_run: bool = False) ->
     path = Path(path)
     atomic_write_text(path, "\n".join(header) + "\n" + body)
     return path
-
-
-def _run_reserved_fields() -> tuple[str, ...]:
-    """DistillConfig fields that a `primekd run` distill section may not set."""
-    from primekd.distill.config import DistillConfig
-
-    settable = options.settable(DistillConfig)
-    return tuple(f.name for f in options.fields(DistillConfig) if f.name not in settable)
-
-
-def _without(values: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if k not in names}
 
 
 def write_trials_csv(study: optuna.Study, path: str | Path) -> Path:
