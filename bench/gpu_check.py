@@ -87,7 +87,7 @@ class Check:
 
 def pipeline(ctx: argparse.Namespace) -> dict[str, Any]:
     from primekd.distill import distill
-    from primekd.distill.trainer import DistillConfig
+    from primekd.distill.config import DistillConfig
     from primekd.evaluate.evaluator import EvalConfig, evaluate
     from primekd.teach.teacher import TeachConfig, teach
 
@@ -119,15 +119,9 @@ def _dtype(ctx: argparse.Namespace) -> torch.dtype:
 
 def tap_vs_full(ctx: argparse.Namespace) -> dict[str, Any]:
     from primekd.core.models import load_tokenizer
-    from primekd.distill.trainer import (
-        DistillConfig,
-        KDCollator,
-        KDSettings,
-        KDTrainer,
-        build_datasets,
-        build_student,
-        training_arguments,
-    )
+    from primekd.distill.config import DistillConfig
+    from primekd.distill.data import KDCollator, build_datasets
+    from primekd.distill.trainer import KDSettings, KDTrainer, build_student, training_arguments
 
     config = DistillConfig(student=str(ctx.student), teacher_store=str(ctx.work / "store"),
                            out=str(ctx.work / "tap"), device=ctx.device, lora_dropout=0.0,
@@ -224,7 +218,7 @@ def out_of_range_ids(ctx: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from primekd.distill import distill
-    from primekd.distill.trainer import DistillConfig
+    from primekd.distill.config import DistillConfig
     from primekd.teach import store
 
     table = store.load_store(ctx.work / "store", columns=["topk_ids"])
@@ -245,7 +239,7 @@ def out_of_range_ids(ctx: argparse.Namespace) -> dict[str, Any]:
 
 def fp16(ctx: argparse.Namespace) -> dict[str, Any]:
     from primekd.distill import distill
-    from primekd.distill.trainer import DistillConfig
+    from primekd.distill.config import DistillConfig
 
     config = DistillConfig(student=str(ctx.student), teacher_store=str(ctx.work / "store"),
                            out=str(ctx.work / "fp16"), max_steps=3, batch_size=2, lr=1e-3,
@@ -266,7 +260,7 @@ def tune_memory(ctx: argparse.Namespace) -> dict[str, Any]:
     if ctx.device != "cuda":
         return {"passed": True, "skipped": "CUDA only (the CPU test suite checks that a "
                 "failed trial's model is freed)"}
-    from primekd.distill.trainer import DistillConfig
+    from primekd.distill.config import DistillConfig
     from primekd.experiment import tune
 
     torch.cuda.synchronize()

@@ -26,7 +26,7 @@ from typing import Any
 
 from primekd.core.models import BUNDLED_ALIAS
 from primekd.distill import distill
-from primekd.distill.trainer import DistillConfig
+from primekd.distill.config import DistillConfig
 from primekd.teach.teacher import TeachConfig, teach
 
 

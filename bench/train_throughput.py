@@ -72,28 +72,30 @@ def ensure_store(path: Path | None, n: int, top_k: int) -> Path:
 
 
 def run_primekd(store: Path, args: argparse.Namespace) -> dict[str, float]:
-    from primekd.distill import trainer as d
+    from primekd.distill import distill
+    from primekd.distill.config import DistillConfig
+    from primekd.distill.data import KDCollator
 
     counter = {"n": 0}
-    original = d.KDCollator.__call__
+    original = KDCollator.__call__
 
     def counting(self: Any, items: list) -> dict:
         batch = original(self, items)
         counter["n"] += int(batch["attention_mask"].sum())
         return batch
 
-    d.KDCollator.__call__ = counting
+    KDCollator.__call__ = counting
     clock = Clock(lambda: counter["n"])
     try:
         with tempfile.TemporaryDirectory() as out:
-            d.distill(d.DistillConfig(
+            distill(DistillConfig(
                 out=out, student=BUNDLED_ALIAS, teacher_store=str(store), objective="kd",
                 alpha=0.0, divergence="jsd", beta=0.5, temperature=1.0,
                 max_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
                 logging_steps=args.steps, save_steps=10**6, warmup_ratio=0.0, device="cpu"),
                 callbacks=[clock], progress=False)
     finally:
-        d.KDCollator.__call__ = original
+        KDCollator.__call__ = original
     return clock.rate()
 
 
@@ -104,7 +106,7 @@ def run_trl(store: Path, args: argparse.Namespace) -> dict[str, float]:
     from trl.experimental.utils import DataCollatorForChatML
 
     from primekd.core.models import load_model, load_tokenizer
-    from primekd.distill.trainer import DistillConfig
+    from primekd.distill.config import DistillConfig
     from primekd.evaluate.prompts import load_template
     from primekd.teach import store as st
 

@@ -172,6 +172,18 @@ def test_custom_strategy(tmp_path: Path) -> None:
         load_config(preset="quick", overrides=["strategies.none.user={{ question }}"])
 
 
+def test_custom_strategy_templates_are_checked_when_the_config_loads() -> None:
+    """A bad template fails `run --dry-run`, not the teacher stage after other stages ran."""
+    with pytest.raises(PrimekdError, match=r"strategies.mine`, field 'user': \{question\} "
+                       r"is str.format syntax"):
+        load_config(preset="quick", overrides=["strategies.mine.user=Solve {question}"])
+    with pytest.raises(PrimekdError, match="question"):
+        load_config(preset="quick", overrides=["strategies.mine.user=Solve it."])
+    with pytest.raises(PrimekdError, match="strategies.mine`, field 'system'"):
+        load_config(preset="quick", overrides=["strategies.mine.user={{ question }}",
+                                               "strategies.mine.system={{ nope }}"])
+
+
 # --- hashing: what a change invalidates ---------------------------------------------------------
 
 

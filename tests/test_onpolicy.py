@@ -15,15 +15,9 @@ import torch
 
 from primekd.core.errors import PrimekdError
 from primekd.distill import distill
-from primekd.distill.trainer import (
-    DistillConfig,
-    KDCollator,
-    KDSettings,
-    KDTrainer,
-    build_datasets,
-    student_prompts,
-    training_arguments,
-)
+from primekd.distill.config import DistillConfig
+from primekd.distill.data import KDCollator, build_datasets, student_prompts
+from primekd.distill.trainer import KDSettings, KDTrainer, training_arguments
 from primekd.teach import store
 
 sys.path.insert(0, str(Path(__file__).parent))

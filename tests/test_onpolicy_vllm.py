@@ -169,7 +169,7 @@ def test_vllm_servers_are_stopped_on_exit_and_after_a_kill(run) -> None:
 
 def _student_prompts(questions: list[str]) -> list[list[int]]:
     from primekd.core.models import load_tokenizer, resolve
-    from primekd.distill.trainer import student_prompts
+    from primekd.distill.data import student_prompts
 
     tokenizer = load_tokenizer(resolve(BUNDLED_ALIAS), padding_side="right")
     return student_prompts(tokenizer, questions, None)
@@ -180,7 +180,8 @@ def test_training_tokens_are_the_students_own_greedy_answers(run, vllm_url, bund
     engine (LoRA starts at zero), not the references nor the primed teacher's answers; round
     1's are the answers of round 0's checkpoint; the training sequences are prompt + those."""
     from primekd.core.models import load, load_tokenizer, resolve
-    from primekd.distill.trainer import DistillConfig, build_datasets
+    from primekd.distill.config import DistillConfig
+    from primekd.distill.data import build_datasets
     from primekd.engines import EngineSpec, SamplingParams, collect, get_engine
     from primekd.engines.hf import HFEngine
 

@@ -76,6 +76,12 @@ def test_user_strategies_from_yaml(tmp_path) -> None:
         ("  s1:\n    user: '{{ question }}'\n    sytem: hi\n",
          r"strategy 's1': unknown field 'sytem'"),
         ("  s1:\n    description: no user\n", r"strategy 's1', field 'user': required"),
+        ("  s1:\n    user: '  '\n", r"strategy 's1', field 'user': required, a non-empty"),
+        ("  s1:\n    user: '{{ question }}'\n    description: 5\n",
+         r"strategy 's1', field 'description': must be a string"),
+        ("  s1: just text\n", r"strategy 's1': expected a mapping with at least a `user`"),
+        # a YAML key that is not a string (it crashed the hand-written check)
+        ("  s1:\n    user: '{{ question }}'\n    1: x\n", r"strategy 's1': unknown field 1;"),
         ("  s1:\n    user: '{{ question | nosuchfilter }}'\n", r"strategy 's1', field 'user'"),
         ("  teacher:\n    user: '{{ question }}'\n", r"name of a built-in"),
         # str.format braces would reach the teacher literally: refused, with the Jinja spelling.

@@ -16,7 +16,7 @@ import torch
 
 from primekd.core.errors import PrimekdError
 from primekd.distill import distill
-from primekd.distill.trainer import DistillConfig
+from primekd.distill.config import DistillConfig
 from primekd.teach import store
 from primekd.teach.teacher import TeachConfig, teach
 
@@ -309,7 +309,7 @@ def test_resumed_summary_covers_the_whole_run(tiny_model_dir, whole, tmp_path):
 
 def test_adapter_files_are_portable(tiny_model_dir, shards, tmp_path):
     from primekd.core.models import load_model
-    from primekd.distill.trainer import _make_portable
+    from primekd.distill.trainer import make_portable
 
     out = tmp_path / "o"
     distill(_config(tiny_model_dir, str(shards / "shard-0"), out), progress=False)
@@ -319,7 +319,7 @@ def test_adapter_files_are_portable(tiny_model_dir, shards, tmp_path):
     assert config["base_model_name_or_path"] == str(tiny_model_dir)
     load_model(str(tiny_model_dir), adapter=out, device="cpu")  # still loads
 
-    _make_portable(out, "smollm2-135m-instruct", "bundled")
+    make_portable(out, "smollm2-135m-instruct", "bundled")
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -393,13 +393,8 @@ def test_fsdp2_on_two_cpu_processes_saves_an_adapter_plain_peft_loads(tiny_model
     from transformers import AutoModelForCausalLM
 
     from primekd.core.models import load_tokenizer
-    from primekd.distill.trainer import (
-        KDCollator,
-        KDSettings,
-        KDTrainer,
-        build_datasets,
-        training_arguments,
-    )
+    from primekd.distill.data import KDCollator, build_datasets
+    from primekd.distill.trainer import KDSettings, KDTrainer, training_arguments
 
     out = tmp_path / "fsdp"
     cmd = [shutil.which("accelerate"), "launch", "--num_processes", "2", "--num_machines",

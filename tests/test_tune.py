@@ -166,7 +166,7 @@ def test_joining_a_study_with_other_settings_is_refused(tiny_store, tmp_path):
 
 def test_short_search_exports_params_that_distill_accepts(tiny_model_dir, tiny_store, tmp_path):
     from primekd.distill import distill
-    from primekd.distill.trainer import load_distill_config
+    from primekd.distill.config import load_distill_config
 
     out = tmp_path / "tune"
     config = TuneConfig(
@@ -306,7 +306,8 @@ def test_a_killed_workers_trial_fails_and_the_study_continues(tiny_model_dir, ti
     # val_accuracy: graded answers to the held-out questions, which training never saw.
     from primekd.core.io import read_jsonl
     from primekd.core.models import load_tokenizer
-    from primekd.distill.trainer import DistillConfig, build_datasets
+    from primekd.distill.config import DistillConfig
+    from primekd.distill.data import build_datasets
 
     assert 0.0 <= result.best_value <= 1.0
     trial_dir = out / "trials" / str(result.best_trial)

@@ -1,5 +1,5 @@
-"""Distillation: options (`config`), the KD loss (`kd_loss`), the LoRA trainer (`trainer`) and
-on-policy distillation (`onpolicy`).
+"""Distillation: options (`config`), training data (`data`), the KD loss (`kd_loss`), the LoRA
+trainer (`trainer`) and on-policy distillation (`onpolicy`).
 
 `primekd.distill.distill(DistillConfig(...))` runs either; torch loads on the first call.
 """

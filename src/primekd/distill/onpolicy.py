@@ -31,9 +31,10 @@ from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import yaml
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from primekd import __version__
@@ -43,38 +44,33 @@ from primekd.core.errors import PrimekdError
 from primekd.core.grading import grade
 from primekd.core.io import atomic_write_text, read_json, write_json
 from primekd.core.models import default_device, load_tokenizer, resolve, tokenizer_fingerprint
+from primekd.distill.config import DistillConfig, check_config
+from primekd.distill.data import Item, build_datasets, student_prompts
 from primekd.distill.trainer import (
-    CONFIG_FILE,
     SUMMARY_FILE,
-    DistillConfig,
     DistillResult,
-    Item,
-    KDCollator,
-    KDSettings,
     KDTrainer,
-    TrainLogWriter,
-    _claimed,
-    _make_portable,
-    _quiet_callbacks,
-    _resumed_totals,
-    _stop_progress,
-    build_datasets,
     build_student,
-    check_config,
-    check_resume_config,
+    check_out,
+    claimed,
+    kd_trainer,
     mixed_precision,
+    run_summary,
     save_final_model,
-    student_prompts,
     trainable_parameters,
     training_arguments,
+    write_config,
 )
 from primekd.engines import EngineSpec, Generation, SamplingParams, TopK, collect
+from primekd.engines.hf import HFEngine
+from primekd.evaluate.answer_stop import sampling_options
 from primekd.teach import store
 from primekd.teach.priming import Strategy, get_strategy
 from primekd.teach.teacher import answer_text
 
 ROUNDS_DIR, ROUNDS_FILE, ROLLOUT_FILE = "rounds", "rounds.json", "rollout.jsonl"
 TARGET = "student"
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------- the plan
@@ -95,13 +91,10 @@ def round_plan(config: DistillConfig, n_questions: int, n_pool: int) -> dict[str
             "steps_per_round": steps, "max_steps": steps * config.rounds}
 
 
-def round_questions(examples: list[Example], r: int, n: int) -> list[Example]:
-    """Round r's questions: the next n of the (id-ordered) set, wrapping around."""
-    return [examples[(r * n + j) % len(examples)] for j in range(n)] if n else []
-
-
-def round_off_policy(pool: list[Item], r: int, n: int) -> list[Item]:
-    return [pool[(r * n + j) % len(pool)] for j in range(n)] if n else []
+def round_slice(values: list[T], r: int, n: int) -> list[T]:
+    """Round r's share of `values` (questions in id order, or off-policy items): the next n,
+    wrapping around."""
+    return [values[(r * n + j) % len(values)] for j in range(n)] if n else []
 
 
 # ---------------------------------------------------------------- the run
@@ -110,7 +103,7 @@ def round_off_policy(pool: list[Item], r: int, n: int) -> list[Item]:
 def distill_on_policy(config: DistillConfig, progress: bool = True) -> DistillResult:
     check_config(config)
     out = Path(config.out)
-    with _claimed(out, config.force):
+    with claimed(out, config.force):
         return _distill_on_policy(config, out, progress)
 
 
@@ -130,8 +123,6 @@ def _distill_on_policy(config: DistillConfig, out: Path, progress: bool) -> Dist
     args.ignore_data_skip = True  # each round trains on its own data, from its start
     model = build_student(config, device)
     counts = trainable_parameters(model)
-    kd = KDSettings(config.alpha, config.divergence, config.temperature, config.beta,
-                    config.chunk_size)
     teacher = _Teacher(config, model, tokenizer, device)
     trainer = None
     try:
@@ -140,16 +131,16 @@ def _distill_on_policy(config: DistillConfig, out: Path, progress: bool) -> Dist
             if previous is not None and trainer is None:
                 _load_adapter(model, previous)  # resumed: roll out with round r's student
             record = {"round": r}
-            questions = round_questions(examples, r, plan["on_questions"])
+            questions = round_slice(examples, r, plan["on_questions"])
             round_dir = out / ROUNDS_DIR / f"round-{r:03d}"
             on_items = _on_policy_round(config, model, tokenizer, teacher, strategy,
                                         questions, round_dir, r, record, progress)
-            items = on_items + round_off_policy(pool, r, plan["off_sequences"])
+            items = on_items + round_slice(pool, r, plan["off_sequences"])
             if not items:
                 raise PrimekdError(f"round {r} has no training sequences")
             teacher.release()
             tick = time.perf_counter()
-            trainer = _train_round(config, model, args, tokenizer, kd, items, out, previous,
+            trainer = _train_round(config, model, args, tokenizer, items, out, previous,
                                    progress, plan["steps_per_round"] * (r + 1))
             record.update(train_s=round(time.perf_counter() - tick, 3),
                           on_sequences=len(on_items), off_sequences=len(items) - len(on_items),
@@ -184,8 +175,7 @@ def _print_round(record: dict[str, Any]) -> None:
 def _finish(config: DistillConfig, trainer: KDTrainer, state: dict[str, Any],
             plan: dict[str, int], counts: tuple[int, int], device: str, out: Path, kind: str,
             wall: float) -> dict[str, Any]:
-    save_final_model(trainer, out)
-    _make_portable(out, config.student, kind)
+    save_final_model(trainer, out, config.student, kind)
     summary = _summary(config, trainer, state, plan, counts, device, wall)
     write_json(out / SUMMARY_FILE, summary)
     return summary
@@ -193,12 +183,8 @@ def _finish(config: DistillConfig, trainer: KDTrainer, state: dict[str, Any],
 
 def _prepare(config: DistillConfig, out: Path) -> dict[str, Any]:
     """`rounds.json` of a run being resumed (with --resume), else a fresh state."""
-    if config.resume and (out / CONFIG_FILE).exists():
-        check_resume_config(config, out)
-    elif (out / ROUNDS_DIR).exists() or (out / SUMMARY_FILE).exists():
-        raise PrimekdError(f"{out} already holds a distill run: pass --resume to continue it, "
-                           "or choose a new --out")
-    atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    check_out(config, out, ROUNDS_DIR)
+    write_config(config, out)
     if (out / ROUNDS_FILE).exists():
         return read_json(out / ROUNDS_FILE)
     return {"format": "primekd-on-policy-rounds", "rounds": []}
@@ -226,9 +212,8 @@ def _off_policy_pool(config: DistillConfig, tokenizer: Any) -> list[Item]:
 
 
 def _load_adapter(model: Any, checkpoint: str) -> None:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
+    """The LoRA weights of a saved round (the file itself: peft's `load_peft_weights` would
+    look for a missing one on the hub)."""
     set_peft_model_state_dict(model, load_file(str(Path(checkpoint) /
                                                    "adapter_model.safetensors")))
 
@@ -271,8 +256,6 @@ def _rollouts(config: DistillConfig, model: Any, tokenizer: Any, teacher: _Teach
     if todo:
         prompts = student_prompts(tokenizer, [e.question for e, _ in todo], config.prompt)
         seed = zlib.crc32(f"{config.seed}:on-policy:{r}".encode())
-        from primekd.evaluate.answer_stop import sampling_options
-
         stop = sampling_options(config.rollout_stop_at_answer)
         sampling = SamplingParams(config.rollout_max_new_tokens, config.rollout_temperature,
                                   1.0, seed, eos_after_cut=bool(stop), **stop)
@@ -369,9 +352,8 @@ def _manifest(config: DistillConfig, round_dir: Path, strategy: Strategy, tokeni
               "top_k": config.top_k, "keep": "all", "engine": config.engine, "shard": None}
     return {
         "format": store.FORMAT, "format_version": store.FORMAT_VERSION,
-        "teacher": params["teacher"], "tokenizer_fingerprint": params["tokenizer_fingerprint"],
-        "strategy": params["strategy"], "target": TARGET, "generation": params["generation"],
-        "top_k": config.top_k, "keep": "all", "engine": config.engine, "shard": None,
+        **{key: params[key] for key in ("teacher", "tokenizer_fingerprint", "strategy", "target",
+                                        "generation", "top_k", "keep", "engine", "shard")},
         "logprobs": "full-vocabulary log-softmax at temperature 1 of the teacher (under the "
                     "priming prompt) over the student's answer; top_k per token",
         "columns": list(store.COLUMNS),
@@ -417,8 +399,6 @@ class _Teacher:
 
                 self._merged = merged_model(resolve(self.config.student), str(adapter))
             return engine
-        from primekd.engines.hf import HFEngine
-
         model.eval()
         model.config.use_cache = True
         return HFEngine(model, self.tokenizer, batch_size=self.config.batch_size * 4)
@@ -443,8 +423,6 @@ class _Teacher:
             engine = get_engine(teacher, self.spec)  # the student's server is stopped now
             self._drop_merged()
             return engine
-        from primekd.engines.hf import HFEngine
-
         if self.self_teacher:
             return HFEngine(self.model, self.tokenizer, batch_size=self.config.batch_size * 4)
         if self._hf_teacher is None:
@@ -505,19 +483,11 @@ class _RoundEnd(TrainerCallback):
 
 
 def _train_round(config: DistillConfig, model: Any, args: Any, tokenizer: Any,
-                 kd: KDSettings, items: list[Item], out: Path, previous: str | None,
-                 progress: bool, last_step: int) -> KDTrainer:
-    trainer = KDTrainer(model=model, args=args, train_dataset=items,
-                        data_collator=KDCollator(tokenizer.pad_token_id),
-                        processing_class=tokenizer,
-                        callbacks=[TrainLogWriter(out), _RoundEnd(last_step)], kd=kd)
-    _quiet_callbacks(trainer, progress)
-    trainer.resumed_totals = _resumed_totals(previous)
-    trainer.tokens_seen = trainer.resumed_totals[1]
-    try:
-        trainer.train(resume_from_checkpoint=previous)
-    finally:
-        _stop_progress(trainer)
+                 items: list[Item], out: Path, previous: str | None, progress: bool,
+                 last_step: int) -> KDTrainer:
+    trainer = kd_trainer(config, model, args, tokenizer, out, items,
+                         callbacks=[_RoundEnd(last_step)], progress=progress)
+    trainer.train(resume_from_checkpoint=previous)
     return trainer
 
 
@@ -525,28 +495,14 @@ def _summary(config: DistillConfig, trainer: KDTrainer, state: dict[str, Any],
              plan: dict[str, int], counts: tuple[int, int], device: str, wall: float
              ) -> dict[str, Any]:
     rounds = state["rounds"]
-    loss_sum, tokens = trainer.run_totals()
-    train_logs = [h for h in trainer.state.log_history if "loss" in h]
     cost = {key: round(sum(r.get(key) or 0.0 for r in rounds), 3)
             for key in ("rollout_s", "score_s", "train_s")}
-    return {
-        "out": str(config.out), "student": config.student, "objective": config.objective,
-        "divergence": config.divergence if config.alpha < 1 else None,
-        "adapter": not config.full_finetune,
-        "final_train_loss": train_logs[-1]["loss"] if train_logs else None,
-        "mean_train_loss": loss_sum / max(trainer.state.global_step, 1),
-        "val_loss_before": None, "val_loss_after": None, "val_improvement": None,
-        "steps": trainer.state.global_step, "epochs": trainer.state.epoch,
-        "tokens": tokens,
-        "tokens_per_s": tokens / cost["train_s"] if cost["train_s"] else None,
-        "train_runtime_s": cost["train_s"], "wall_time_s": round(wall, 3),
-        "trainable_params": counts[0], "total_params": counts[1],
-        "trainable_fraction": counts[0] / counts[1] if counts[1] else None,
-        "device": device, "world_size": trainer.args.world_size,
-        "data": {"source": "on_policy", "teacher_store": config.teacher_store,
-                 "white_box": config.alpha < 1},
-        "on_policy": {"teacher": config.teacher or config.student,
-                      "strategy": config.strategy, "lmbda": config.lmbda,
-                      "rounds": rounds, "plan": plan, "cost_s": cost,
-                      "engine": config.engine},
-    }
+    data = {"source": "on_policy", "teacher_store": config.teacher_store,
+            "white_box": config.alpha < 1}
+    summary = run_summary(config, trainer, counts, device, white_box=config.alpha < 1,
+                          train_time=cost["train_s"], untimed_tokens=0, wall=wall, data=data)
+    summary["on_policy"] = {"teacher": config.teacher or config.student,
+                            "strategy": config.strategy, "lmbda": config.lmbda,
+                            "rounds": rounds, "plan": plan, "cost_s": cost,
+                            "engine": config.engine}
+    return summary

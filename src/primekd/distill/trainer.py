@@ -1,14 +1,12 @@
 """Train a student (LoRA or full) from a teacher store (white-box KD) or from references (SFT).
 
-Pieces, each usable on its own:
+Pieces, each usable on its own (the options are `primekd.distill.config`, the data
+`primekd.distill.data`):
 
-- `DistillConfig`: every option of `primekd distill`; `load_distill_config(yaml)` reads one.
-- `build_datasets`: student tokenisation of the bare question (under the same prompt template
-  `primekd eval` uses) + answer tokens, with the teacher's top-k aligned to each answer token.
-- `KDCollator`: right-pads a batch; labels are -100 on prompt and padding.
 - `KDTrainer(transformers.Trainer)`: the custom loss ``alpha * CE + (1 - alpha) * T^2 * D``
   (see `primekd.distill.kd_loss`), CE/KD parts and tokens/s in the logs, and a KD validation loss.
-- `distill(config, callbacks)`: wires them together and writes the output directory.
+- `build_student`, `training_arguments`: the model (LoRA or full) and the Trainer's arguments.
+- `distill_off_policy(config, callbacks)`: wires them together and writes the output directory.
 """
 
 from __future__ import annotations
@@ -19,21 +17,29 @@ import importlib.util
 import json
 import math
 import os
-import random
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from accelerate import init_empty_weights
+from peft import LoraConfig, get_peft_model
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import get_last_checkpoint
 
-from primekd.core import options
-from primekd.core.chat import encode_prompts, render
+from primekd.core import options, outdir
 from primekd.core.errors import PrimekdError
 from primekd.core.io import atomic_write, atomic_write_text, dumps, write_json
 from primekd.core.models import (
@@ -42,17 +48,10 @@ from primekd.core.models import (
     load_model,
     load_tokenizer,
     resolve,
-    tokenizer_fingerprint,
 )
-from primekd.distill.config import (  # noqa: F401  re-exported: primekd.distill.trainer is the API
-    OBJECTIVES,
-    OPTIMIZERS,
-    SCHEDULERS,
-    DistillConfig,
-    check_config,
-    config_from_dict,
-    load_distill_config,
-)
+from primekd.core.progress import progress_bar
+from primekd.distill.config import OPTIMIZERS, DistillConfig, check_config
+from primekd.distill.data import Item, KDCollator, build_datasets, check_vocabulary
 from primekd.distill.kd_loss import kd_loss_parts
 
 CONFIG_FILE, SUMMARY_FILE = "distill_config.yaml", "summary.json"
@@ -79,264 +78,6 @@ class DistillResult:
         return self.summary.get("val_loss_after")
 
 
-# ---------------------------------------------------------------- data
-
-
-@dataclass
-class Item:
-    """One training sequence: prompt + answer ids, and the teacher's top-k per answer token."""
-
-    id: str
-    input_ids: np.ndarray  # (L,) int64
-    n_prompt: int
-    topk_ids: np.ndarray | None = None  # (A, k) for the first A answer tokens
-    topk_logprobs: np.ndarray | None = None  # (A, k) float32
-
-
-@dataclass
-class Datasets:
-    train: list[Item]
-    val: list[Item]
-    info: dict[str, Any]
-
-
-def student_prompts(tokenizer: Any, questions: list[str], prompt: str | None) -> list[list[int]]:
-    """The student's prompt ids: its chat template over eval's template around the question."""
-    from primekd.evaluate.prompts import load_template
-
-    template = load_template(prompt)
-    texts = [render(tokenizer, template.build(q)) for q in questions]
-    return encode_prompts(tokenizer, texts)
-
-
-def build_datasets(config: DistillConfig, tokenizer: Any) -> Datasets:
-    if config.teacher_store:
-        rows, info = _store_rows(config, tokenizer)
-    else:
-        rows, info = _reference_rows(config, tokenizer)
-    ids = sorted({r["id"] for r in rows})
-    if config.limit is not None:
-        keep = set(ids[: config.limit])
-        rows = [r for r in rows if r["id"] in keep]
-        ids = sorted(keep)
-    if config.val_size >= len(ids):
-        raise PrimekdError(f"--val-size {config.val_size} leaves no training questions "
-                           f"(there are {len(ids)})")
-    held = set(random.Random(config.seed).sample(ids, config.val_size))
-    prompts = student_prompts(tokenizer, [r["question"] for r in rows], config.prompt)
-    train, val, truncated, skipped = [], [], 0, 0
-    for row, prompt in zip(rows, prompts, strict=True):
-        item, cut = _make_item(row, prompt, config.max_length)
-        if item is None:
-            skipped += 1
-            continue
-        truncated += cut
-        (val if row["id"] in held else train).append(item)
-    if not train:
-        raise PrimekdError(f"no training sequences fit in --max-length {config.max_length}")
-    info.update(train_sequences=len(train), val_sequences=len(val), val_questions=len(held),
-                truncated=truncated, skipped_too_long=skipped)
-    return Datasets(train, val, info)
-
-
-def _make_item(row: dict[str, Any], prompt: list[int], max_length: int
-               ) -> tuple[Item | None, int]:
-    answer = list(row["answer_ids"])
-    room = max_length - len(prompt)
-    if room < 1:
-        return None, 0
-    cut = int(len(answer) > room)
-    answer = answer[:room]
-    topk_ids = topk_lp = None
-    if row.get("topk_ids") is not None:
-        n = min(len(answer), len(row["topk_ids"]))
-        topk_ids, topk_lp = row["topk_ids"][:n], row["topk_logprobs"][:n]
-    ids = np.asarray(prompt + answer, dtype=np.int64)
-    return Item(row["id"], ids, len(prompt), topk_ids, topk_lp), cut
-
-
-def _store_rows(config: DistillConfig, tokenizer: Any) -> tuple[list[dict[str, Any]], dict]:
-    from primekd.teach import store
-
-    dirs = store.store_directories(config.teacher_store)
-    manifest = store.read_manifest(dirs[0])
-    table = store.load_store(dirs)
-    if table.num_rows == 0:
-        raise PrimekdError(f"teacher store {config.teacher_store} has no rows")
-    same_vocab = manifest.get("tokenizer_fingerprint") == tokenizer_fingerprint(tokenizer)
-    if same_vocab:
-        _check_tokens_match_text(table, tokenizer, dirs[0])
-    white_box = config.objective == "kd" and config.alpha < 1.0
-    if white_box and not same_vocab:
-        raise PrimekdError(
-            f"the student's tokenizer differs from the teacher's ({config.teacher_store} "
-            "was made with another vocabulary), so their distributions do not line up: use "
-            "--objective sft to train on the teacher's text (sequence-level KD), or "
-            "--objective kd --alpha 1 (CE on the teacher's answers only)")
-    use_teacher_tokens = config.objective == "kd" and same_vocab
-    eos = tokenizer.eos_token_id
-    columns = {name: table.column(name).to_pylist() for name in
-               ("id", "question", "response", "token_ids", "finish_reason")}
-    kept = _kept_rows(table, config.keep, config.teacher_store)
-    topk_ids = topk_lp = None
-    if white_box:
-        topk_ids = _ragged_matrix(table.column("topk_ids"), np.int64)
-        topk_lp = _ragged_matrix(table.column("topk_logprobs"), np.float32)
-    rows = []
-    for i in kept:
-        finish = columns["finish_reason"][i]
-        if use_teacher_tokens:
-            answer = list(columns["token_ids"][i])
-        else:  # sequence-level: the teacher's text in the student's tokens
-            answer = tokenizer(columns["response"][i], add_special_tokens=False)["input_ids"]
-            if finish != "length" and eos is not None:
-                answer.append(eos)
-        rows.append({
-            "id": str(columns["id"][i]),
-            "question": columns["question"][i],
-            "answer_ids": answer,
-            "topk_ids": topk_ids[i] if topk_ids is not None else None,
-            "topk_logprobs": topk_lp[i] if topk_lp is not None else None,
-        })
-    info = {"source": "teacher_store", "teacher_store": str(config.teacher_store),
-            "teacher_store_parts": [str(d) for d in dirs],
-            "teacher": manifest.get("teacher"), "target": manifest.get("target"),
-            "top_k": manifest.get("top_k"), "store_rows": table.num_rows,
-            "keep": config.keep, "kept_rows": len(kept),
-            "white_box": white_box, "same_tokenizer": same_vocab,
-            "max_token_id": _max_token_id(table, white_box) if use_teacher_tokens else None}
-    return rows, info
-
-
-def _kept_rows(table: Any, keep: str, source: Any) -> list[int]:
-    """The store rows a student trains on: all, or (`keep="correct"`, rejection sampling)
-    only the answers the store graded correct."""
-    if keep == "all":
-        return list(range(table.num_rows))
-    correct = table.column("correct").to_pylist()
-    kept = [i for i, flag in enumerate(correct) if flag is True]
-    if not kept:
-        raise PrimekdError(f"--keep correct: no answer in teacher store {source} was graded "
-                           f"correct (0 of {table.num_rows}); use --keep all, or a teacher "
-                           "that solves some of its questions")
-    return kept
-
-
-def _max_token_id(table: Any, white_box: bool) -> int:
-    """The largest token id the student will be asked to score (answer or teacher top-k)."""
-    import pyarrow.compute as pc
-
-    names = ["token_ids", *(["topk_ids"] if white_box else [])]
-    highest = -1
-    for name in names:
-        values = table.column(name).combine_chunks().flatten()
-        if name == "topk_ids":
-            values = values.flatten()
-        if len(values):
-            highest = max(highest, int(pc.max(values).as_py()))
-    return highest
-
-
-def check_vocabulary(info: dict[str, Any], rows: int, student: str) -> None:
-    """Refuse teacher token ids past the student's embedding rows (a device-side assert on
-    CUDA, mid-run): tokenizers can share a fingerprint while embedding sizes differ."""
-    highest = info.get("max_token_id")
-    if highest is not None and highest >= rows:
-        raise PrimekdError(
-            f"the teacher store holds token id {highest} but the student {student} has "
-            f"{rows} embedding rows (vocab_size {rows} < {highest + 1}): trim the teacher's "
-            "top-k to the student's vocabulary, or pad the student's embeddings "
-            f"(resize_token_embeddings to at least {highest + 1})")
-
-
-def _check_tokens_match_text(table: Any, tokenizer: Any, directory: Any, sample: int = 8
-                             ) -> None:
-    """Equal fingerprints claim one vocabulary: check that the student's tokenizer turns a
-    few rows' token ids back into their responses (an edited manifest would pass otherwise)."""
-    n = min(sample, table.num_rows)
-    ids = table.column("token_ids").slice(0, n).to_pylist()
-    texts = table.column("response").slice(0, n).to_pylist()
-    squash = "".join
-    mismatched = 0
-    for token_ids, text in zip(ids, texts, strict=True):
-        target = squash((text or "").split())
-        decoded = {squash(tokenizer.decode(token_ids, skip_special_tokens=skip).split())
-                   for skip in (True, False)}
-        mismatched += target not in decoded
-    if mismatched * 2 > n:
-        raise PrimekdError(
-            f"{directory}: the manifest's tokenizer fingerprint matches the student's, but "
-            f"the student's tokenizer does not decode {mismatched} of {n} sampled rows' "
-            "token_ids to their responses: the store was made with another vocabulary")
-
-
-def _ragged_matrix(column: Any, dtype: Any) -> list[np.ndarray]:
-    """list<list<x>> (rows of (A_i, k)) -> one (A_i, k) numpy array per row, without Python."""
-    array = column.combine_chunks()
-    outer = array.offsets.to_numpy()
-    inner = array.flatten()
-    if len(inner) == 0:
-        return [np.zeros((0, 1), dtype=dtype) for _ in range(len(array))]
-    widths = np.diff(inner.offsets.to_numpy())
-    if (widths != widths[0]).any():
-        raise PrimekdError("teacher store rows have different top-k widths")
-    values = inner.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
-    values = values.reshape(len(inner), int(widths[0]))
-    start = outer[0]
-    return [values[a - start:b - start] for a, b in zip(outer[:-1], outer[1:], strict=True)]
-
-
-def _reference_rows(config: DistillConfig, tokenizer: Any) -> tuple[list[dict[str, Any]], dict]:
-    from primekd.core.data import load_examples
-    from primekd.teach.teacher import reference_tokens
-
-    spec = config.data or "train"
-    examples = load_examples(spec, limit=config.limit)
-    rows = [{"id": e.id, "question": e.question, "answer_ids": reference_tokens(tokenizer, e)}
-            for e in examples]
-    # references are correct by definition: --keep correct keeps them all
-    return rows, {"source": "references", "data": spec, "white_box": False,
-                  "keep": config.keep, "kept_rows": len(rows)}
-
-
-class KDCollator:
-    """Right-pad items into input_ids, attention_mask, labels (-100 off the answer) and the
-    teacher's top-k aligned with the labels (position t holds the distribution of token t)."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, items: list[Item]) -> dict[str, torch.Tensor]:
-        width = max(len(it.input_ids) for it in items)
-        b = len(items)
-        input_ids = torch.full((b, width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((b, width), dtype=torch.long)
-        labels = torch.full((b, width), -100, dtype=torch.long)
-        for row, it in enumerate(items):
-            n = len(it.input_ids)
-            input_ids[row, :n] = torch.from_numpy(it.input_ids)
-            attention[row, :n] = 1
-            labels[row, it.n_prompt:n] = input_ids[row, it.n_prompt:n]
-        batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
-        if all(it.topk_ids is not None for it in items):
-            batch.update(self._teacher(items, width))
-        return batch
-
-    @staticmethod
-    def _teacher(items: list[Item], width: int) -> dict[str, torch.Tensor]:
-        k = items[0].topk_ids.shape[1]
-        ids = torch.zeros((len(items), width, k), dtype=torch.long)
-        logprobs = torch.zeros((len(items), width, k), dtype=torch.float32)
-        mask = torch.zeros((len(items), width), dtype=torch.bool)
-        for row, it in enumerate(items):
-            a = len(it.topk_ids)
-            span = slice(it.n_prompt, it.n_prompt + a)
-            ids[row, span] = torch.tensor(it.topk_ids)
-            logprobs[row, span] = torch.tensor(it.topk_logprobs)
-            mask[row, span] = True
-        return {"topk_ids": ids, "topk_logprobs": logprobs, "kd_mask": mask}
-
-
 # ---------------------------------------------------------------- trainer
 
 
@@ -347,6 +88,11 @@ class KDSettings:
     temperature: float = 1.0
     beta: float | None = None
     chunk_size: int = 1024
+
+    @classmethod
+    def of(cls, config: DistillConfig) -> KDSettings:
+        return cls(config.alpha, config.divergence, config.temperature, config.beta,
+                   config.chunk_size)
 
 
 class _HeadTap:
@@ -421,14 +167,26 @@ class KDTrainer(Trainer):
             self._tap = None
         self._reset_meter()
         # Whole-run totals (loss summed over optimizer steps, input tokens), carried across
-        # --resume in each checkpoint's RUN_TOTALS file.
+        # --resume in each checkpoint's RUN_TOTALS file (read by `train`).
         self._run_totals = torch.zeros(2, dtype=torch.float64)
         self.resumed_totals = (0.0, 0)
+        self.tokens_seen = 0
 
     def _reset_meter(self) -> None:
         self._meter = torch.zeros(5, dtype=torch.float64)  # ce, kd, n_ce, n_kd, input tokens
         self._meter_since = time.perf_counter()
-        self.tokens_seen = getattr(self, "tokens_seen", 0)
+
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any) -> Any:
+        """Trainer's `train`, carrying the whole-run totals of the checkpoint it resumes
+        from, and with the progress bar stopped however training ends."""
+        self.resumed_totals = _resumed_totals(resume_from_checkpoint)
+        self.tokens_seen = self.resumed_totals[1]
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        finally:
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, _RichProgress):
+                    callback.stop()
 
     def loss_parts(self, model: Any, inputs: dict[str, torch.Tensor]) -> Any:
         """Forward the student and return the `LossParts` sums of this batch."""
@@ -466,7 +224,6 @@ class KDTrainer(Trainer):
                 loss = loss * self.accelerator.num_processes  # DDP averages the gradients
         if model.training:
             self._stop_if_not_finite(loss.detach())
-        if model.training:
             tokens = int(inputs["attention_mask"].sum())
             self._run_totals[1] += tokens
             self._meter += torch.tensor([float(parts.ce_sum.detach()), float(parts.kd_sum.detach()),
@@ -561,7 +318,6 @@ class KDTrainer(Trainer):
                                                          metrics)
         return metrics
 
-
     def _prepared_model(self) -> Any:
         """The model as accelerate prepared it. FSDP and DeepSpeed place and shard it only in
         `train()` (until then Trainer leaves it on the CPU), so under them the validation
@@ -594,8 +350,6 @@ class _RichProgress(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
-            from primekd.core.progress import progress_bar
-
             self.bar = progress_bar(True)
             self.bar.start()
             self.task = self.bar.add_task("training", total=state.max_steps,
@@ -606,6 +360,9 @@ class _RichProgress(TrainerCallback):
             self.bar.update(self.task, completed=state.global_step)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.stop()
+
+    def stop(self) -> None:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
@@ -690,8 +447,6 @@ def mixed_precision(config: DistillConfig, device: str) -> dict[str, bool]:
 
 
 def build_student(config: DistillConfig, device: str) -> Any:
-    from transformers import set_seed
-
     set_seed(config.seed)  # LoRA's random init
     # device None: where from_pretrained put it (meta on ranks > 0 under FSDP's
     # cpu_ram_efficient_loading, partitioned under ZeRO-3); Trainer/accelerate place it.
@@ -701,8 +456,6 @@ def build_student(config: DistillConfig, device: str) -> Any:
     if config.full_finetune:
         model.train()
         return model
-    from peft import LoraConfig, get_peft_model
-
     targets: str | list[str] = config.target_modules
     if targets == ["all-linear"]:
         targets = "all-linear"
@@ -797,17 +550,13 @@ def distill_off_policy(config: DistillConfig, callbacks: list[TrainerCallback] |
     """Train a student adapter (or full model) from a teacher store or the references."""
     check_config(config)
     out = Path(config.out)
-    with _claimed(out, config.force):
+    with claimed(out, config.force):
         return _distill(config, out, callbacks, progress)
 
 
-def _claimed(out: Path, force: bool) -> Any:
+def claimed(out: Path, force: bool) -> Any:
     """The output directory checked, locked and marked (by the first process only: under
     `accelerate launch` every rank writes into the same --out)."""
-    from contextlib import nullcontext
-
-    from primekd.core import outdir
-
     # before the Trainer exists (no is_world_process_zero yet): the launcher's rank
     if int(os.environ.get("RANK", "0")) != 0:
         return nullcontext(out)
@@ -816,7 +565,9 @@ def _claimed(out: Path, force: bool) -> Any:
 
 def _distill(config: DistillConfig, out: Path, callbacks: list[TrainerCallback] | None,
              progress: bool) -> DistillResult:
-    resume_from = _prepare_out(config, out)
+    out.mkdir(parents=True, exist_ok=True)
+    check_out(config, out, CHECKPOINTS)
+    resume_from = _last_checkpoint(out) if config.resume else None
     started = time.perf_counter()
     device = config.device or default_device()
     mixed_precision(config, device)  # refuse float16 without CUDA before loading anything
@@ -829,40 +580,48 @@ def _distill(config: DistillConfig, out: Path, callbacks: list[TrainerCallback] 
     # TrainingArguments first: under ZeRO-3 it registers the config from_pretrained reads to
     # partition the weights while loading (zero.Init) instead of loading all of them per rank.
     args = training_arguments(config, out, device, progress, bool(data.val))
-    _write_config(config, out, args)
+    if args.process_index == 0:
+        write_config(config, out)
     model = build_student(config, device)
     counts = trainable_parameters(model)
-    trainer = KDTrainer(
-        model=model, args=args, train_dataset=data.train, eval_dataset=data.val or None,
-        data_collator=KDCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-        callbacks=[TrainLogWriter(out), *_tensorboard(out), *(callbacks or [])],
-        kd=KDSettings(config.alpha, config.divergence, config.temperature, config.beta,
-                      config.chunk_size))
-    _quiet_callbacks(trainer, progress)
-    trainer.resumed_totals = _resumed_totals(resume_from)
-    trainer.tokens_seen = trainer.resumed_totals[1]
+    trainer = kd_trainer(config, model, args, tokenizer, out, data.train, data.val,
+                         [*_tensorboard(out), *(callbacks or [])], progress)
     if data.val and resume_from is None:
         trainer.add_callback(_ValidateAtStart(trainer))
-    try:
-        output = trainer.train(resume_from_checkpoint=resume_from)
-        val_before = _val_before(trainer.state.log_history) if data.val else None
-        val_after = _val_after(trainer) if data.val else None
-    finally:
-        _stop_progress(trainer)
-    save_final_model(trainer, out)
-    if trainer.is_world_process_zero():
-        _make_portable(out, config.student, source.kind)
-    summary = _summary(config, trainer, data, output, val_before, val_after,
-                       time.perf_counter() - started, device, counts)
+    output = trainer.train(resume_from_checkpoint=resume_from)
+    val_before = _val_before(trainer.state.log_history) if data.val else None
+    val_after = _val_after(trainer) if data.val else None
+    save_final_model(trainer, out, config.student, source.kind)
+    wall = time.perf_counter() - started
+    summary = run_summary(config, trainer, counts, device, white_box=data.info.get("white_box"),
+                          val_loss=(val_before, val_after),
+                          train_time=output.metrics.get("train_runtime") or wall,
+                          untimed_tokens=trainer.resumed_totals[1], wall=wall, data=data.info)
     if trainer.is_world_process_zero():
         write_json(out / SUMMARY_FILE, summary)
     return DistillResult(out, summary, list(trainer.state.log_history))
 
 
+def kd_trainer(config: DistillConfig, model: Any, args: TrainingArguments, tokenizer: Any,
+               out: Path, train: list[Item], val: list[Item] | None = None,
+               callbacks: list[TrainerCallback] | None = None, progress: bool = True
+               ) -> KDTrainer:
+    """A `KDTrainer` with primekd's callbacks: the train log in `out`, and the rich progress
+    bar (or none) instead of Trainer's tqdm bar and printed log dicts."""
+    trainer = KDTrainer(model=model, args=args, train_dataset=train, eval_dataset=val or None,
+                        data_collator=KDCollator(tokenizer.pad_token_id),
+                        processing_class=tokenizer,
+                        callbacks=[TrainLogWriter(out), *(callbacks or [])],
+                        kd=KDSettings.of(config))
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if progress:
+        trainer.add_callback(_RichProgress())
+    return trainer
+
+
 def _embedding_rows(source: Any) -> int:
     """The student's vocabulary rows from its config (no weights loaded)."""
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(source.path)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(text.vocab_size)
@@ -876,9 +635,6 @@ def _linear_names(model: torch.nn.Module) -> list[str]:
 def _check_target_modules(config: DistillConfig, source: Any) -> None:
     """Refuse LoRA targets the student does not have before its weights load, from the
     architecture built on the meta device (no memory, well under a second)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     if config.target_modules == ["all-linear"]:
         return
     with init_empty_weights():
@@ -891,21 +647,17 @@ def _check_target_modules(config: DistillConfig, source: Any) -> None:
                            "pass them with --target-modules")
 
 
-def _stop_progress(trainer: Trainer) -> None:
-    for callback in trainer.callback_handler.callbacks:
-        if isinstance(callback, _RichProgress) and callback.bar is not None:
-            callback.bar.stop()
-            callback.bar = None
-
-
-def save_final_model(trainer: KDTrainer, out: Path) -> None:
-    """The adapter (or full model) and tokenizer in `out`. Under FSDP the weights are
-    gathered into one full state dict first: accelerate's FSDP2 default, a sharded state dict,
-    makes `save_model` write no adapter_config.json and no loadable weights."""
+def save_final_model(trainer: KDTrainer, out: Path, reference: str, kind: str) -> None:
+    """The adapter (or full model) and tokenizer in `out`, made portable. Under FSDP the
+    weights are gathered into one full state dict first: accelerate's FSDP2 default, a
+    sharded state dict, makes `save_model` write no adapter_config.json and no loadable
+    weights."""
     if trainer.is_fsdp_enabled:
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(out))
     trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        make_portable(out, reference, kind)
 
 
 def adapter_is_saved(out: str | Path) -> bool:
@@ -917,7 +669,7 @@ def adapter_is_saved(out: str | Path) -> bool:
         w.name != "training_args.bin" for w in weights)
 
 
-def _make_portable(out: Path, reference: str, kind: str) -> None:
+def make_portable(out: Path, reference: str, kind: str) -> None:
     """Record the base model as the user named it (the bundled GGUF as the hub id it came
     from), not the machine-local conversion cache, and give the weights the mode of their
     siblings (safetensors writes them 0600)."""
@@ -933,16 +685,22 @@ def _make_portable(out: Path, reference: str, kind: str) -> None:
             weights.chmod(mode)
 
 
-def _resumed_totals(resume_from: str | None) -> tuple[float, int]:
-    if resume_from is None or not (Path(resume_from) / RUN_TOTALS).exists():
+def _resumed_totals(resume_from: str | bool | None) -> tuple[float, int]:
+    if not isinstance(resume_from, str) or not (Path(resume_from) / RUN_TOTALS).exists():
         return 0.0, 0
     totals = json.loads((Path(resume_from) / RUN_TOTALS).read_text(encoding="utf-8"))
     return float(totals["loss_sum"]), int(totals["tokens"])
 
 
-def check_resume_config(config: DistillConfig, out: Path) -> None:
-    """A --resume whose options differ from the saved config (run-only fields aside) is
-    refused: it would mix two runs in one directory."""
+def check_out(config: DistillConfig, out: Path, marker: str) -> None:
+    """Refuse a second run in `out` (one holding `marker` or a summary) without --resume,
+    and a --resume whose options differ from the saved config (run-only fields aside): it
+    would mix two runs in one directory."""
+    if not config.resume:
+        if (out / marker).exists() or (out / SUMMARY_FILE).exists():
+            raise PrimekdError(f"{out} already holds a distill run: pass --resume to continue "
+                               "it, or choose a new --out")
+        return  # a train log left by a run killed before its first checkpoint is rewritten
     saved = out / CONFIG_FILE
     if not saved.exists():
         return
@@ -955,24 +713,13 @@ def check_resume_config(config: DistillConfig, out: Path) -> None:
                            f"{CONFIG_FILE} or a new --out")
 
 
-def _prepare_out(config: DistillConfig, out: Path) -> str | None:
-    """Create `out`; with --resume return the last checkpoint, refusing a changed config."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    out.mkdir(parents=True, exist_ok=True)
+def _last_checkpoint(out: Path) -> str | None:
     checkpoints = out / CHECKPOINTS
-    if config.resume:
-        check_resume_config(config, out)
-        return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-    if checkpoints.exists() or (out / SUMMARY_FILE).exists():
-        raise PrimekdError(f"{out} already holds a distill run: pass --resume to continue it, "
-                           "or choose a new --out")
-    return None  # a train log left by a run killed before its first checkpoint is rewritten
+    return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
 
 
-def _write_config(config: DistillConfig, out: Path, args: TrainingArguments) -> None:
-    if args.process_index == 0:
-        atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
+def write_config(config: DistillConfig, out: Path) -> None:
+    atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def _tensorboard(out: Path) -> list[TrainerCallback]:
@@ -984,13 +731,6 @@ def _tensorboard(out: Path) -> list[TrainerCallback]:
     callback = TensorBoardCallback()
     callback.logging_dir = str(out / "tensorboard")
     return [callback]
-
-
-def _quiet_callbacks(trainer: Trainer, progress: bool) -> None:
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    if progress:
-        trainer.add_callback(_RichProgress())
 
 
 def _val_before(history: list[dict[str, Any]]) -> float | None:
@@ -1008,31 +748,33 @@ def _val_after(trainer: KDTrainer) -> float:
     return trainer.evaluate()["eval_loss"]
 
 
-def _summary(config: DistillConfig, trainer: KDTrainer, data: Datasets, output: Any,
-             val_before: float | None, val_after: float | None, wall: float,
-             device: str, counts: tuple[int, int]) -> dict[str, Any]:
-    history = trainer.state.log_history
-    train_logs = [h for h in history if "loss" in h]
+def run_summary(config: DistillConfig, trainer: KDTrainer, counts: tuple[int, int],
+                device: str, *, white_box: bool | None, train_time: float,
+                untimed_tokens: int, wall: float, data: dict[str, Any],
+                val_loss: tuple[float | None, float | None] = (None, None)
+                ) -> dict[str, Any]:
+    """summary.json of a finished run (off- or on-policy). `untimed_tokens`: the tokens
+    trained on outside `train_time` (before a --resume), left out of tokens/s."""
+    train_logs = [h for h in trainer.state.log_history if "loss" in h]
     trainable, total = counts
     loss_sum, tokens = trainer.run_totals()  # the whole run, across a --resume
-    session_tokens = tokens - trainer.resumed_totals[1]
-    train_time = output.metrics.get("train_runtime") or wall
+    before, after = val_loss
     return {
         "out": str(config.out),
         "student": config.student,
         "objective": config.objective,
-        "divergence": config.divergence if data.info.get("white_box") else None,
+        "divergence": config.divergence if white_box else None,
         "adapter": not config.full_finetune,
         "final_train_loss": train_logs[-1]["loss"] if train_logs else None,
         "mean_train_loss": loss_sum / max(trainer.state.global_step, 1),
-        "val_loss_before": val_before,
-        "val_loss_after": val_after,
-        "val_improvement": (val_before - val_after) if val_before is not None
-        and val_after is not None else None,
+        "val_loss_before": before,
+        "val_loss_after": after,
+        "val_improvement": before - after if before is not None and after is not None
+        else None,
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
         "tokens": tokens,
-        "tokens_per_s": session_tokens / train_time if train_time else None,
+        "tokens_per_s": (tokens - untimed_tokens) / train_time if train_time else None,
         "train_runtime_s": train_time,
         "wall_time_s": round(wall, 3),
         "trainable_params": trainable,
@@ -1040,7 +782,7 @@ def _summary(config: DistillConfig, trainer: KDTrainer, data: Datasets, output: 
         "trainable_fraction": trainable / total if total else None,
         "device": device,
         "world_size": trainer.args.world_size,
-        "data": data.info,
+        "data": data,
     }
 
 
@@ -1053,6 +795,5 @@ def remove_checkpoints(out: str | Path) -> None:
     shutil.rmtree(Path(out) / CHECKPOINTS, ignore_errors=True)
 
 
-__all__ = ["DistillConfig", "DistillResult", "KDTrainer", "KDCollator", "KDSettings",
-           "TrainLogWriter", "build_datasets", "check_config", "distill_off_policy",
-           "load_distill_config", "config_from_dict"]
+__all__ = ["DistillResult", "KDSettings", "KDTrainer", "TrainLogWriter", "build_student",
+           "distill_off_policy", "training_arguments"]

@@ -28,7 +28,7 @@ from primekd.core.options import option
 from primekd.distill.config import DistillConfig
 from primekd.engines import EngineSpec
 from primekd.evaluate.evaluator import EvalConfig
-from primekd.teach.priming import BUILTIN_STRATEGIES
+from primekd.teach.priming import BUILTIN_STRATEGIES, parse_strategy
 from primekd.teach.teacher import TeachConfig
 
 PRESETS = ("quick", "small", "small-onpolicy", "paper")
@@ -377,6 +377,11 @@ def _check_strategy_name(name: str, spec: StrategySpec) -> None:
             f"unknown strategy `{name}`: built-ins are {', '.join(BUILTIN_STRATEGIES)}; "
             f"a custom strategy needs a `user` template (strategies.{name}.user)"
         )
+    if spec.custom:  # its templates checked now, not when its teacher stage starts
+        texts = {"description": spec.description, "user": spec.user, "system": spec.system,
+                 "prefill": spec.prefill}
+        parse_strategy(name, {k: v for k, v in texts.items() if v is not None},
+                       f"config key `strategies.{name}`")
 
 
 def check_stage_sections(config: ExperimentConfig) -> None:

@@ -598,7 +598,7 @@ def validation_questions(distill_config: Any) -> list[dict[str, Any]]:
 
 def _split(distill_config: Any) -> list[dict[str, Any]]:
     from primekd.core.models import load_tokenizer
-    from primekd.distill.trainer import build_datasets
+    from primekd.distill.data import build_datasets
     from primekd.teach.store import load_store
 
     # alpha = 1: the split does not depend on the teacher's top-k, so skip loading them.

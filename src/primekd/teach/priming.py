@@ -15,7 +15,8 @@ follow Goyal et al. (2024); users add their own from a YAML file:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import functools
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -160,34 +161,39 @@ def load_strategies(path: str | Path) -> dict[str, Strategy]:
             "{description, user, system, prefill}"
         )
     return {
-        str(name): _parse_strategy(path, str(name), spec)
+        str(name): parse_strategy(str(name), spec, f"{path}: strategy {str(name)!r}")
         for name, spec in document["strategies"].items()
     }
 
 
-def _parse_strategy(path: Path, name: str, spec: Any) -> Strategy:
-    where = f"{path}: strategy {name!r}"
-    if not isinstance(spec, dict):
-        raise PrimekdError(f"{where}: expected a mapping with at least a `user` field")
-    allowed = {f.name for f in fields(Strategy)} - {"name"}
-    for key in spec:
-        if key not in allowed:
-            raise PrimekdError(
-                f"{where}: unknown field {key!r}{did_you_mean(key, allowed)}; "
-                f"allowed fields: {', '.join(sorted(allowed))}"
-            )
-    if not isinstance(spec.get("user"), str) or not spec["user"].strip():
-        raise PrimekdError(f"{where}, field 'user': required, a non-empty template string")
-    for key in ("description", "system", "prefill"):
-        if spec.get(key) is not None and not isinstance(spec[key], str):
-            raise PrimekdError(f"{where}, field {key!r}: must be a string")
-    strategy = Strategy(
-        name=name,
-        description=spec.get("description") or "",
-        user=spec["user"],
-        system=spec.get("system") or None,
-        prefill=spec.get("prefill") or "",
-    )
+@functools.cache
+def _fields_model() -> Any:
+    """The pydantic model of one strategy's fields (built on first use: pydantic stays out
+    of the CLI's start-up)."""
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class StrategyFields(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True)
+        description: str | None = None
+        user: str = Field(pattern=r"\S")  # required, not blank: the teacher's message
+        system: str | None = None
+        prefill: str | None = None
+
+    return StrategyFields
+
+
+def parse_strategy(name: str, spec: Any, where: str) -> Strategy:
+    """A strategy from its fields (`user`, and optionally `description`, `system`,
+    `prefill`), checked: field names and types, then each template (Jinja syntax, known
+    variables, the question placeholder somewhere). `where` starts every error message."""
+    from pydantic import ValidationError
+
+    try:
+        fields = _fields_model().model_validate(spec)
+    except ValidationError as error:
+        raise _fields_error(error, where) from None
+    strategy = Strategy(name=name, description=fields.description or "", user=fields.user,
+                        system=fields.system or None, prefill=fields.prefill or "")
     used: set[str] = set()
     for field in TEMPLATE_FIELDS:
         source = getattr(strategy, field)
@@ -195,6 +201,25 @@ def _parse_strategy(path: Path, name: str, spec: Any) -> Strategy:
             used |= templates.check(source, VARIABLES, f"{where}, field {field!r}", _EXAMPLE)
     templates.require(used, "question", where)
     return strategy
+
+
+def _fields_error(error: Any, where: str) -> PrimekdError:
+    """pydantic's errors as one line, the first of: not a mapping, an unknown field, a
+    missing or blank `user`, a field that is not a string."""
+    problems = error.errors()
+    kinds = {p["type"] for p in problems}
+    if "model_type" in kinds:
+        return PrimekdError(f"{where}: expected a mapping with at least a `user` field")
+    unknown = [p["loc"][0] for p in problems if p["type"] in ("extra_forbidden", "invalid_key")]
+    if unknown:
+        allowed = list(_fields_model().model_fields)
+        return PrimekdError(f"{where}: unknown field {unknown[0]!r}"
+                            f"{did_you_mean(str(unknown[0]), allowed)}; "
+                            f"allowed fields: {', '.join(sorted(allowed))}")
+    fields = [p["loc"][0] for p in problems]
+    if "user" in fields:
+        return PrimekdError(f"{where}, field 'user': required, a non-empty template string")
+    return PrimekdError(f"{where}, field {fields[0]!r}: must be a string")
 
 
 def _render(strategy: Strategy, field: str, context: dict[str, str]) -> str:
