@@ -19,6 +19,14 @@ def test_importing_the_cli_loads_no_heavy_library() -> None:
     assert loaded == "", f"importing primekd.cli loaded {loaded}"
 
 
+def test_importing_the_cli_leaves_pydantic_for_the_commands_that_check_configs() -> None:
+    """pydantic (~50 modules, ~0.2 s) loads when a config is checked, not on `--help`."""
+    code = "import sys, primekd.cli; print('pydantic' in sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert loaded == "False"
+
+
 def test_grading_runs_without_loading_model_libraries(tmp_path) -> None:
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"question": "q", "answer": "#### 3", "response": "The answer is 3"}\n')

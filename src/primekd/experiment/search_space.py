@@ -9,22 +9,12 @@ spec is checked by a pydantic model (a range or choices); what a field may hold 
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    StrictBool,
-    StrictFloat,
-    StrictInt,
-    StrictStr,
-    ValidationError,
-)
 
 from primekd.core import options
 from primekd.core.errors import PrimekdError, did_you_mean
@@ -33,6 +23,7 @@ from primekd.distill.config import DistillConfig
 
 if TYPE_CHECKING:
     import optuna
+    from pydantic import BaseModel
 
 # The DistillConfig fields tune sets in every trial from its own options (trial_distill_config)
 TRIAL_FIELDS = ("student", "teacher_store", "out", "max_steps", "val_size", "eval_steps", "seed")
@@ -168,38 +159,54 @@ def _yaml_number(value: Any) -> Any:
     return value
 
 
-_Number = Annotated[StrictInt | StrictFloat, BeforeValidator(_yaml_number)]
+@functools.cache
+def _models() -> tuple[type[BaseModel], type[BaseModel]]:
+    """The pydantic models of a range and of choices (built on first use: pydantic, ~50
+    modules, stays out of the CLI's start-up)."""
+    from pydantic import (
+        BaseModel,
+        BeforeValidator,
+        ConfigDict,
+        Field,
+        StrictBool,
+        StrictFloat,
+        StrictInt,
+        StrictStr,
+    )
 
+    number = Annotated[StrictInt | StrictFloat, BeforeValidator(_yaml_number)]
 
-class _Range(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    class Range(BaseModel):
+        model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    type: Literal["float", "int"] | None = None
-    low: _Number
-    high: _Number
-    log: bool = False
-    step: _Number | None = Field(None, gt=0)
+        type: Literal["float", "int"] | None = None
+        low: number
+        high: number
+        log: bool = False
+        step: number | None = Field(None, gt=0)
 
+    class Choices(BaseModel):
+        model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-class _Choices(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+        type: str | None = None
+        choices: list[StrictStr | StrictBool | StrictInt | StrictFloat | None] = Field(
+            min_length=1)
 
-    type: str | None = None
-    choices: list[StrictStr | StrictBool | StrictInt | StrictFloat | None] = Field(min_length=1)
+    return Range, Choices
 
 
 def _parse_param(name: str, spec: dict[str, Any], default: Any) -> Param:
     if "choices" in spec:
         if set(spec) - {"choices", "type"}:
             raise PrimekdError(f"search space: {name}: `choices` cannot be mixed with a range")
-        choices = _validate(_Choices, name, spec).choices
+        choices = _validate(_models()[1], name, spec).choices
         for choice in choices:  # of the option's type (`lora_r: [4, "eight"]` fails)
             if expected := options.type_error(DistillConfig, name, choice):
                 flag = options.field_flag(DistillConfig, name)
                 raise PrimekdError(f"search space: {name}: choice {choice!r}: {flag} must be "
                                    f"{expected}, not {choice!r}")
         return Param(name, "categorical", choices=tuple(choices))
-    r = _validate(_Range, name, spec)
+    r = _validate(_models()[0], name, spec)
     ints = isinstance(r.low, int) and isinstance(r.high, int)
     kind = r.type or ("int" if ints and not isinstance(default, float) else "float")
     if kind == "float" and isinstance(default, int) and not isinstance(default, bool):
@@ -217,6 +224,8 @@ def _parse_param(name: str, spec: dict[str, Any], default: Any) -> Param:
 def _validate(model: type[BaseModel], name: str, spec: dict[str, Any]) -> Any:
     """The spec as `model`, or one line naming its first problem (unknown keys first, a
     union's type mismatch last)."""
+    from pydantic import ValidationError
+
     try:
         return model.model_validate(spec)
     except ValidationError as e:
