@@ -130,3 +130,21 @@ def test_worked_examples_show_a_significantly_better_student(tmp_path: Path) -> 
     _results(tmp_path / "eval" / "kd-teacher", [i < 20 for i in range(40)])
     examples = _markdown(tmp_path).split("## Worked examples", 1)[1].split("## Compute", 1)[0]
     assert "`kd-teacher` is the most accurate trained student with a significant" in examples
+
+
+def test_an_on_policy_student_is_labelled_by_what_it_trained_on(tmp_path: Path) -> None:
+    """It trains on its own answers scored by the primed teacher, not on teacher answers."""
+    _results(tmp_path / "eval" / "kd-none", [False] * 8)
+    _results(tmp_path / "eval" / "op-ground_truth", [False] * 8)
+    student = tmp_path / "students" / "op-ground_truth"
+    student.mkdir(parents=True)
+    rounds = [{"round": i, "on_sequences": 32, "off_sequences": 0} for i in range(2)]
+    (student / "summary.json").write_text(json.dumps({
+        "tokens": 1000, "data": {"source": "on_policy", "teacher_store": None},
+        "on_policy": {"strategy": "ground_truth", "lmbda": 1.0, "rounds": rounds,
+                      "cost_s": {"rollout_s": 1.0, "score_s": 1.0, "train_s": 1.0}}}))
+    table = _markdown(tmp_path).split("## Results in the paper's layout", 1)[1].split("## ")[0]
+    row = next(line for line in table.splitlines() if "`op-ground_truth`" in line)
+    assert row.startswith("| On-policy KD, `ground_truth` priming |")
+    assert "64 own answers in 2 rounds, scored by the `ground_truth` teacher" in row
+    assert "teacher answers (all)" not in row

@@ -309,6 +309,8 @@ def paper_label(name: str) -> str:
         return "KD without priming"
     if name.startswith("kd-"):
         return f"KD, `{name[3:]}` priming"
+    if name.startswith("op-"):  # `run`'s default name of an on-policy student
+        return f"On-policy KD, `{name[3:]}` priming"
     return f"`{name}`"
 
 
@@ -339,7 +341,8 @@ def section_paper_table(runs: dict[str, EvalRun], layout: Layout) -> str:
     text = ["## Results in the paper's layout\n",
             _table(headers, body), "",
             "As in the paper's table: the untrained student, the student fine-tuned on the "
-            "reference solutions, and one KD student per priming strategy, with each "
+            "reference solutions, and one KD student per priming strategy (on-policy ones "
+            "train on their own answers, scored by the primed teacher), with each "
             "strategy's relative gain over KD without priming ((acc − acc_kd-none) / "
             "acc_kd-none). Δ is in percentage points on the paired test questions; its "
             "interval is a paired bootstrap (2,000 resamples), its p an exact McNemar test "
@@ -369,15 +372,27 @@ def _trained_on(layout: Layout, name: str) -> str:
     if name == "base":
         return "untrained"
     directory = layout.students.get(name)
-    data = _read_optional(directory / "summary.json").get("data", {}) if directory else {}
+    summary = _read_optional(directory / "summary.json") if directory else {}
+    data = summary.get("data", {})
     if not isinstance(data, dict) or not data:
         return "–"
+    if data.get("source") == "on_policy":
+        return _trained_on_policy(summary.get("on_policy") or {})
     kept, total = data.get("kept_rows"), data.get("store_rows")
     if data.get("source") == "references":
         return f"{kept} reference solutions" if kept is not None else "reference solutions"
     if data.get("keep") == "correct":
         return f"{kept}/{total} teacher answers (graded correct only)"
     return f"{total} teacher answers (all)" if total is not None else "teacher answers (all)"
+
+
+def _trained_on_policy(info: dict[str, Any]) -> str:
+    rounds = info.get("rounds") or []
+    own = sum(r.get("on_sequences") or 0 for r in rounds)
+    mixed = sum(r.get("off_sequences") or 0 for r in rounds)
+    text = (f"{own} own answers in {len(rounds)} rounds, scored by the "
+            f"`{info.get('strategy')}` teacher")
+    return text + (f", + {mixed} teacher answers" if mixed else "")
 
 
 def accuracy_chart(rows: list[ResultRow], path: Path) -> Path:
