@@ -39,9 +39,9 @@ def run_command(
         None, "--preset", metavar="NAME",
         help="Built-in config to start from: `quick` (bundled model, CPU, "
         "minutes, a demonstration), `small` (the paper's comparison on the bundled model, "
-        "vLLM on CPU, about 90 minutes), `small-onpolicy` (off- against on-policy students "
-        "on the bundled model, about 90 minutes) or `paper` (the paper's full design, for a "
-        "GPU).",
+        "vLLM on CPU, 66 minutes measured), `small-onpolicy` (off- against on-policy "
+        "students on the bundled model, 74 minutes measured) or `paper` (the paper's full "
+        "design, for a GPU).",
         show_default=False,
     ),
     out: Path | None = typer.Option(
