@@ -6,68 +6,22 @@ import json
 from pathlib import Path
 from typing import Any
 
-import typer
 from rich.table import Table
 
 from primekd.cli.app import app, console
-from primekd.core import grading
-from primekd.core.grading import check_extractor, grade_file, summarize_grades
+from primekd.core import grading, options
+from primekd.core.grading import GradingRule, grade_file, summarize_grades
 from primekd.core.io import atomic_write_text
 
 
-@app.command("grade")
-def grade_command(
-    file: Path = typer.Argument(
-        ...,
-        help="JSONL, one row per question, with `response` and `answer` (a GSM8K solution "
-        "ending `#### N`, or a bare number; `reference` or `gold` also work). "
-        "Other fields, such as `question`, are kept.",
-        show_default=False,
-    ),
-    extractor: str = typer.Option(
-        "default",
-        "--extractor",
-        metavar="NAME",
-        help="How to find the final answer: `default` (boxed, ####, 'the answer is', "
-        "'Answer:', last number), `paper` (Goyal et al. 2024: boxed, an agreeing first "
-        "line, 'the answer is', last number) or `math-verify` (Hugging Face's Math-Verify).",
-    ),
-    lenient: bool = typer.Option(
-        False,
-        "--lenient",
-        help="Count a truncated answer's last number as its answer (the flexible rule of "
-        "lm-evaluation-harness), for comparison with harnesses. By default an answer that "
-        "hit the token limit (`finish_reason: length`) without a stated answer is wrong.",
-    ),
-    cross_check: bool = typer.Option(
-        False,
-        "--cross-check",
-        help="Also grade with every extractor (default, paper, math-verify) and list, for "
-        "each pair, the rows on which they disagree, with up to 5 examples of each kind.",
-    ),
-    out: Path | None = typer.Option(
-        None,
-        "--out",
-        metavar="FILE",
-        help="Write the graded rows here as JSONL: every input field plus `gold`, "
-        "`extracted` (number or null), `correct`, `found_by`, `no_answer`, `truncated`, "
-        "`correct_strict` and `correct_flexible`.",
-    ),
-    json_output: bool = typer.Option(
-        False,
-        "--json",
-        help='Print one JSON object: {"n", "correct", "accuracy", "ci95": [lo, hi], '
-        '"no_answer", "accuracy_strict", "accuracy_flexible", "truncated", "no_number", ...} '
-        "(every key in docs/grading.md).",
-    ),
-) -> None:
-    """Grade model outputs from any source: extract each final number and check it."""
-    check_extractor(extractor)
-    rows = grade_file(file, extractor, lenient)
-    summary = {**summarize_grades(rows), "extractor": extractor,
-               "grading": "lenient" if lenient else "default"}
+def _grade(given: dict[str, Any], file: Path, cross_check: bool, out: Path | None,
+           json_output: bool) -> None:
+    rule = GradingRule(**given)
+    rows = grade_file(file, rule.extractor, rule.lenient)
+    summary = {**summarize_grades(rows), "extractor": rule.extractor,
+               "grading": "lenient" if rule.lenient else "default"}
     if cross_check:
-        summary["cross_check"] = grading.cross_check(rows, lenient=lenient)
+        summary["cross_check"] = grading.cross_check(rows, lenient=rule.lenient)
     if out is not None:
         atomic_write_text(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     if json_output:
@@ -79,6 +33,25 @@ def grade_command(
         console.print(cross_check_table(summary["cross_check"]))
     if out is not None:
         console.print(f"graded rows written to {out}", highlight=False)
+
+
+app.command("grade")(options.command(GradingRule, [
+    options.argument("file", help="JSONL, one row per question, with `response` and `answer` "
+                     "(a GSM8K solution ending `#### N`, or a bare number; `reference` or "
+                     "`gold` also work). Other fields, such as `question`, are kept."),
+    options.extra("cross_check", "--cross-check", default=False, annotation=bool,
+                  help="Also grade with every extractor (default, paper, math-verify) and "
+                  "list, for each pair, the rows on which they disagree, with up to 5 examples "
+                  "of each kind."),
+    options.extra("out", "--out", annotation=Path | None, metavar="FILE",
+                  help="Write the graded rows here as JSONL: every input field plus `gold`, "
+                  "`extracted` (number or null), `correct`, `found_by`, `no_answer`, "
+                  "`truncated`, `correct_strict` and `correct_flexible`."),
+    options.extra("json_output", "--json", default=False, annotation=bool,
+                  help='Print one JSON object: {"n", "correct", "accuracy", "ci95": [lo, hi], '
+                  '"no_answer", "accuracy_strict", "accuracy_flexible", "truncated", '
+                  '"no_number", ...} (every key in docs/grading.md).'),
+], _grade, "Grade model outputs from any source: extract each final number and check it."))
 
 
 def summary_lines(s: dict[str, Any]) -> list[str]:

@@ -34,14 +34,33 @@ import re
 import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from primekd.core.errors import PrimekdError
 from primekd.core.io import iter_jsonl
+from primekd.core.options import option
 from primekd.core.stats import summarize
 
 EXTRACTORS = ("default", "paper", "math-verify")
+
+
+def extractor_field(**extra: Any) -> Any:
+    """`--extractor`, the same in eval, teach, grade and compare."""
+    return option("default", "How to find the final answer: `default` (boxed, ####, 'the "
+                  "answer is', 'Answer:', last number), `paper` (the precedence of Goyal et "
+                  "al. 2024: boxed, an agreeing first line, 'the answer is', last number) or "
+                  "`math-verify` (Hugging Face's Math-Verify).", choices=EXTRACTORS,
+                  metavar="NAME", **extra)
+
+
+def lenient_field(**extra: Any) -> Any:
+    """`--lenient`, the same in eval, teach, grade and compare."""
+    return option(False, "Count a truncated answer's last number as its answer (the flexible "
+                  "rule of lm-evaluation-harness). By default an answer that hit the token "
+                  "limit (`finish_reason: length`) without a stated answer is wrong.",
+                  flags=("--lenient",), **extra)
 # How an answer can be stated explicitly; anything else a rule finds is a `fallback`.
 MARKERS = ("boxed", "hashes", "answer_is", "answer_colon", "last_line_a")
 FALLBACK = "fallback"
@@ -138,6 +157,17 @@ def extract(response: object, extractor: str = "default") -> Extraction:
 def extract_answer(response: object, extractor: str = "default") -> float | None:
     """The final numeric answer in a response, or None when it has none."""
     return extract(response, extractor).value
+
+
+@dataclass
+class GradingRule:
+    """How `grade` and `compare` grade rows that carry no `correct` field yet."""
+
+    extractor: str = extractor_field()
+    lenient: bool = lenient_field()
+
+    def __post_init__(self) -> None:
+        check_extractor(self.extractor)
 
 
 def check_extractor(extractor: str) -> None:

@@ -314,10 +314,17 @@ def check_required(cls: type, values: dict[str, Any]) -> None:
         raise PrimekdError(f"missing option(s) {', '.join(missing)}; see --help")
 
 
-def extra(name: str, *names: str, default: Any = None, help: str, annotation: Any = str
-          ) -> inspect.Parameter:
+def extra(name: str, *names: str, default: Any = None, help: str, annotation: Any = str,
+          metavar: str | None = None) -> inspect.Parameter:
     """A command-line option that is not a config field (`--json`, `--config`)."""
+    metavar = metavar or _metavar(_cli_annotation(annotation))
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
-                             default=typer.Option(default, *names, help=help,
-                                                  metavar=_metavar(annotation)),
+                             default=typer.Option(default, *names, help=help, metavar=metavar),
+                             annotation=annotation)
+
+
+def argument(name: str, help: str, annotation: Any = Path) -> inspect.Parameter:
+    """A required positional argument (`primekd grade FILE`)."""
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                             default=typer.Argument(..., help=help, show_default=False),
                              annotation=annotation)

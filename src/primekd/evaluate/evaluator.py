@@ -27,7 +27,14 @@ from primekd.core import outdir, validate
 from primekd.core.chat import render
 from primekd.core.data import BUNDLED_SPLITS, Example, load_examples, resolve_data_path
 from primekd.core.errors import PrimekdError
-from primekd.core.grading import EXTRACTORS, check_extractor, grade, grade_fields, summarize_grades
+from primekd.core.grading import (
+    check_extractor,
+    extractor_field,
+    grade,
+    grade_fields,
+    lenient_field,
+    summarize_grades,
+)
 from primekd.core.io import (
     append_jsonl,
     atomic_write_text,
@@ -99,18 +106,13 @@ class EvalConfig:
                                 "with 'The answer is N'.")
     few_shot: int = option(0, "Put this many worked GSM8K train solutions before the prompt "
                            "(0: zero-shot).", ge=0)
-    extractor: str = option("default", "How to find the final answer: `default` (boxed, ####, "
-                            "'the answer is', 'Answer:', last number), `paper` (the precedence "
-                            "of Goyal et al. 2024) or `math-verify` (Hugging Face's "
-                            "Math-Verify).", choices=EXTRACTORS)
+    extractor: str = extractor_field()
     device: str | None = option(None, "hf engine: cpu, cuda, cuda:1, mps, ... (default: cuda "
                                 "if available, else cpu).")
     engine: str = engine_field()
     base_url: str | None = base_url_field()
     engine_options: dict[str, Any] = engine_options_field()
-    lenient: bool = option(False, "Count a truncated answer's last number (harness-style "
-                           "flexible grading). By default an answer cut at --max-new-tokens "
-                           "without a stated answer is wrong.", flags=("--lenient",))
+    lenient: bool = lenient_field()
     stop_at_answer: bool = option(False, "End each answer at the end of its final-answer line "
                                   "('The answer is N.', '#### N', a closed \\boxed{}): saves "
                                   "tokens and keeps rambling out of the grade.",

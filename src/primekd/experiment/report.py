@@ -1,9 +1,8 @@
 """The experiment report: `report.md`, and `report.html` rendered from it, self-contained.
 
-The Markdown is the single source: the HTML is the same document, converted by a small
-renderer for the subset written here (headings, paragraphs, lists, pipe tables, fenced code,
-blockquotes, images, inline code/emphasis/links), with every image embedded as a base64
-data URI and a Content-Security-Policy that forbids loading anything from outside the file.
+The Markdown is the single source: the HTML is the same document, rendered by markdown-it-py
+(CommonMark + tables), with every image embedded as a base64 data URI and a
+Content-Security-Policy that forbids loading anything from outside the file.
 
 The report reads only the run directory's files (the contracts in DESIGN.md): eval
 `summary.json` + `results.jsonl`, teacher `manifest.json`, student `train_log.jsonl` +

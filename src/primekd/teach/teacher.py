@@ -29,7 +29,14 @@ from primekd.core import outdir, validate
 from primekd.core.chat import chat_date, encode_prompts, render
 from primekd.core.data import Example, load_examples, resolve_data_path, strip_calculator
 from primekd.core.errors import PrimekdError
-from primekd.core.grading import EXTRACTORS, grade, grade_fields, looping, working_text
+from primekd.core.grading import (
+    extractor_field,
+    grade,
+    grade_fields,
+    lenient_field,
+    looping,
+    working_text,
+)
 from primekd.core.models import load_tokenizer, resolve, tokenizer_fingerprint
 from primekd.core.options import check, force_field, option
 from primekd.core.progress import progress_bar
@@ -90,14 +97,11 @@ class TeachConfig:
                              flags=("--batch-size", "-b"), ge=1)
     device: str | None = option(None, "Torch device for --engine hf (default: cuda if "
                                 "available, else cpu).")
-    extractor: str = option("default", "How to grade the teacher's answers: default, paper or "
-                            "math-verify (see `primekd eval --help`).", choices=EXTRACTORS)
+    extractor: str = extractor_field()
     engine: str = engine_field()
     base_url: str | None = base_url_field()
     engine_options: dict[str, Any] = engine_options_field()
-    lenient: bool = option(False, "Grade a truncated answer by its last number (by default "
-                           "it is wrong without a stated answer); affects `correct` and "
-                           "--keep correct.", flags=("--lenient",))
+    lenient: bool = lenient_field()
     stop_at_answer: bool = option(False, "End each answer at its final-answer line ('The "
                                   "answer is N.', '#### N'), followed by the end-of-turn "
                                   "token.", flags=("--stop-at-answer",))
