@@ -12,6 +12,7 @@ from typing import Any
 from primekd.core.errors import PrimekdError
 from primekd.core.grading import reference_number
 from primekd.core.io import iter_jsonl
+from primekd.core.options import option
 
 BUNDLED_SPLITS = ("train", "test", "test_socratic")
 _CALCULATOR = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations, e.g. <<48/2=24>>
@@ -26,6 +27,17 @@ class Example:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def offset_field() -> Any:
+    """`--offset`, the same wherever questions are chosen (eval, teach)."""
+    return option(0, "Skip this many questions first.", set_by="experiment", ge=0)
+
+
+def sample_field() -> Any:
+    """`--sample`, the same wherever questions are chosen (eval, teach)."""
+    return option(None, "Draw this many questions at random (seeded by --seed) before "
+                  "--offset/--limit.", set_by="experiment", ge=1)
 
 
 def strip_calculator(text: str) -> str:

@@ -96,6 +96,20 @@ def engine_field(help: str = ENGINE_HELP, set_by: str | None = "experiment") -> 
     return option("hf", help, set_by=set_by)
 
 
+def device_field() -> Any:
+    """`--device` of the hf engine (teach, eval)."""
+    return option(None, "hf engine: cpu, cuda, cuda:1, mps, ... (default: cuda if available, "
+                  "else cpu).")
+
+
+def stop_at_answer_field() -> Any:
+    """`--stop-at-answer`, the same in teach and eval (each engine applies it as a cut hook)."""
+    return option(False, "End each answer at the end of its final-answer line ('The answer is "
+                  "N.', '#### N', a closed \\boxed{}): saves tokens and keeps rambling out of "
+                  "the grade; a teacher's cut answer ends with the end-of-turn token.",
+                  flags=("--stop-at-answer",))
+
+
 def base_url_field() -> Any:
     return option(None, BASE_URL_HELP, set_by="experiment")
 

@@ -25,7 +25,14 @@ from typing import Any
 from primekd import __version__
 from primekd.core import outdir, validate
 from primekd.core.chat import render
-from primekd.core.data import BUNDLED_SPLITS, Example, load_examples, resolve_data_path
+from primekd.core.data import (
+    BUNDLED_SPLITS,
+    Example,
+    load_examples,
+    offset_field,
+    resolve_data_path,
+    sample_field,
+)
 from primekd.core.errors import PrimekdError
 from primekd.core.grading import (
     check_extractor,
@@ -58,10 +65,12 @@ from primekd.engines import (
     Generation,
     SamplingParams,
     base_url_field,
+    device_field,
     encode_chats,
     engine_field,
     engine_options_field,
     get_engine,
+    stop_at_answer_field,
 )
 from primekd.evaluate import answer_stop
 from primekd.evaluate.prompts import PromptTemplate, load_template
@@ -87,9 +96,8 @@ class EvalConfig:
                        "or a bare number) per row.", set_by="experiment")
     limit: int | None = option(None, "Evaluate at most this many questions (default: all).",
                                set_by="experiment", ge=1)
-    offset: int = option(0, "Skip this many questions first.", set_by="experiment", ge=0)
-    sample: int | None = option(None, "Draw this many questions at random (seeded by --seed) "
-                                "before --offset/--limit.", set_by="experiment", ge=1)
+    offset: int = offset_field()
+    sample: int | None = sample_field()
     seed: int = option(0, "Seed for --sample, and for sampling when --temperature > 0.")
     batch_size: int | None = option(
         None, "hf: questions generated together (default: 16 on CPU, 64 on GPU; larger is "
@@ -107,16 +115,12 @@ class EvalConfig:
     few_shot: int = option(0, "Put this many worked GSM8K train solutions before the prompt "
                            "(0: zero-shot).", ge=0)
     extractor: str = extractor_field()
-    device: str | None = option(None, "hf engine: cpu, cuda, cuda:1, mps, ... (default: cuda "
-                                "if available, else cpu).")
+    device: str | None = device_field()
     engine: str = engine_field()
     base_url: str | None = base_url_field()
     engine_options: dict[str, Any] = engine_options_field()
     lenient: bool = lenient_field()
-    stop_at_answer: bool = option(False, "End each answer at the end of its final-answer line "
-                                  "('The answer is N.', '#### N', a closed \\boxed{}): saves "
-                                  "tokens and keeps rambling out of the grade.",
-                                  flags=("--stop-at-answer",))
+    stop_at_answer: bool = stop_at_answer_field()
     force: bool = force_field()
 
     def sampling(self, stop: tuple[str, ...] = ()) -> SamplingParams:

@@ -27,7 +27,14 @@ from typing import Any
 from primekd import __version__
 from primekd.core import outdir, validate
 from primekd.core.chat import chat_date, encode_prompts, render
-from primekd.core.data import Example, load_examples, resolve_data_path, strip_calculator
+from primekd.core.data import (
+    Example,
+    load_examples,
+    offset_field,
+    resolve_data_path,
+    sample_field,
+    strip_calculator,
+)
 from primekd.core.errors import PrimekdError
 from primekd.core.grading import (
     extractor_field,
@@ -45,9 +52,11 @@ from primekd.engines import (
     SamplingParams,
     TopK,
     base_url_field,
+    device_field,
     engine_field,
     engine_options_field,
     get_engine,
+    stop_at_answer_field,
 )
 from primekd.evaluate import answer_stop
 from primekd.teach import store
@@ -75,9 +84,8 @@ class TeachConfig:
     data: str = option("train", "Transfer set: train, test, test_socratic, or a JSONL file "
                        "with question and answer.", set_by="experiment")
     limit: int | None = option(None, "Use at most N questions.", set_by="experiment", ge=1)
-    offset: int = option(0, "Skip the first K questions.", set_by="experiment", ge=0)
-    sample: int | None = option(None, "Draw N random questions (seeded by --seed) before "
-                                "--offset/--limit.", set_by="experiment", ge=1)
+    offset: int = offset_field()
+    sample: int | None = sample_field()
     seed: int = option(0, "Seed for --sample and for sampling.")
     samples_per_question: int = option(1, "Answers per question (needs --temperature > 0 when "
                                        "above 1).", flags=("--samples-per-question", "-k"), ge=1)
@@ -95,16 +103,13 @@ class TeachConfig:
     batch_size: int = option(8, "Answers per part: every batch_size finished answers are "
                              "saved as one part (and the hf engine's batch).",
                              flags=("--batch-size", "-b"), ge=1)
-    device: str | None = option(None, "Torch device for --engine hf (default: cuda if "
-                                "available, else cpu).")
+    device: str | None = device_field()
     extractor: str = extractor_field()
     engine: str = engine_field()
     base_url: str | None = base_url_field()
     engine_options: dict[str, Any] = engine_options_field()
     lenient: bool = lenient_field()
-    stop_at_answer: bool = option(False, "End each answer at its final-answer line ('The "
-                                  "answer is N.', '#### N'), followed by the end-of-turn "
-                                  "token.", flags=("--stop-at-answer",))
+    stop_at_answer: bool = stop_at_answer_field()
     force: bool = force_field()
 
     def engine_spec(self) -> EngineSpec:
