@@ -23,7 +23,6 @@ trained on twice.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import zlib
@@ -42,7 +41,13 @@ from primekd.core.chat import encode_prompts, render
 from primekd.core.data import Example, load_examples
 from primekd.core.errors import PrimekdError
 from primekd.core.grading import grade
-from primekd.core.io import atomic_write_text, read_json, write_json
+from primekd.core.io import (
+    append_jsonl,
+    read_json,
+    read_jsonl,
+    truncate_torn_tail,
+    write_json,
+)
 from primekd.core.models import default_device, load_tokenizer, resolve, tokenizer_fingerprint
 from primekd.distill.config import DistillConfig, check_config
 from primekd.distill.data import Item, build_datasets, student_prompts
@@ -260,13 +265,11 @@ def _rollouts(config: DistillConfig, model: Any, tokenizer: Any, teacher: _Teach
         sampling = SamplingParams(config.rollout_max_new_tokens, config.rollout_temperature,
                                   1.0, seed, eos_after_cut=bool(stop), **stop)
         engine = teacher.student_engine(model, r)
-        with path.open("a", encoding="utf-8") as handle:
-            for i, generation in engine.generate(prompts, sampling):
-                example, sample = todo[i]
-                row = _rollout_row(example, sample, generation)
-                handle.write(json.dumps(row) + "\n")
-                handle.flush()
-                done[(example.id, sample)] = row
+        for i, generation in engine.generate(prompts, sampling):
+            example, sample = todo[i]
+            row = _rollout_row(example, sample, generation)
+            append_jsonl(path, [row])
+            done[(example.id, sample)] = row
         teacher.student_done()
     return {(e.id, s): done[(e.id, s)] for e, s in units}
 
@@ -277,19 +280,11 @@ def _rollout_row(example: Example, sample: int, generation: Generation) -> dict[
 
 
 def _read_rollouts(path: Path) -> dict[tuple[str, int], dict[str, Any]]:
-    rows: dict[tuple[str, int], dict[str, Any]] = {}
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    for line in text.split("\n"):  # not splitlines(): answers may hold U+2028
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            break  # a torn last line (killed mid-write): that rollout is redone
-        rows[(row["id"], row["sample"])] = row
-    if text and not text.endswith("\n"):  # drop the torn line before appending
-        atomic_write_text(path, "".join(json.dumps(v) + "\n" for v in rows.values()))
-    return rows
+    """The rollouts saved so far; a torn last line (killed mid-write) is dropped, and that
+    rollout redone."""
+    truncate_torn_tail(path)  # so the next append starts on a fresh line
+    rows = read_jsonl(path) if path.exists() else []
+    return {(row["id"], row["sample"]): row for row in rows}
 
 
 def _score(config: DistillConfig, tokenizer: Any, teacher: _Teacher, strategy: Strategy,
