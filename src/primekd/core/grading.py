@@ -45,22 +45,6 @@ from primekd.core.stats import summarize
 
 EXTRACTORS = ("default", "paper", "math-verify")
 
-
-def extractor_field(**extra: Any) -> Any:
-    """`--extractor`, the same in eval, teach, grade and compare."""
-    return option("default", "How to find the final answer: `default` (boxed, ####, 'the "
-                  "answer is', 'Answer:', last number), `paper` (the precedence of Goyal et "
-                  "al. 2024: boxed, an agreeing first line, 'the answer is', last number) or "
-                  "`math-verify` (Hugging Face's Math-Verify).", choices=EXTRACTORS,
-                  metavar="NAME", **extra)
-
-
-def lenient_field(**extra: Any) -> Any:
-    """`--lenient`, the same in eval, teach, grade and compare."""
-    return option(False, "Count a truncated answer's last number as its answer (the flexible "
-                  "rule of lm-evaluation-harness). By default an answer that hit the token "
-                  "limit (`finish_reason: length`) without a stated answer is wrong.",
-                  flags=("--lenient",), **extra)
 # How an answer can be stated explicitly; anything else a rule finds is a `fallback`.
 MARKERS = ("boxed", "hashes", "answer_is", "answer_colon", "last_line_a")
 FALLBACK = "fallback"
@@ -159,15 +143,30 @@ def extract_answer(response: object, extractor: str = "default") -> float | None
     return extract(response, extractor).value
 
 
+def extractor_field() -> Any:
+    """`--extractor`, the same in eval, teach, grade and compare."""
+    return option("default", "How to find the final answer: `default` (boxed, ####, 'the "
+                  "answer is', 'Answer:', last number), `paper` (the precedence of Goyal et "
+                  "al. 2024: boxed, an agreeing first line, 'the answer is', last number) or "
+                  "`math-verify` (Hugging Face's Math-Verify).", choices=EXTRACTORS,
+                  metavar="NAME")
+
+
+def lenient_field() -> Any:
+    """`--lenient`, the same in eval, teach, grade and compare."""
+    return option(False, "Count a truncated answer's last number as its answer (the flexible "
+                  "rule of lm-evaluation-harness). By default an answer that hit the token "
+                  "limit (`finish_reason: length`) without a stated answer is wrong.",
+                  flags=("--lenient",))
+
+
 @dataclass
 class GradingRule:
-    """How `grade` and `compare` grade rows that carry no `correct` field yet."""
+    """The options of `grade` and `compare`: how rows that carry no `correct` field yet are
+    graded (`grade_file` and `compare_files` check the extractor)."""
 
     extractor: str = extractor_field()
     lenient: bool = lenient_field()
-
-    def __post_init__(self) -> None:
-        check_extractor(self.extractor)
 
 
 def check_extractor(extractor: str) -> None:

@@ -35,7 +35,6 @@ from primekd.core.data import (
 )
 from primekd.core.errors import PrimekdError
 from primekd.core.grading import (
-    check_extractor,
     extractor_field,
     grade,
     grade_fields,
@@ -140,8 +139,7 @@ def evaluate(config: EvalConfig, progress: bool = True, loaded: tuple[Any, Any] 
     (hf engine).
     """
     started = time.perf_counter()
-    validate.check_eval(config)
-    check_extractor(config.extractor)
+    validate.check_eval(config)  # every field as declared: --extractor among EXTRACTORS
     config.sampling().validate()
     config.engine_spec().check()
     template = load_template(config.prompt, config.few_shot)
@@ -158,7 +156,7 @@ def evaluate(config: EvalConfig, progress: bool = True, loaded: tuple[Any, Any] 
 def _check_prompts_fit(config: EvalConfig, template: PromptTemplate, examples: list[Example],
                        loaded: tuple[Any, Any] | None) -> None:
     """A prompt longer than the model's context is refused before anything is generated."""
-    tokenizer = loaded[1] if loaded else _load_tokenizer(config)
+    tokenizer = loaded[1] if loaded else load_tokenizer(config.model)
     context = model_context(loaded[0] if loaded else resolve(config.model).path)
     texts = [render(tokenizer, template.build(e.question)) for e in examples]
     prompts_fit(tokenizer, texts, context, config.max_new_tokens, "the prompt of question")
@@ -180,7 +178,7 @@ def _run(config: EvalConfig, template: PromptTemplate, examples: list[Example], 
         tokenizer = engine.tokenizer
         run["wall_time_s"] = round(time.perf_counter() - started, 3)
     else:
-        tokenizer = loaded[1] if loaded else _load_tokenizer(config)
+        tokenizer = loaded[1] if loaded else load_tokenizer(config.model)
         run = _previous_run(out / SUMMARY, config)
     rows = finalize_results(out / RESULTS, config.data, config.extractor, config.lenient)
     summary = build_summary(config, template, rows, run, tokenizer)
@@ -258,10 +256,6 @@ def _done_ids(path: Path) -> set[str]:
         return set()
     truncate_torn_tail(path)  # so the next append starts on a fresh line
     return {str(row["id"]) for row in read_jsonl(path)}
-
-
-def _load_tokenizer(config: EvalConfig) -> Any:
-    return load_tokenizer(config.model)
 
 
 def _generate_into(path: Path, engine: Any, template: PromptTemplate, todo: list[Example],
