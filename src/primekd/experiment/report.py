@@ -177,7 +177,7 @@ class ResultRow:
         return p is not None and p < ALPHA
 
 
-def results_rows(runs: dict[str, EvalRun]) -> tuple[list[ResultRow], list[str], str | None]:
+def results_rows(runs: dict[str, EvalRun]) -> Table:
     """Rows with Wilson intervals, paired differences against `kd-none` and `base` (McNemar
     exact p, Holm-adjusted within each reference's family), relative gain over `kd-none`."""
     rows = {name: ResultRow(name, run.n, run.correct, run.accuracy,
@@ -200,6 +200,11 @@ def results_rows(runs: dict[str, EvalRun]) -> tuple[list[ResultRow], list[str], 
             if row.name != gain_ref and base_acc > 0:
                 row.gain = (row.accuracy - base_acc) / base_acc * 100
     return list(rows.values()), references, gain_ref
+
+
+# results_rows' value: the rows, the references they are compared with, the gain reference.
+# build_markdown computes it once (each paired bootstrap takes a while) for every section.
+Table = tuple[list[ResultRow], list[str], str | None]
 
 
 def _paired(a: EvalRun, b: EvalRun) -> tuple[list[bool], list[bool]]:
@@ -247,8 +252,8 @@ def _num(x: Any, digits: int = 1) -> str:
     return f"{x:,.{digits}f}"
 
 
-def section_results(runs: dict[str, EvalRun], assets: Path) -> str:
-    rows, references, gain_ref = results_rows(runs)
+def section_results(runs: dict[str, EvalRun], table: Table, assets: Path) -> str:
+    rows, references, gain_ref = table
     headers = ["experiment", "accuracy", "correct/total", "95% CI (Wilson)", "strict",
                "flexible", "truncated"]
     for ref in references:
@@ -313,12 +318,12 @@ def paper_label(name: str) -> str:
     return f"`{name}`"
 
 
-def section_paper_table(runs: dict[str, EvalRun], layout: Layout) -> str:
+def section_paper_table(runs: dict[str, EvalRun], table: Table, layout: Layout) -> str:
     """The paper's results table (Goyal et al. 2024, Table 1): no distillation, fine-tuned,
     KD per strategy, and each KD strategy's relative gain over KD without priming; here
     with Wilson intervals, the paired-bootstrap interval of the difference from `kd-none`
     and its Holm-adjusted McNemar p."""
-    rows, _, _ = results_rows(runs)
+    rows, _, _ = table
     order = sorted(rows, key=lambda r: (r.name not in PAPER_CONTROLS,
                                         list(PAPER_CONTROLS).index(r.name)
                                         if r.name in PAPER_CONTROLS else 0,
@@ -527,10 +532,11 @@ def training_chart(name: str, log: list[dict[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
-def section_examples(runs: dict[str, EvalRun], count: int, max_chars: int) -> str:
+def section_examples(runs: dict[str, EvalRun], table: Table, count: int, max_chars: int
+                     ) -> str:
     if count == 0:
         return ""
-    best, why = _example_student(runs)
+    best, why = _example_student(runs, table)
     shown = [n for n in ("base", "kd-none") if n in runs] + ([best] if best else [])
     ids = [i for i in runs[shown[0]].rows if all(i in runs[n].rows for n in shown)]
     if not ids:
@@ -562,13 +568,13 @@ def section_examples(runs: dict[str, EvalRun], count: int, max_chars: int) -> st
     return "\n".join(parts)
 
 
-def _example_student(runs: dict[str, EvalRun]) -> tuple[str | None, str]:
+def _example_student(runs: dict[str, EvalRun], table: Table) -> tuple[str | None, str]:
     """The third model of the worked examples: the most accurate trained student that differs
     significantly from a reference; without one, the first primed student in the table's
     order, so that a lead that is not significant is never put forward."""
     trained = [n for n in runs if n not in ("base", "kd-none", "sft")] + \
         [n for n in runs if n == "sft"]  # primed students before the plain fine-tuning
-    rows, references, _ = results_rows(runs)
+    rows, references, _ = table
     significant = [r for r in rows if r.name in trained
                    and any(ref != r.name and r.significant(ref) for ref in references)]
     if significant:
@@ -703,13 +709,13 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def section_overview(layout: Layout, runs: dict[str, EvalRun], title: str) -> str:
+def section_overview(layout: Layout, runs: dict[str, EvalRun], table: Table, title: str) -> str:
     config = _read_yaml(layout.run_dir / "config.yaml")
     models = config.get("models", {}) if isinstance(config, dict) else {}
     teacher, student = models.get("teacher", "?"), models.get("student", "?")
     n = max(r.n for r in runs.values())
     strategies = ", ".join(f"`{s}`" for s in layout.teachers) or "none"
-    lines = [f"# {title}\n", headline(runs) + "\n"]
+    lines = [f"# {title}\n", headline(table) + "\n"]
     lines += [w + "\n" for w in truncation_warnings(layout, runs)]
     lines += [f"Teacher `{teacher}`, student `{student}`"
              + (" (self-distillation: the same model primed and unprimed)"
@@ -723,10 +729,10 @@ def section_overview(layout: Layout, runs: dict[str, EvalRun], title: str) -> st
     return "\n".join(lines)
 
 
-def headline(runs: dict[str, EvalRun]) -> str:
+def headline(table: Table) -> str:
     """The report's first paragraph: which differences are significant after Holm's
     correction, in words, with their intervals; plainly "none" when none is."""
-    rows, references, _ = results_rows(runs)
+    rows, references, _ = table
     found, tested = [], 0
     for row in rows:
         for ref in references:
@@ -735,7 +741,7 @@ def headline(runs: dict[str, EvalRun]) -> str:
             tested += 1
             if row.significant(ref):
                 found.append(_claim(row, ref))
-    n = max(r.n for r in runs.values())
+    n = max(r.n for r in rows)
     if not tested:
         return f"Only one model was evaluated ({n} test questions); there is nothing to compare."
     if not found and len({r.accuracy for r in rows}) == 1:
@@ -834,13 +840,14 @@ def build_markdown(layout: Layout, title: str | None = None, examples: int = 1,
     assets.mkdir(parents=True, exist_ok=True)
     config = _read_yaml(layout.run_dir / "config.yaml")
     title = title or f"primekd experiment: {config.get('name', layout.run_dir.name)}"
+    table = results_rows(runs)
     sections = [
-        section_overview(layout, runs, title),
-        section_paper_table(runs, layout),
-        section_results(runs, assets),
+        section_overview(layout, runs, table, title),
+        section_paper_table(runs, table, layout),
+        section_results(runs, table, assets),
         section_teachers(layout),
         section_training(layout, assets),
-        section_examples(runs, examples, max_response_chars),
+        section_examples(runs, table, examples, max_response_chars),
         section_compute(layout),
         section_attention(layout),
         section_reproduce(layout),
