@@ -21,6 +21,7 @@ KEEP = ("all", "correct")  # which teacher answers a student trains on (rejectio
 OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd"}
 SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
+XTOK_LOSSES = ("uld", "mapped")  # primekd.distill.xtok_loss (kept here: no torch import)
 
 
 def _split_modules(text: str) -> list[str]:
@@ -74,6 +75,10 @@ class DistillConfig:
                                 flags=("--temperature", "-t"), gt=0)
     beta: float | None = option(None, "Mixing weight of jsd (default 0.5) and skew_kl "
                                 "(default 0.1).")
+    xtok_loss: str = option("uld", "With a teacher store of another tokenizer: uld (sorted "
+                            "probabilities, no vocabulary mapping) or mapped (--divergence "
+                            "over teacher tokens with an identical student token, uld over "
+                            "the rest); see docs/distill.md", choices=XTOK_LOSSES)
     lora_r: int = option(4, "LoRA rank")
     lora_alpha: int = option(8, "LoRA alpha", ge=1)
     lora_dropout: float = option(0.1, "LoRA dropout", ge=0, lt=1)

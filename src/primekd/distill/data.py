@@ -21,6 +21,7 @@ from primekd.core.data import load_examples
 from primekd.core.errors import PrimekdError
 from primekd.core.models import tokenizer_fingerprint
 from primekd.distill.config import DistillConfig
+from primekd.distill.xtok_data import cross_tokenizer_rows
 from primekd.evaluate.prompts import load_template
 from primekd.teach import store
 from primekd.teach.teacher import reference_tokens
@@ -35,6 +36,7 @@ class Item:
     n_prompt: int
     topk_ids: np.ndarray | None = None  # (A, k) for the first A answer tokens
     topk_logprobs: np.ndarray | None = None  # (A, k) float32
+    kd_mask: np.ndarray | None = None  # (A,) bool: tokens with a teacher (None: all A)
 
 
 @dataclass
@@ -89,12 +91,13 @@ def _make_item(row: dict[str, Any], prompt: list[int], max_length: int
         return None, 0
     cut = int(len(answer) > room)
     answer = answer[:room]
-    topk_ids = topk_lp = None
+    topk_ids = topk_lp = kd_mask = None
     if row.get("topk_ids") is not None:
         n = min(len(answer), len(row["topk_ids"]))
         topk_ids, topk_lp = row["topk_ids"][:n], row["topk_logprobs"][:n]
+        kd_mask = row["kd_mask"][:n] if row.get("kd_mask") is not None else None
     ids = np.asarray(prompt + answer, dtype=np.int64)
-    return Item(row["id"], ids, len(prompt), topk_ids, topk_lp), cut
+    return Item(row["id"], ids, len(prompt), topk_ids, topk_lp, kd_mask), cut
 
 
 def _store_rows(config: DistillConfig, tokenizer: Any) -> tuple[list[dict[str, Any]], dict]:
@@ -107,17 +110,13 @@ def _store_rows(config: DistillConfig, tokenizer: Any) -> tuple[list[dict[str, A
     if same_vocab:
         _check_tokens_match_text(table, tokenizer, dirs[0])
     white_box = config.objective == "kd" and config.alpha < 1.0
+    kept = _kept_rows(table, config.keep, config.teacher_store)
     if white_box and not same_vocab:
-        raise PrimekdError(
-            f"the student's tokenizer differs from the teacher's ({config.teacher_store} "
-            "was made with another vocabulary), so their distributions do not line up: use "
-            "--objective sft to train on the teacher's text (sequence-level KD), or "
-            "--objective kd --alpha 1 (CE on the teacher's answers only)")
+        return _cross_tokenizer_rows(config, tokenizer, manifest, table, kept, dirs)
     use_teacher_tokens = config.objective == "kd" and same_vocab
     eos = tokenizer.eos_token_id
     columns = {name: table.column(name).to_pylist() for name in
                ("id", "question", "response", "token_ids", "finish_reason")}
-    kept = _kept_rows(table, config.keep, config.teacher_store)
     topk_ids = topk_lp = None
     if white_box:
         topk_ids = _ragged_matrix(table.column("topk_ids"), np.int64)
@@ -138,13 +137,31 @@ def _store_rows(config: DistillConfig, tokenizer: Any) -> tuple[list[dict[str, A
             "topk_ids": topk_ids[i] if topk_ids is not None else None,
             "topk_logprobs": topk_lp[i] if topk_lp is not None else None,
         })
-    info = {"source": "teacher_store", "teacher_store": str(config.teacher_store),
+    info = _store_info(config, manifest, dirs, table, kept, white_box, same_vocab)
+    info["max_token_id"] = _max_token_id(table, white_box) if use_teacher_tokens else None
+    return rows, info
+
+
+def _store_info(config: DistillConfig, manifest: dict[str, Any], dirs: list[Any], table: Any,
+                kept: list[int], white_box: bool, same_vocab: bool) -> dict[str, Any]:
+    return {"source": "teacher_store", "teacher_store": str(config.teacher_store),
             "teacher_store_parts": [str(d) for d in dirs],
             "teacher": manifest.get("teacher"), "target": manifest.get("target"),
             "top_k": manifest.get("top_k"), "store_rows": table.num_rows,
             "keep": config.keep, "kept_rows": len(kept),
-            "white_box": white_box, "same_tokenizer": same_vocab,
-            "max_token_id": _max_token_id(table, white_box) if use_teacher_tokens else None}
+            "white_box": white_box, "same_tokenizer": same_vocab}
+
+
+def _cross_tokenizer_rows(config: DistillConfig, tokenizer: Any, manifest: dict[str, Any],
+                          table: Any, kept: list[int], dirs: list[Any]
+                          ) -> tuple[list[dict[str, Any]], dict]:
+    """A teacher of another tokenizer: answers in the student's tokens, aligned by text."""
+    topk_ids = _ragged_matrix(table.column("topk_ids"), np.int64)
+    topk_lp = _ragged_matrix(table.column("topk_logprobs"), np.float32)
+    rows, xtok = cross_tokenizer_rows(table, kept, tokenizer, manifest, config.xtok_loss,
+                                      topk_ids, topk_lp, config.teacher_store)
+    info = _store_info(config, manifest, dirs, table, kept, True, False)
+    info.update(xtok, max_token_id=None)
     return rows, info
 
 
@@ -268,7 +285,7 @@ class KDCollator:
             span = slice(it.n_prompt, it.n_prompt + a)
             ids[row, span] = torch.tensor(it.topk_ids)
             logprobs[row, span] = torch.tensor(it.topk_logprobs)
-            mask[row, span] = True
+            mask[row, span] = True if it.kd_mask is None else torch.tensor(it.kd_mask)
         return {"topk_ids": ids, "topk_logprobs": logprobs, "kd_mask": mask}
 
 

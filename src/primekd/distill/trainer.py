@@ -53,6 +53,7 @@ from primekd.core.progress import progress_bar
 from primekd.distill.config import OPTIMIZERS, DistillConfig, check_config
 from primekd.distill.data import Item, KDCollator, build_datasets, check_vocabulary
 from primekd.distill.kd_loss import kd_loss_parts
+from primekd.distill.xtok_loss import xtok_loss_parts
 
 CONFIG_FILE, SUMMARY_FILE = "distill_config.yaml", "summary.json"
 LOG_JSONL, LOG_CSV = "train_log.jsonl", "train_log.csv"
@@ -88,11 +89,12 @@ class KDSettings:
     temperature: float = 1.0
     beta: float | None = None
     chunk_size: int = 1024
+    xtok_loss: str | None = None  # a teacher of another tokenizer: uld or mapped
 
     @classmethod
-    def of(cls, config: DistillConfig) -> KDSettings:
+    def of(cls, config: DistillConfig, cross_tokenizer: bool = False) -> KDSettings:
         return cls(config.alpha, config.divergence, config.temperature, config.beta,
-                   config.chunk_size)
+                   config.chunk_size, config.xtok_loss if cross_tokenizer else None)
 
 
 class _HeadTap:
@@ -208,8 +210,11 @@ class KDTrainer(Trainer):
             teacher = {"topk_ids": inputs["topk_ids"][:, 1:][selected],
                        "topk_logprobs": inputs["topk_logprobs"][:, 1:][selected],
                        "kd_mask": inputs["kd_mask"][:, 1:][selected]}
-        return kd_loss_parts(
-            features[:, :-1][selected], targets[selected], head=head, **teacher,
+        loss, extra = kd_loss_parts, {}
+        if teacher and self.kd.xtok_loss:
+            loss, extra = xtok_loss_parts, {"loss": self.kd.xtok_loss}
+        return loss(
+            features[:, :-1][selected], targets[selected], head=head, **teacher, **extra,
             alpha=self.kd.alpha if teacher else 1.0, kind=self.kd.divergence,
             temperature=self.kd.temperature, beta=self.kd.beta, chunk_size=self.kd.chunk_size)
 
@@ -585,7 +590,8 @@ def _distill(config: DistillConfig, out: Path, callbacks: list[TrainerCallback] 
     model = build_student(config, device)
     counts = trainable_parameters(model)
     trainer = kd_trainer(config, model, args, tokenizer, out, data.train, data.val,
-                         [*_tensorboard(out), *(callbacks or [])], progress)
+                         [*_tensorboard(out), *(callbacks or [])], progress,
+                         cross_tokenizer="cross_tokenizer" in data.info)
     if data.val and resume_from is None:
         trainer.add_callback(_ValidateAtStart(trainer))
     output = trainer.train(resume_from_checkpoint=resume_from)
@@ -604,15 +610,15 @@ def _distill(config: DistillConfig, out: Path, callbacks: list[TrainerCallback] 
 
 def kd_trainer(config: DistillConfig, model: Any, args: TrainingArguments, tokenizer: Any,
                out: Path, train: list[Item], val: list[Item] | None = None,
-               callbacks: list[TrainerCallback] | None = None, progress: bool = True
-               ) -> KDTrainer:
+               callbacks: list[TrainerCallback] | None = None, progress: bool = True,
+               cross_tokenizer: bool = False) -> KDTrainer:
     """A `KDTrainer` with primekd's callbacks: the train log in `out`, and the rich progress
     bar (or none) instead of Trainer's tqdm bar and printed log dicts."""
     trainer = KDTrainer(model=model, args=args, train_dataset=train, eval_dataset=val or None,
                         data_collator=KDCollator(tokenizer.pad_token_id),
                         processing_class=tokenizer,
                         callbacks=[TrainLogWriter(out), *(callbacks or [])],
-                        kd=KDSettings.of(config))
+                        kd=KDSettings.of(config, cross_tokenizer))
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     if progress:

@@ -2,7 +2,9 @@
 
 One row per (question, sample): the bare question, the teacher's answer tokens and, for
 every answer token, the top-k token ids with their full-vocabulary log-probabilities at
-temperature 1 (not renormalised; the mass outside the top k is 1 - sum(exp(topk_logprobs))).
+temperature 1 (not renormalised; the mass outside the top k is 1 - sum(exp(topk_logprobs))),
+and the answer text with every token's character span in it (`answer_text`,
+`token_char_ends`: what a student of another tokenizer aligns on; see teach.spans).
 
 Crash safety: each finished batch becomes one part, written to a temp file and renamed, so a
 part is either whole or absent. Every part also records, in its Parquet metadata, all the
@@ -58,6 +60,9 @@ SCHEMA = pa.schema(
         ("truncated", pa.bool_()),  # null for reference targets
         ("correct_strict", pa.bool_()),
         ("correct_flexible", pa.bool_()),
+        # for students of another tokenizer (teach.spans); null in stores written before
+        ("answer_text", pa.string()),  # token_ids decoded, specials skipped, no clean-up
+        ("token_char_ends", pa.list_(pa.int32())),  # per token: its end offset in answer_text
     ]
 )
 COLUMNS = tuple(SCHEMA.names)

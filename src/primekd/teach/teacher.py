@@ -61,6 +61,7 @@ from primekd.engines import (
 from primekd.evaluate import answer_stop
 from primekd.teach import store
 from primekd.teach.priming import Strategy, get_strategy
+from primekd.teach.spans import char_ends
 
 TARGETS = ("generated", "reference")
 KEEP = ("all", "correct")
@@ -242,6 +243,7 @@ def _part(finished: list[tuple[int, dict[str, Any]]], units: Sequence[Unit],
 def _row(tokenizer: Any, unit: Unit, chat: Any, text: str, answer: list[int], reason: str,
          topk: TopK | None, config: TeachConfig) -> dict[str, Any]:
     response = tokenizer.decode(answer, skip_special_tokens=True)
+    text, ends = char_ends(tokenizer, answer)
     graded = grade(chat.prefill + response, unit.example.answer, config.extractor,
                    None if reason == "reference" else reason, config.lenient)
     return {
@@ -257,6 +259,8 @@ def _row(tokenizer: Any, unit: Unit, chat: Any, text: str, answer: list[int], re
         "topk_logprobs": topk.logprobs.tolist() if topk is not None else [],
         "finish_reason": reason,
         **grade_fields(graded),
+        "answer_text": text,
+        "token_char_ends": ends,
     }
 
 
