@@ -305,3 +305,54 @@ def test_same_tokenizer_path_is_unchanged(tiny_model_dir, tmp_path):
     assert losses == pytest.approx([2.892038583755493, 5.784075419108073, 1.3298197e-06,
                                     2.881955623626709, 5.763909912109375, 1.3170717e-06],
                                    rel=1e-6)
+
+
+QWEN_ALIAS = "qwen2.5-coder-0.5b-instruct"
+QWEN_GGUF = Path.home() / ".cache" / "primekd" / "gguf" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+
+
+def _qwen_teacher() -> str:
+    """The Qwen2.5 teacher (151,936 tokens; `make test` fetches it): its alias, or the GGUF
+    file where the alias is not known here."""
+    from primekd.core.models import resolve
+
+    try:
+        resolve(QWEN_ALIAS)
+        return QWEN_ALIAS
+    except PrimekdError as e:
+        if QWEN_GGUF.is_file():
+            return str(QWEN_GGUF)
+        pytest.skip(f"no Qwen2.5 teacher here ({e})")
+
+
+def test_qwen_teacher_store_trains_the_bundled_student(tmp_path, monkeypatch, capsys):
+    """`teach` with a Qwen teacher -> `distill` of the bundled SmolLM2 (another tokenizer)
+    with the mapped loss -> `eval --adapter`."""
+    from primekd.cli import main
+    from primekd.core.models import BUNDLED_ALIAS
+
+    def cli(*argv: str) -> tuple[int, str, str]:
+        monkeypatch.setattr("sys.argv", ["primekd", *argv])
+        try:
+            code = main() or 0
+        except SystemExit as e:
+            code = e.code or 0
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    store, out, ev = tmp_path / "store", tmp_path / "student", tmp_path / "eval"
+    code, _, err = cli("teach", "--teacher", _qwen_teacher(), "--limit", "3",
+                       "--max-new-tokens", "24", "--top-k", "8", "--out", str(store),
+                       "--device", "cpu", "--json")
+    assert code == 0, err
+    code, stdout, err = cli("distill", "--student", BUNDLED_ALIAS, "--teacher-store", str(store),
+                            "--xtok-loss", "mapped", "--out", str(out), "--max-steps", "2",
+                            "--batch-size", "2", "--device", "cpu", "--json", "-q")
+    assert code == 0, err
+    shares = json.loads(stdout)["data"]["cross_tokenizer"]
+    assert shares["chars_one_to_one"] > 0.5 and shares["teacher_mass_mapped"] > 0.5
+    code, _, err = cli("eval", "--model", BUNDLED_ALIAS, "--adapter", str(out), "--limit", "2",
+                       "--max-new-tokens", "8", "--out", str(ev), "--device", "cpu")
+    assert code == 0, err
+    rows = [json.loads(line) for line in (ev / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all("response" in r for r in rows)
