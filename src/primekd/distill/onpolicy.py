@@ -213,7 +213,12 @@ def _off_policy_pool(config: DistillConfig, tokenizer: Any) -> list[Item]:
     if config.alpha < 1 and k != config.top_k:
         raise PrimekdError(f"--teacher-store holds the teacher's top-{k}: score the student's "
                            f"rollouts with the same k (--top-k {k})")
-    return build_datasets(replace(config, data=None, val_size=0), tokenizer).train
+    pool = build_datasets(replace(config, data=None, val_size=0), tokenizer)
+    if "cross_tokenizer" in pool.info:
+        raise PrimekdError(f"--on-policy mixes in --teacher-store rows scored in the student's "
+                           f"tokens; {config.teacher_store} has another tokenizer's: use it "
+                           "off-policy (drop --on-policy), or --lmbda 1")
+    return pool.train
 
 
 def _load_adapter(model: Any, checkpoint: str) -> None:
