@@ -18,7 +18,7 @@ def _row(id_: str, sample: int = 0, n: int = 3, k: int = 2) -> dict:
         "topk_logprobs": [[-0.1, -3.0][:k] for _ in range(n)],
         "finish_reason": "stop", "extracted": 1.0, "correct": True,
         "found_by": "fallback", "no_answer": None, "truncated": False, "correct_strict": False,
-        "correct_flexible": True,
+        "correct_flexible": True, "answer_text": "1", "token_char_ends": [1] * n,
     }
 
 

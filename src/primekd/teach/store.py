@@ -389,12 +389,13 @@ def _check_unique(table: pa.Table, dirs: Sequence[Path]) -> None:
 
 
 def _with_all_columns(table: pa.Table, columns: Sequence[str] | None) -> pa.Table:
-    """Parts written before a column existed lack it: add it as nulls."""
+    """Parts written before a column existed lack it: add it as nulls (and put the columns
+    back in the schema's order, which concatenating such parts does not keep)."""
     for name in columns or COLUMNS:
         if name not in table.column_names:
             table = table.append_column(SCHEMA.field(name), pa.nulls(table.num_rows,
                                                                      SCHEMA.field(name).type))
-    return table
+    return table if columns is not None else table.select(list(COLUMNS))
 
 
 def _check_columns(columns: Sequence[str] | None) -> None:
