@@ -47,7 +47,8 @@ def test_every_command_has_help() -> None:
     from primekd.cli.app import app
 
     runner = CliRunner()
-    for command in ("eval", "grade", "compare", "teach", "distill", "attention", "tune", "run"):
+    for command in ("eval", "grade", "compare", "teach", "distill", "attention", "tune", "run",
+                    "models"):
         result = runner.invoke(app, [command, "--help"])
         assert result.exit_code == 0, (command, result.output)
         assert "--" in result.output

@@ -19,6 +19,7 @@ from primekd.cli import (  # noqa: E402,F401  isort: skip
     attention_cmd,
     tune_cmd,
     run_cmd,
+    models_cmd,
 )
 
 
