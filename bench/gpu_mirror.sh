@@ -62,7 +62,8 @@ site=$MIRROR/site
 rm -rf "$wheels" "$site"
 mkdir -p "$wheels"
 grep -v '^#' bench/gpu/wheels.txt | grep . | sed 's/ *#.*//' | xargs \
-    "$PY" -m pip download --quiet --no-deps --only-binary=:all: -d "$wheels"
+    "$PY" -m pip download --quiet --no-deps --only-binary=:all: -d "$wheels" \
+    2> >(grep -v "is ignored: it is neither" >&2)
 "$PY" - .whl "$wheels" <<'PYEOF'
 import sys
 from pathlib import Path
