@@ -46,8 +46,11 @@ browser:
 		(sudo apt-get update -qq && sudo apt-get install -y -qq chromium >/dev/null); }
 
 # With CI=true (as CI services set it) the vLLM tests fail, not skip, without .venv-vllm.
+# The GPU-image mirror catches an import the lent GPU image lacks (~7 minutes here); it runs
+# before pytest so that pytest's summary stays the last line.
 test: $(STAMP) $(VLLM_STAMP) browser
 	$(BIN)/ruff check src tests bench
+	$(MAKE) gpu-check-mirror
 	$(BIN)/python -m pytest -q
 
 # bench/gpu_check.sh --device cpu in .venv-gpumirror, an environment that mirrors the lent GPU

@@ -31,7 +31,8 @@ pack() {
     mkdir -p .whl
     grep -v '^#' bench/gpu/wheels.txt | sed 's/ *#.*//' | grep . | xargs \
         "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
-        --implementation cp "${PLATFORMS[@]}" -d .whl 2> >(grep -v "is ignored: it is neither" >&2)
+        --implementation cp "${PLATFORMS[@]}" -d .whl \
+        2> >(grep -v "is ignored: it is neither" >&2 || true)
     ls .whl/*.whl | sed 's|.*/||' | cut -d- -f1 | sort | uniq -d | grep . && {
         echo "error: two versions of one package in .whl/" >&2; exit 2; }
     "$PY" - "$TRAVEL_LIMIT_MIB" <<'PYEOF'

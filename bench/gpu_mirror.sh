@@ -17,12 +17,17 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 MIRROR=${MIRROR:-.venv-gpumirror}
 started=$(date +%s)
+# this machine's pip configuration names local indexes that lack most packages: one warning each
+unwarned() { grep -v "is ignored: it is neither" >&2 || true; }
 
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || {
+    echo "error: the mirror needs Python 3.11 (PYTHON=$PYTHON): its torch pin is the CPU wheel" \
+        "at hand for cp311; for another Python pip would fetch torch's CUDA build" >&2; exit 2; }
 if [[ ! -f $MIRROR/.installed || bench/gpu/mirror.txt -nt $MIRROR/.installed ]]; then
     rm -rf "$MIRROR"
     "$PYTHON" -m venv "$MIRROR"
-    "$MIRROR/bin/pip" install --quiet --upgrade pip
-    "$MIRROR/bin/pip" install --quiet -r bench/gpu/mirror.txt
+    "$MIRROR/bin/pip" install --quiet --upgrade pip 2> >(unwarned)
+    "$MIRROR/bin/pip" install --quiet -r bench/gpu/mirror.txt 2> >(unwarned)
     touch "$MIRROR/.installed"
 fi
 PY=$MIRROR/bin/python
@@ -63,7 +68,7 @@ rm -rf "$wheels" "$site"
 mkdir -p "$wheels"
 grep -v '^#' bench/gpu/wheels.txt | grep . | sed 's/ *#.*//' | xargs \
     "$PY" -m pip download --quiet --no-deps --only-binary=:all: -d "$wheels" \
-    2> >(grep -v "is ignored: it is neither" >&2)
+    2> >(unwarned)
 "$PY" - .whl "$wheels" <<'PYEOF'
 import sys
 from pathlib import Path
