@@ -476,16 +476,19 @@ def main() -> int:
         "CPU: models with hidden 64/32 (CUDA: 256/128), 12 new tokens (24), a 320-token "
         "vocabulary (~25,600), the KD loss memory at vocabulary 32,000 (128,256)")
     ctx.questions, ctx.new_tokens = 8, 24 if big else 12
-    tokenizer = tokenizer_for(ctx)
-    ctx.vocab = len(tokenizer)
-    hidden = 256 if big else 64
-    ctx.teacher = tiny_model(ctx.work / "teacher", seed=1, layers=4 if big else 2,
-                             tokenizer=tokenizer, hidden=hidden, positions=2048)
-    ctx.student = tiny_model(ctx.work / "student-base", seed=2, layers=2,
-                             tokenizer=tokenizer, hidden=hidden // 2, positions=2048)
+    ctx.vocab = None
     check = Check(ctx)
     stopped = None
     try:
+        tokenizer = tokenizer_for(ctx)
+        ctx.vocab = len(tokenizer)
+        hidden = 256 if big else 64
+        ctx.teacher = tiny_model(ctx.work / "teacher", seed=1, layers=4 if big else 2,
+                                 tokenizer=tokenizer, hidden=hidden, positions=2048)
+        ctx.student = tiny_model(ctx.work / "student-base", seed=2, layers=2,
+                                 tokenizer=tokenizer, hidden=hidden // 2, positions=2048)
+        print(f"[gpu_check] tiny models built ({time.perf_counter() - check.started:.1f} s, "
+              f"vocabulary {ctx.vocab})", flush=True)
         for name, function in STEPS.items():
             if not ctx.only or name in ctx.only:
                 check.step(name, lambda f=function: f(ctx))
