@@ -49,6 +49,11 @@ class DistillConfig:
         "of a `teach --shard i/n` run, or give a glob (quoted: 'teacher/shard-*'): the shards "
         "are merged.", flags=("--teacher-store", "-s"), cli_type=list[str], parse=_one_or_many,
         set_by="experiment")
+    allow_partial: bool = option(
+        False, "Train on what an unfinished teacher store (a stopped `teach`) or a shard set "
+        "with shards missing holds; the summary and the run report count the answers used of "
+        "those planned. Without it such a store is refused, naming the command that "
+        "finishes it.", default_text="off")
     objective: str = option("kd", "kd: CE on the teacher's answer tokens plus a divergence to "
                             "its distributions (needs --teacher-store); sft: CE only, on the "
                             "teacher's text or, without a store, on GSM8K references (--data)",
@@ -190,9 +195,11 @@ def check_config(config: DistillConfig) -> None:
     if config.teacher_store and config.data and not config.on_policy:
         bad("give either --teacher-store or --data, not both")
     if config.teacher_store:
-        from primekd.teach.store import store_directories
+        from primekd.teach.store import store_directories, training_coverage
 
-        store_directories(config.teacher_store)  # each exists; a glob matches something
+        dirs = store_directories(config.teacher_store)  # each exists; a glob matches one
+        if not config.on_policy or config.lmbda < 1.0:  # the store is read: all of it?
+            training_coverage(dirs, config.allow_partial)
     if config.divergence not in DIVERGENCES:
         bad(f"--divergence must be one of {', '.join(DIVERGENCES)}, not {config.divergence!r}")
     try:

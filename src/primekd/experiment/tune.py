@@ -604,7 +604,8 @@ def _split(distill_config: Any) -> list[dict[str, Any]]:
     # alpha = 1: the split does not depend on the teacher's top-k, so skip loading them.
     probe = dataclasses.replace(distill_config, alpha=1.0)
     held = {item.id for item in build_datasets(probe, load_tokenizer(probe.student)).val}
-    table = load_store(distill_config.teacher_store, columns=["id", "question", "reference"])
+    table = load_store(distill_config.teacher_store, columns=["id", "question", "reference"],
+                       require_complete=not distill_config.allow_partial)
     rows: dict[str, dict[str, Any]] = {}
     for row in table.to_pylist():
         if row["id"] in held and row["id"] not in rows:

@@ -45,7 +45,7 @@ from primekd.core.grading import (
     working_text,
 )
 from primekd.core.models import load_tokenizer, resolve, tokenizer_fingerprint
-from primekd.core.options import check, force_field, option
+from primekd.core.options import check, command_line, force_field, option
 from primekd.core.progress import progress_bar
 from primekd.engines import (
     EngineSpec,
@@ -500,6 +500,7 @@ def _manifest(
         "wall_time_s": round(time.perf_counter() - started, 3),  # of the latest invocation
         "batch_size": config.batch_size,
         "complete": rows == expected_rows,
+        "command": command_line(config, "teach"),  # the rerun that finishes or resumes it
         "created_at": existing["created_at"] if existing else now,
         "updated_at": now,
         "tool_version": __version__,
