@@ -51,7 +51,7 @@ from primekd.core.models import (
 from primekd.core.progress import progress_bar
 from primekd.distill.config import OPTIMIZERS, DistillConfig, check_config
 from primekd.distill.data import Item, KDCollator, build_datasets, check_vocabulary
-from primekd.distill.footprint import output_need
+from primekd.distill.footprint import output_need, planned_trainable
 from primekd.distill.kd_loss import kd_loss_parts
 
 CONFIG_FILE, SUMMARY_FILE = "distill_config.yaml", "summary.json"
@@ -560,8 +560,19 @@ def distill_off_policy(config: DistillConfig, callbacks: list[TrainerCallback] |
     """Train a student adapter (or full model) from a teacher store or the references."""
     check_config(config)
     out = Path(config.out)
+    diskspace.expect(_planned_need(config))  # before a file is written
     with claimed(out, config.force):
         return _distill(config, out, callbacks, progress)
+
+
+def _planned_need(config: DistillConfig) -> diskspace.Need:
+    """The output estimate from the model's architecture alone (LoRA weights are float32)."""
+    source = resolve(config.student)
+    width = 4
+    if config.full_finetune:
+        width = _torch_dtype(config, config.device or default_device()).itemsize
+    return output_need(config, planned_trainable(config, source.path), width, None,
+                       source.path)
 
 
 def claimed(out: Path, force: bool) -> Any:
