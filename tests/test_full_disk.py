@@ -256,3 +256,55 @@ def test_a_run_stage_on_a_full_disk(tiny_model_dir, tmp_path, disk):
         else:
             assert a == b
     shutil.rmtree(out)
+
+
+# --- the writers and the detection -----------------------------------------------------------
+
+
+def test_writers_leave_nothing_half_written_on_a_full_disk(disk):
+    import errno
+
+    from primekd.core.io import append_jsonl, atomic_write_text, read_jsonl
+
+    fs = disk(256)
+    results, record = fs.path / "results.jsonl", fs.path / "summary.json"
+    append_jsonl(results, [{"id": "a", "response": "x"}])
+    atomic_write_text(record, "old\n")
+    fs.leave(0)
+    with pytest.raises(OSError) as appended:
+        append_jsonl(results, [{"id": str(i), "response": "y" * 4000} for i in range(64)])
+    assert appended.value.errno == errno.ENOSPC and appended.value.filename == str(results)
+    assert read_jsonl(results) == [{"id": "a", "response": "x"}]  # truncated back
+    with pytest.raises(OSError) as written:
+        atomic_write_text(record, "new\n" * 100_000)
+    assert written.value.filename == str(record)
+    assert record.read_text() == "old\n"
+    assert sorted(p.name for p in fs.path.iterdir()) == ["filler", "results.jsonl",
+                                                          "summary.json"]
+    line = diskspace.message(written.value)
+    assert line.startswith(f"no space left on device writing {record}: ")
+    assert " free there; free some space" in line
+
+
+@pytest.mark.parametrize("error", [
+    OSError(28, "No space left on device"),
+    OSError(122, "Disk quota exceeded"),
+    RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),
+    OSError("[Errno 28] Error writing bytes to file. Detail: [errno 28] No space left"),
+    Exception("(sqlite3.OperationalError) database or disk is full"),
+])
+def test_full_disk_errors_are_recognised(error):
+    assert diskspace.is_full(error)
+    wrapped = RuntimeError("saving failed")
+    wrapped.__cause__ = error
+    assert diskspace.is_full(wrapped)
+
+
+def test_other_errors_are_not_taken_for_a_full_disk():
+    assert not diskspace.is_full(OSError(13, "Permission denied"))
+    assert not diskspace.is_full(ValueError("28 questions"))
+
+
+def test_quota_is_named_as_such():
+    error = OSError(122, "Disk quota exceeded", "/x/y")
+    assert diskspace.message(error).startswith("disk quota exceeded writing /x/y")

@@ -166,11 +166,10 @@ def run_stage(
 
 
 RERUN = "rerun the same `primekd run`: finished stages are kept and it resumes"
-# Rough sizes of the stages that do not estimate their own (teach, eval and distill do):
-# never a reason to refuse, a figure for the full-disk message
+# Rough size of the stage that does not estimate its own (teach, eval, distill and attention
+# do): never a reason to refuse, a figure for the full-disk message
 STAGE_NEEDS = {
     "report": diskspace.Need(2 << 20, 0, "the report (report.md, report.html, charts)"),
-    "attention": diskspace.Need(10 << 20, 0, "attention (head metrics, plots)"),
 }
 
 _COMMANDS = {"teacher": "teach", "distill": "distill", "eval": "eval",
