@@ -195,11 +195,9 @@ def check_config(config: DistillConfig) -> None:
     if config.teacher_store and config.data and not config.on_policy:
         bad("give either --teacher-store or --data, not both")
     if config.teacher_store:
-        from primekd.teach.store import store_directories, training_coverage
+        from primekd.teach.store import store_directories
 
-        dirs = store_directories(config.teacher_store)  # each exists; a glob matches one
-        if not config.on_policy or config.lmbda < 1.0:  # the store is read: all of it?
-            training_coverage(dirs, config.allow_partial)
+        store_directories(config.teacher_store)  # each exists; a glob matches something
     if config.divergence not in DIVERGENCES:
         bad(f"--divergence must be one of {', '.join(DIVERGENCES)}, not {config.divergence!r}")
     try:
@@ -210,6 +208,11 @@ def check_config(config: DistillConfig) -> None:
         bad("give --epochs or --max-steps, not both")
     if config.lora_r < 1 and not config.full_finetune:
         bad("--lora-r must be at least 1")
+    if config.teacher_store and (not config.on_policy or config.lmbda < 1.0):
+        from primekd.teach.store import store_directories, training_coverage
+
+        # the store is read: is all of it there?
+        training_coverage(store_directories(config.teacher_store), config.allow_partial)
 
 
 def _check_on_policy(config: DistillConfig) -> None:
