@@ -103,7 +103,7 @@ def test_a_lone_shard_is_refused_naming_the_missing_shard(tiny_model_dir, tmp_pa
 def test_a_store_stopped_early_is_refused_by_run_and_tune_readers(tmp_path):
     """The same check guards every reader that trains: run's distill stages and tune's
     validation split go through distill's data, which asks it."""
-    from primekd.experiment.tune import validation_questions
+    from primekd.experiment.tune import TuneConfig, preflight, validation_questions
 
     st = tmp_path / "s"
     store.write_part(st, [], [("a", 0)], {"rows": 1, "kept": 0})
@@ -115,6 +115,9 @@ def test_a_store_stopped_early_is_refused_by_run_and_tune_readers(tmp_path):
                            val_size=1)
     with pytest.raises(PrimekdError, match=r"1 of 4 answers.*`primekd teach --teacher t"):
         validation_questions(config)
+    tune = TuneConfig(teacher_store=str(st), student="s", out=str(tmp_path / "tune"))
+    with pytest.raises(PrimekdError, match=r"^incomplete teacher store: .*\(1 of 4 answers"):
+        preflight(tune)  # named as the store's fault, before the search space is looked at
 
 
 def test_the_report_counts_the_answers_of_a_partial_store(tmp_path):

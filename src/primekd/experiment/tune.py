@@ -620,7 +620,11 @@ def _split(distill_config: Any) -> list[dict[str, Any]]:
 def preflight(config: TuneConfig) -> None:
     """Refuse a search space that distill would reject, or a store too small for the
     validation slice, before any trial starts."""
+    from primekd.teach.store import store_directories, training_coverage
+
     base = trial_distill_config(config, config.space.fixed, Path(config.out) / "trials")
+    # an unfinished store is the store's fault, not the space's (allow_partial: a fixed value)
+    training_coverage(store_directories(config.teacher_store), base.allow_partial)
     try:
         check_config(base)
     except PrimekdError as e:
