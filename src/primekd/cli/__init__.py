@@ -7,6 +7,7 @@ import sys
 from rich.markup import escape
 
 from primekd.cli.app import app, err_console, state
+from primekd.core import diskspace
 from primekd.core.errors import PrimekdError
 
 # Each import registers its command on `app`.
@@ -45,6 +46,10 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001 - unexpected failures still get one line
         if state.debug:
             raise
+        if diskspace.is_full(e):  # a write outside any stage's guard
+            err_console.print(f"[bold red]error:[/] {escape(diskspace.message(e))}",
+                              highlight=False, soft_wrap=True)
+            sys.exit(2)
         err_console.print(
             f"[bold red]internal error:[/] {type(e).__name__}: {escape(str(e))} "
             "(rerun with --debug for the traceback)",

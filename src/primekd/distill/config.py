@@ -49,6 +49,11 @@ class DistillConfig:
         "of a `teach --shard i/n` run, or give a glob (quoted: 'teacher/shard-*'): the shards "
         "are merged.", flags=("--teacher-store", "-s"), cli_type=list[str], parse=_one_or_many,
         set_by="experiment")
+    allow_partial: bool = option(
+        False, "Train on what an unfinished teacher store (a stopped `teach`) or a shard set "
+        "with shards missing holds; the summary and the run report count the answers used of "
+        "those planned. Without it such a store is refused, naming the command that "
+        "finishes it.", default_text="off")
     objective: str = option("kd", "kd: CE on the teacher's answer tokens plus a divergence to "
                             "its distributions (needs --teacher-store); sft: CE only, on the "
                             "teacher's text or, without a store, on GSM8K references (--data)",
@@ -203,6 +208,11 @@ def check_config(config: DistillConfig) -> None:
         bad("give --epochs or --max-steps, not both")
     if config.lora_r < 1 and not config.full_finetune:
         bad("--lora-r must be at least 1")
+    if config.teacher_store and (not config.on_policy or config.lmbda < 1.0):
+        from primekd.teach.store import store_directories, training_coverage
+
+        # the store is read: is all of it there?
+        training_coverage(store_directories(config.teacher_store), config.allow_partial)
 
 
 def _check_on_policy(config: DistillConfig) -> None:

@@ -100,7 +100,8 @@ def _make_item(row: dict[str, Any], prompt: list[int], max_length: int
 def _store_rows(config: DistillConfig, tokenizer: Any) -> tuple[list[dict[str, Any]], dict]:
     dirs = store.store_directories(config.teacher_store)
     manifest = store.read_manifest(dirs[0])
-    table = store.load_store(dirs)
+    found = store.training_coverage(dirs, config.allow_partial)
+    table = store.load_store(dirs, require_complete=False)
     if table.num_rows == 0:
         raise PrimekdError(f"teacher store {config.teacher_store} has no rows")
     same_vocab = manifest.get("tokenizer_fingerprint") == tokenizer_fingerprint(tokenizer)
@@ -144,7 +145,8 @@ def _store_rows(config: DistillConfig, tokenizer: Any) -> tuple[list[dict[str, A
             "top_k": manifest.get("top_k"), "store_rows": table.num_rows,
             "keep": config.keep, "kept_rows": len(kept),
             "white_box": white_box, "same_tokenizer": same_vocab,
-            "max_token_id": _max_token_id(table, white_box) if use_teacher_tokens else None}
+            "max_token_id": _max_token_id(table, white_box) if use_teacher_tokens else None,
+            **found.to_dict(), "partial": not found.complete}
     return rows, info
 
 

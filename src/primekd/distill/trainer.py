@@ -37,9 +37,8 @@ from transformers import (
     set_seed,
 )
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
 
-from primekd.core import options, outdir
+from primekd.core import diskspace, options, outdir
 from primekd.core.errors import PrimekdError
 from primekd.core.io import atomic_write, atomic_write_text, dumps, write_json
 from primekd.core.models import (
@@ -52,6 +51,7 @@ from primekd.core.models import (
 from primekd.core.progress import progress_bar
 from primekd.distill.config import OPTIMIZERS, DistillConfig, check_config
 from primekd.distill.data import Item, KDCollator, build_datasets, check_vocabulary
+from primekd.distill.footprint import output_need, planned_trainable
 from primekd.distill.kd_loss import kd_loss_parts
 
 CONFIG_FILE, SUMMARY_FILE = "distill_config.yaml", "summary.json"
@@ -265,11 +265,21 @@ class KDTrainer(Trainer):
         return self.resumed_totals[0] + loss, self.resumed_totals[1] + int(tokens)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        super()._save_checkpoint(model, trial)
-        totals = self.run_totals()  # collective: every process is here
+        """Trainer's checkpoint, then RUN_TOTALS, written last: a checkpoint without it is
+        half-written and never resumed from (`_last_checkpoint`). A full disk removes the
+        half and says so: torch.save's own error does not."""
         folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-        if self.is_world_process_zero() and folder.is_dir():
-            write_json(folder / RUN_TOTALS, {"loss_sum": totals[0], "tokens": totals[1]})
+        try:
+            super()._save_checkpoint(model, trial)
+            totals = self.run_totals()  # collective: every process is here
+            if self.is_world_process_zero() and folder.is_dir():
+                write_json(folder / RUN_TOTALS, {"loss_sum": totals[0], "tokens": totals[1]})
+        except Exception as e:
+            if not diskspace.looks_full(e, folder):
+                raise
+            if self.is_world_process_zero():
+                shutil.rmtree(folder, ignore_errors=True)
+            raise diskspace.as_full(e, folder) from e
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: add the CE/KD parts and throughput
@@ -550,8 +560,19 @@ def distill_off_policy(config: DistillConfig, callbacks: list[TrainerCallback] |
     """Train a student adapter (or full model) from a teacher store or the references."""
     check_config(config)
     out = Path(config.out)
+    diskspace.expect(_planned_need(config))  # before a file is written
     with claimed(out, config.force):
         return _distill(config, out, callbacks, progress)
+
+
+def _planned_need(config: DistillConfig) -> diskspace.Need:
+    """The output estimate from the model's architecture alone (LoRA weights are float32)."""
+    source = resolve(config.student)
+    width = 4
+    if config.full_finetune:
+        width = _torch_dtype(config, config.device or default_device()).itemsize
+    return output_need(config, planned_trainable(config, source.path), width, None,
+                       source.path)
 
 
 def claimed(out: Path, force: bool) -> Any:
@@ -584,6 +605,9 @@ def _distill(config: DistillConfig, out: Path, callbacks: list[TrainerCallback] 
         write_config(config, out)
     model = build_student(config, device)
     counts = trainable_parameters(model)
+    width = next((p.element_size() for p in model.parameters() if p.requires_grad), 4)
+    diskspace.expect(output_need(config, counts[0], width, len(data.train), source.path,
+                                 args.world_size))
     trainer = kd_trainer(config, model, args, tokenizer, out, data.train, data.val,
                          [*_tensorboard(out), *(callbacks or [])], progress)
     if data.val and resume_from is None:
@@ -654,10 +678,32 @@ def save_final_model(trainer: KDTrainer, out: Path, reference: str, kind: str) -
     weights."""
     if trainer.is_fsdp_enabled:
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model(str(out))
-    trainer.accelerator.wait_for_everyone()
-    if trainer.is_world_process_zero():
-        make_portable(out, reference, kind)
+    staging = out / FINAL_STAGING  # whole files only reach `out`: see publish_final
+    try:
+        trainer.save_model(str(staging))
+        trainer.accelerator.wait_for_everyone()
+        if trainer.is_world_process_zero():
+            make_portable(staging, reference, kind)
+            publish_final(staging, out)
+    finally:
+        if trainer.is_world_process_zero():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+FINAL_STAGING = ".adapter_final.tmp"  # hidden; outdir counts it as distill's (adapter_*)
+_LAST = ("adapter_config.json", "config.json")  # their presence says the weights are whole
+
+
+def publish_final(staging: Path, out: Path) -> None:
+    """Move the saved files from `staging` into `out` (renames on one filesystem), the
+    configs last: `adapter_is_saved` sees a model only once its weights are all there, and
+    a full disk mid-save leaves `out` as it was."""
+    files = sorted(staging.iterdir(), key=lambda p: (p.name in _LAST, p.name))
+    for path in files:
+        target = out / path.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(path, target)
 
 
 def adapter_is_saved(out: str | Path) -> bool:
@@ -714,8 +760,15 @@ def check_out(config: DistillConfig, out: Path, marker: str) -> None:
 
 
 def _last_checkpoint(out: Path) -> str | None:
+    """The newest whole checkpoint: one a kill or a full disk cut short lacks RUN_TOTALS."""
     checkpoints = out / CHECKPOINTS
-    return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    if not checkpoints.is_dir():
+        return None
+    whole = [p for p in checkpoints.glob("checkpoint-*") if (p / RUN_TOTALS).is_file()
+             and p.name.removeprefix("checkpoint-").isdigit()]
+    if not whole:
+        return None
+    return str(max(whole, key=lambda p: int(p.name.removeprefix("checkpoint-"))))
 
 
 def write_config(config: DistillConfig, out: Path) -> None:

@@ -385,9 +385,13 @@ def _trained_on(layout: Layout, name: str) -> str:
     kept, total = data.get("kept_rows"), data.get("store_rows")
     if data.get("source") == "references":
         return f"{kept} reference solutions" if kept is not None else "reference solutions"
+    partial = (f"; PARTIAL store: {data.get('answered_rows')} of {data.get('planned_rows')} "
+               "planned answers" if data.get("partial") else "")
     if data.get("keep") == "correct":
-        return f"{kept}/{total} teacher answers (graded correct only)"
-    return f"{total} teacher answers (all)" if total is not None else "teacher answers (all)"
+        return f"{kept}/{total} teacher answers (graded correct only{partial})"
+    if total is None:
+        return f"teacher answers (all{partial})"
+    return f"{total} teacher answers (all{partial})"
 
 
 def _trained_on_policy(info: dict[str, Any]) -> str:
