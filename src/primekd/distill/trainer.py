@@ -153,6 +153,7 @@ class KDTrainer(Trainer):
     validation loss (`eval_loss`, `eval_ce`, `eval_kd`) that `on_evaluate` callbacks see."""
 
     def __init__(self, *args: Any, kd: KDSettings, **kwargs: Any):
+        one_gpu_per_process(kwargs["args"] if "args" in kwargs else args[1])
         super().__init__(*args, **kwargs)
         self.kd = kd
         # Ask Trainer for the token count of the whole accumulated batch (all processes), so
@@ -491,7 +492,7 @@ def training_arguments(config: DistillConfig, out: Path, device: str, progress: 
     on_cuda = device.startswith("cuda")
     lr = config.lr if config.lr is not None else (2e-5 if config.full_finetune else 2e-4)
     epochs = config.epochs if config.epochs is not None else 1.0
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=str(out / CHECKPOINTS),
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
@@ -523,6 +524,32 @@ def training_arguments(config: DistillConfig, out: Path, device: str, progress: 
         ddp_find_unused_parameters=False,
         dataloader_num_workers=config.num_workers,
     )
+    pin_device(args, device)
+    return args
+
+
+def one_gpu_per_process(args: TrainingArguments) -> None:
+    """Train on one GPU per process. Without a distributed launch transformers takes every
+    visible GPU (`n_gpu = torch.cuda.device_count()`) and wraps the model in nn.DataParallel:
+    its replicas share the head tap (which then holds one replica's slice) and the batch is
+    silently multiplied by the GPU count. More GPUs: `accelerate launch` (one process each)."""
+    if args.n_gpu > 1:
+        args._n_gpu = 1
+
+
+def pin_device(args: TrainingArguments, device: str) -> None:
+    """Honour `--device cuda:N` in a single process: transformers picks cuda:0 there, and
+    accelerate's device is the current CUDA device. Under a distributed launch each rank's
+    device is its local rank's, as the launcher says."""
+    index = torch.device(device).index if device.startswith("cuda") else None
+    if index is None or args.world_size > 1 or int(os.environ.get("LOCAL_RANK", "-1")) != -1:
+        return
+    if index >= torch.cuda.device_count():
+        raise PrimekdError(f"--device {device}: this machine has {torch.cuda.device_count()} "
+                           "visible CUDA device(s)")
+    args.device  # noqa: B018  transformers sets its device up (and cuda:0 current) first
+    torch.cuda.set_device(index)
+    args.__dict__["_setup_devices"] = torch.device("cuda", index)  # the cached property
 
 
 def warmup_arguments(ratio: float, fields: set[str] | None = None) -> dict[str, float]:
