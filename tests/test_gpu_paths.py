@@ -50,3 +50,71 @@ def test_device_index_beyond_the_visible_gpus_is_one_line(tmp_path):
         pytest.skip("a machine with more than 5 GPUs")
     with pytest.raises(PrimekdError, match="--device cuda:5: this machine has"):
         pin_device(args, "cuda:5")
+
+
+# ---------------------------------------------------------------- on-policy refusals (D, G)
+
+
+def _on_policy(model: Path, out: Path, **kw) -> DistillConfig:
+    base = dict(student=str(model), out=str(out), on_policy=True, alpha=0.0, rounds=1,
+                round_size=2, batch_size=2, rollout_max_new_tokens=6, top_k=4,
+                rollout_temperature=0.0, lr=1e-3, warmup_ratio=0.0, device="cpu", limit=2)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def _padded_teacher(tiny_model_dir: Path, directory: Path, extra_rows: int) -> Path:
+    """A teacher with the student's tokenizer and `extra_rows` more output rows (as
+    Qwen2.5-7B has over Qwen2.5-0.5B)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = LlamaConfig.from_pretrained(tiny_model_dir)
+    config.vocab_size += extra_rows
+    torch.manual_seed(1)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("why", ["tokenizer", "rows"])
+def test_unfit_on_policy_teacher_refused_before_any_rollout(tiny_model_dir, tmp_path, why):
+    from primekd.core.testing import tiny_model
+    from primekd.distill import distill
+
+    if why == "tokenizer":
+        teacher = tiny_model(tmp_path / "teacher", vocab_size=400)
+        message = "another tokenizer than the student"
+    else:
+        teacher = _padded_teacher(tiny_model_dir, tmp_path / "teacher", 64)
+        message = "vocabulary rows"
+    out = tmp_path / "run"
+    with pytest.raises(PrimekdError, match=message) as caught:
+        distill(_on_policy(tiny_model_dir, out, teacher=str(teacher)), progress=False)
+    assert "\n" not in str(caught.value)
+    assert not list(out.rglob("rollout.jsonl"))
+
+
+def test_hf_rollouts_decode_with_the_students_tokenizer(tiny_model_dir, tmp_path):
+    from primekd.core.models import load_tokenizer
+    from primekd.core.testing import tiny_model
+    from primekd.distill.onpolicy import _Teacher
+    from primekd.distill.trainer import build_student
+
+    teacher = tiny_model(tmp_path / "teacher", seed=1)  # same vocabulary, another model
+    config = _on_policy(tiny_model_dir, tmp_path / "run", teacher=str(teacher))
+    tokenizer = load_tokenizer(str(tiny_model_dir), padding_side="right")
+    engine_of = _Teacher(config, tokenizer, "cpu", build_student(config, "cpu"))
+    assert engine_of.student_engine(engine_of.model, 0).tokenizer is tokenizer
+    assert engine_of.tokenizer is not tokenizer  # the teacher's renders its prompts
+
+
+def test_on_policy_under_a_distributed_launch_is_refused(tiny_model_dir, tmp_path,
+                                                          monkeypatch):
+    from primekd.distill import distill
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "run"
+    with pytest.raises(PrimekdError, match=r"one process.*WORLD_SIZE=2"):
+        distill(_on_policy(tiny_model_dir, out), progress=False)
+    assert not out.exists()

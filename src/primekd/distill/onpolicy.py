@@ -24,6 +24,7 @@ trained on twice.
 from __future__ import annotations
 
 import math
+import os
 import time
 import zlib
 from contextlib import contextmanager
@@ -49,6 +50,7 @@ from primekd.core.io import (
     write_json,
 )
 from primekd.core.models import default_device, load_tokenizer, resolve, tokenizer_fingerprint
+from primekd.distill.compat import check_teacher_compat, vocabulary_rows
 from primekd.distill.config import DistillConfig, check_config
 from primekd.distill.data import Item, build_datasets, student_prompts
 from primekd.distill.trainer import (
@@ -105,8 +107,19 @@ def round_slice(values: list[T], r: int, n: int) -> list[T]:
 # ---------------------------------------------------------------- the run
 
 
+def check_single_process() -> None:
+    """On-policy rounds alternate rollouts, scoring and training in one process; under a
+    distributed launch every rank would roll out and rank 0 would wait in collectives."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise PrimekdError(f"--on-policy runs in one process, not under accelerate launch or "
+                           f"torchrun (WORLD_SIZE={world}): start it as plain `primekd "
+                           "distill --on-policy` (it trains on one GPU, --device)")
+
+
 def distill_on_policy(config: DistillConfig, progress: bool = True) -> DistillResult:
     check_config(config)
+    check_single_process()
     out = Path(config.out)
     with claimed(out, config.force):
         return _distill_on_policy(config, out, progress)
@@ -126,9 +139,11 @@ def _distill_on_policy(config: DistillConfig, out: Path, progress: bool) -> Dist
     args = training_arguments(replace(config, max_steps=plan["max_steps"], epochs=None,
                                       save_steps=10 ** 9), out, device, progress, False)
     args.ignore_data_skip = True  # each round trains on its own data, from its start
-    model = build_student(config, device)
+    teacher = _Teacher(config, tokenizer, device)  # refuses an unfit teacher first
+    # placed now: round 0 rolls out before the Trainer would place it
+    model = build_student(config, device).to(args.device)
+    teacher.model = model
     counts = trainable_parameters(model)
-    teacher = _Teacher(config, model, tokenizer, device)
     trainer = None
     try:
         for r in range(len(state["rounds"]), config.rounds):
@@ -372,11 +387,17 @@ class _Teacher:
     this process (self-distillation scores with the student's adapter switched off), for
     `vllm` through one server at a time (stopped before training and on exit)."""
 
-    def __init__(self, config: DistillConfig, model: Any, tokenizer: Any, device: str):
+    def __init__(self, config: DistillConfig, tokenizer: Any, device: str,
+                 model: Any = None):
         self.config, self.model, self.device = config, model, device
         self.self_teacher = config.teacher in (None, config.student)
+        self.student_tokenizer = tokenizer
         self.tokenizer = tokenizer if self.self_teacher else \
             load_tokenizer(resolve(config.teacher))
+        if not self.self_teacher:
+            check_teacher_compat(config.student, config.teacher, tokenizer, self.tokenizer,
+                                 vocabulary_rows(resolve(config.student)),
+                                 vocabulary_rows(resolve(config.teacher)))
         self._hf_teacher: Any = None
         self._merged: str | None = None
         self.spec = EngineSpec(config.engine, None, dict(config.engine_options or {}))
@@ -396,7 +417,7 @@ class _Teacher:
             return engine
         model.eval()
         model.config.use_cache = True
-        return HFEngine(model, self.tokenizer, batch_size=self.config.batch_size * 4)
+        return HFEngine(model, self.student_tokenizer, batch_size=self.config.batch_size * 4)
 
     def _drop_merged(self) -> None:
         """The round's merged student (a full model copy in primekd's cache) is used once."""

@@ -50,6 +50,7 @@ from primekd.core.models import (
     resolve,
 )
 from primekd.core.progress import progress_bar
+from primekd.distill.compat import vocabulary_rows
 from primekd.distill.config import OPTIMIZERS, DistillConfig, check_config
 from primekd.distill.data import Item, KDCollator, build_datasets, check_vocabulary
 from primekd.distill.kd_loss import kd_loss_parts
@@ -601,7 +602,7 @@ def _distill(config: DistillConfig, out: Path, callbacks: list[TrainerCallback] 
     source = resolve(config.student)
     tokenizer = load_tokenizer(source, padding_side="right")
     data = build_datasets(config, tokenizer)
-    check_vocabulary(data.info, _embedding_rows(source), config.student)
+    check_vocabulary(data.info, vocabulary_rows(source), config.student)
     if not config.full_finetune:
         _check_target_modules(config, source)
     # TrainingArguments first: under ZeRO-3 it registers the config from_pretrained reads to
@@ -645,13 +646,6 @@ def kd_trainer(config: DistillConfig, model: Any, args: TrainingArguments, token
     if progress:
         trainer.add_callback(_RichProgress())
     return trainer
-
-
-def _embedding_rows(source: Any) -> int:
-    """The student's vocabulary rows from its config (no weights loaded)."""
-    config = AutoConfig.from_pretrained(source.path)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(text.vocab_size)
 
 
 def _linear_names(model: torch.nn.Module) -> list[str]:
