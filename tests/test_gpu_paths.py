@@ -118,3 +118,78 @@ def test_on_policy_under_a_distributed_launch_is_refused(tiny_model_dir, tmp_pat
     with pytest.raises(PrimekdError, match=r"one process.*WORLD_SIZE=2"):
         distill(_on_policy(tiny_model_dir, out), progress=False)
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- B: memory before a server
+
+
+class _Model:
+    """Stands for a stage's model held in a reference cycle (as a Trainer and its callbacks
+    hold one): only a garbage collection frees it."""
+
+    def __init__(self) -> None:
+        self.cycle = self
+
+
+@pytest.fixture
+def no_automatic_gc():
+    """Only an explicit collection frees cycles here (as on a GPU, where the collector's own
+    schedule knows nothing of the device memory a cycle holds)."""
+    import gc
+
+    gc.collect()
+    gc.disable()
+    yield
+    gc.enable()
+
+
+def test_run_releases_the_last_stages_model_before_the_next_stage(tmp_path, no_automatic_gc):
+    import weakref
+
+    from primekd.experiment.config import load_config
+    from primekd.experiment.runner import run_experiment
+
+    config = load_config(preset="quick", overrides=[
+        "strategies=[none]", "controls=[]", "attention.enabled=false"])
+    held: dict[str, weakref.ref] = {}
+    seen: dict[str, bool] = {}
+
+    def fn(stage, progress):
+        seen[stage.name] = any(ref() is not None for ref in held.values())
+        model = _Model()
+        held[stage.name] = weakref.ref(model)
+        stage.directory.mkdir(parents=True, exist_ok=True)
+        (stage.directory / ("manifest.json" if stage.kind == "teacher" else "summary.json")
+         ).write_text(stage.hash)
+        return {}
+
+    run_experiment(config, tmp_path, False,
+                   stage_functions=dict.fromkeys(("teacher", "distill", "eval", "report"), fn))
+    assert seen == {"teacher/none": False, "students/kd-none": False, "eval/kd-none": False,
+                    "report": False}
+
+
+def test_on_policy_vllm_rounds_free_the_trainer_before_a_server_starts(
+        tiny_model_dir, tmp_path, monkeypatch, no_automatic_gc):
+    """Every engine the rounds open (a vLLM server each) finds no trainer of an earlier
+    round alive and the student's weights off the GPU (here: on the CPU). The servers are
+    stood in for by the hf engine: the point is what is still held when they start."""
+    import gc
+
+    import primekd.engines as engines
+    from primekd.distill import distill
+    from primekd.distill.trainer import KDTrainer
+    from primekd.engines.hf import HFEngine
+
+    opened: list[tuple[str, int]] = []
+
+    def get_engine(model, spec=None, *, adapter=None, **kw):
+        trainers = sum(isinstance(o, KDTrainer) for o in gc.get_objects())
+        opened.append(("student" if adapter else "teacher", trainers))
+        return HFEngine.load(model, adapter=adapter, device="cpu")
+
+    monkeypatch.setattr(engines, "get_engine", get_engine)
+    config = _on_policy(tiny_model_dir, tmp_path / "run", rounds=2, engine="vllm",
+                        engine_options={"lora": True})
+    distill(config, progress=False)
+    assert opened == [("student", 0), ("teacher", 0)] * 2

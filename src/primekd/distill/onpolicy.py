@@ -49,6 +49,7 @@ from primekd.core.io import (
     truncate_torn_tail,
     write_json,
 )
+from primekd.core.memory import release_memory
 from primekd.core.models import default_device, load_tokenizer, resolve, tokenizer_fingerprint
 from primekd.distill.compat import check_teacher_compat, vocabulary_rows
 from primekd.distill.config import DistillConfig, check_config
@@ -144,12 +145,15 @@ def _distill_on_policy(config: DistillConfig, out: Path, progress: bool) -> Dist
     model = build_student(config, device).to(args.device)
     teacher.model = model
     counts = trainable_parameters(model)
-    trainer = None
+    history: list[dict[str, Any]] | None = None
+    first = len(state["rounds"])
     try:
-        for r in range(len(state["rounds"]), config.rounds):
+        for r in range(first, config.rounds):
             previous = state["rounds"][-1]["checkpoint"] if state["rounds"] else None
-            if previous is not None and trainer is None:
+            if previous is not None and r == first:
                 _load_adapter(model, previous)  # resumed: roll out with round r's student
+            if config.engine == "vllm":
+                _make_room(model)
             record = {"round": r}
             questions = round_slice(examples, r, plan["on_questions"])
             round_dir = out / ROUNDS_DIR / f"round-{r:03d}"
@@ -159,6 +163,7 @@ def _distill_on_policy(config: DistillConfig, out: Path, progress: bool) -> Dist
             if not items:
                 raise PrimekdError(f"round {r} has no training sequences")
             teacher.release()
+            model.to(args.device)
             tick = time.perf_counter()
             trainer = _train_round(config, model, args, tokenizer, items, out, previous,
                                    progress, plan["steps_per_round"] * (r + 1))
@@ -175,12 +180,23 @@ def _distill_on_policy(config: DistillConfig, out: Path, progress: bool) -> Dist
             if r == config.rounds - 1:  # the adapter and summary before the last record:
                 summary = _finish(config, trainer, state, plan, counts, device, out,
                                   source.kind, time.perf_counter() - started)
+            history = list(trainer.state.log_history)
+            trainer = None  # the next round resumes its optimizer from the checkpoint
             write_json(out / ROUNDS_FILE, state)  # a kill before this redoes round r's training
     finally:
         teacher.close()
-    if trainer is None:  # every round was done before: the adapter is saved
+    if history is None:  # every round was done before: the adapter is saved
         return DistillResult(out, read_json(out / SUMMARY_FILE), [])
-    return DistillResult(out, summary, list(trainer.state.log_history))
+    return DistillResult(out, summary, history)
+
+
+def _make_room(model: Any) -> None:
+    """Before the round's vLLM servers start: the student's weights to the CPU (back for
+    training), the last round's trainer (optimizer state, activations) collected and
+    PyTorch's cached CUDA blocks returned: vLLM refuses to start on a GPU whose free memory
+    is below gpu_memory_utilization x total."""
+    model.to("cpu")
+    release_memory()
 
 
 def _print_round(record: dict[str, Any]) -> None:
