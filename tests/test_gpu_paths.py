@@ -193,3 +193,107 @@ def test_on_policy_vllm_rounds_free_the_trainer_before_a_server_starts(
                         engine_options={"lora": True})
     distill(config, progress=False)
     assert opened == [("student", 0), ("teacher", 0)] * 2
+
+
+# ---------------------------------------------------------------- C, F: engine roles
+
+
+def test_teachers_server_and_options_never_reach_eval_stages(tmp_path):
+    """The paper preset's shape: a teacher on 8 GPUs (or a running server of it), a student
+    whose 14 heads do not split 8 ways."""
+    from primekd.experiment.config import load_config
+    from primekd.experiment.stages import plan, stage_config
+
+    def stages(*overrides: str):
+        config = load_config(overrides=[
+            "engine.name=vllm", "engine.options={max_model_len: 1024}",
+            "engine.teacher={tensor_parallel_size: 8}", "engine.student={lora: true}",
+            "on_policy=[{strategy: none}]", *overrides])
+        return {s.name: s for s in plan(config, tmp_path)}
+
+    plain, served = stages(), stages("engine.base_url=http://127.0.0.1:8000")
+    teacher = stage_config(served["teacher/none"])
+    assert teacher.base_url == "http://127.0.0.1:8000"
+    assert teacher.engine_options == {"max_model_len": 1024, "tensor_parallel_size": 8}
+    for name in ("eval/base", "eval/kd-none", "eval/op-none"):
+        evaluation = stage_config(served[name])
+        assert evaluation.base_url is None
+        assert evaluation.engine_options == {"max_model_len": 1024, "lora": True}
+    assert served["eval/base"].hash == plain["eval/base"].hash
+    assert served["teacher/none"].hash != plain["teacher/none"].hash  # and its students'
+    on_policy = stage_config(served["students/op-none"])
+    assert on_policy.engine_options == {"max_model_len": 1024, "lora": True}
+    assert on_policy.teacher_engine_options == {"max_model_len": 1024,
+                                                "tensor_parallel_size": 8}
+
+
+def test_engine_options_without_roles_keep_their_stage_hashes(tmp_path):
+    """A run config without role options plans the stages it planned before: its cached
+    stages stay cached (on-policy students get no teacher_engine_options)."""
+    from primekd.experiment.config import load_config
+    from primekd.experiment.stages import plan
+
+    config = load_config(overrides=["on_policy=[{strategy: none}]"])
+    on_policy = next(s for s in plan(config, tmp_path) if s.name == "students/op-none")
+    assert "teacher_engine_options" not in on_policy.params
+
+
+def test_max_memory_without_a_device_map_is_refused():
+    from primekd.engines import EngineSpec
+
+    with pytest.raises(PrimekdError, match="max_memory needs device_map"):
+        EngineSpec("hf", None, {"max_memory": {"0": "10GiB"}}).check()
+    EngineSpec("hf", None, {"device_map": "auto", "max_memory": {"0": "10GiB"}}).check()
+
+
+@pytest.fixture
+def models_server():
+    """A running OpenAI-compatible endpoint that serves only `/v1/models`: a teacher's."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"data": [{"id": "Llama-3.1-405B-Instruct",
+                                         "root": "/models/Llama-3.1-405B-Instruct"}]})
+            self.send_response(200 if self.path == "/v1/models" else 404)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def test_a_server_of_another_model_is_refused(models_server, tiny_model_dir):
+    from primekd.engines.vllm import VLLMEngine, served_model
+
+    with pytest.raises(PrimekdError, match="serves Llama-3.1-405B-Instruct, not .*point "
+                                           "--base-url at a server of"):
+        VLLMEngine.open(str(tiny_model_dir), base_url=models_server)
+    assert served_model(models_server, model=("meta-llama/Llama-3.1-405B-Instruct",
+                                              "/hub/x")) == "Llama-3.1-405B-Instruct"
+    assert served_model(models_server, "Llama-3.1-405B-Instruct") == "Llama-3.1-405B-Instruct"
+
+
+def test_on_policy_hf_teacher_takes_its_device_map(tiny_model_dir, tmp_path):
+    from primekd.core.models import load_tokenizer
+    from primekd.core.testing import tiny_model
+    from primekd.distill.onpolicy import _Teacher
+
+    teacher = tiny_model(tmp_path / "teacher", seed=1)
+    # a 1 KiB budget: accelerate's device map offloads every weight (to the meta device)
+    config = _on_policy(tiny_model_dir, tmp_path / "run", teacher=str(teacher),
+                        teacher_engine_options={"device_map": "auto",
+                                                "max_memory": {"cpu": "1KiB"}})
+    roles = _Teacher(config, load_tokenizer(str(tiny_model_dir)), "cpu")
+    model = roles.teacher_engine().model
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert roles.spec.options == {}  # the student's rollouts keep theirs

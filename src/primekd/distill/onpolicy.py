@@ -52,7 +52,7 @@ from primekd.core.io import (
 from primekd.core.memory import release_memory
 from primekd.core.models import default_device, load_tokenizer, resolve, tokenizer_fingerprint
 from primekd.distill.compat import check_teacher_compat, vocabulary_rows
-from primekd.distill.config import DistillConfig, check_config
+from primekd.distill.config import DistillConfig, check_config, teacher_options
 from primekd.distill.data import Item, build_datasets, student_prompts
 from primekd.distill.trainer import (
     SUMMARY_FILE,
@@ -417,6 +417,7 @@ class _Teacher:
         self._hf_teacher: Any = None
         self._merged: str | None = None
         self.spec = EngineSpec(config.engine, None, dict(config.engine_options or {}))
+        self.teacher_spec = EngineSpec(config.engine, None, teacher_options(config))
 
     def student_engine(self, model: Any, r: int) -> Any:
         if self.config.engine == "vllm":
@@ -452,14 +453,15 @@ class _Teacher:
             from primekd.engines import get_engine
 
             teacher = self.config.teacher or self.config.student
-            engine = get_engine(teacher, self.spec)  # the student's server is stopped now
+            engine = get_engine(teacher, self.teacher_spec)  # the student's is stopped now
             self._drop_merged()
             return engine
         if self.self_teacher:
             return HFEngine(self.model, self.tokenizer, batch_size=self.config.batch_size * 4)
         if self._hf_teacher is None:
             self._hf_teacher = HFEngine.load(self.config.teacher, device=self.device,
-                                             batch_size=self.config.batch_size * 4)
+                                             batch_size=self.config.batch_size * 4,
+                                             **self.teacher_spec.options)
         return self._hf_teacher
 
     def score(self, engine: Any, prompts: list[list[int]], answers: list[list[int]], k: int

@@ -321,7 +321,8 @@ class VLLMEngine:
                 raise PrimekdError("--adapter with --base-url: serve the adapter as a LoRA "
                                    "module there and name it with --engine-option "
                                    "served_model=NAME")
-            served = served_model(base_url, options.get("served_model"))
+            served = served_model(base_url, options.get("served_model"),
+                                  model=(model, source.path))
             check_tokenizer(base_url, served, tokenizer, model)
             return cls(base_url, served, tokenizer, stop_ids, options, batch_size=batch_size)
         lora = str(adapter) if adapter and options.get("lora") else None
@@ -514,12 +515,17 @@ def _stop_ids(source: Any, tokenizer: Any) -> list[int]:
     return stop_token_ids(holder, tokenizer)
 
 
-def served_model(base_url: str, name: str | None = None) -> str:
+def served_model(base_url: str, name: str | None = None,
+                 model: tuple[str, str] | None = None) -> str:
+    """The model name to request at `base_url`: `name` if it is served, else the served model
+    that is `model` (its reference and local path: a server's model id is the `--model` it
+    was started with, or that path's last part), else the first one served."""
     try:
         response = httpx.get(f"{base_url.rstrip('/')}/v1/models", timeout=10)
         response.raise_for_status()
-        models = [m["id"] for m in response.json()["data"]]
-    except (httpx.HTTPError, KeyError, ValueError) as e:
+        entries = response.json()["data"]
+        models = [m["id"] for m in entries]
+    except (httpx.HTTPError, KeyError, ValueError, TypeError) as e:
         raise PrimekdError(f"no OpenAI-compatible server answers at {base_url} "
                            f"({type(e).__name__}); is it running?") from None
     if name:
@@ -528,7 +534,16 @@ def served_model(base_url: str, name: str | None = None) -> str:
         return name
     if not models:
         raise PrimekdError(f"{base_url} serves no model")
-    return models[0]
+    if model is None:
+        return models[0]
+    wanted = {n for ref in model for n in (ref.rstrip("/"), Path(ref).name) if n}
+    for entry in entries:
+        names = {str(entry.get(k) or "").rstrip("/") for k in ("id", "root")} - {""}
+        if names & wanted or {Path(n).name for n in names} & wanted:
+            return entry["id"]
+    raise PrimekdError(f"{base_url} serves {', '.join(models)}, not {model[0]}: point "
+                       f"--base-url at a server of {model[0]}, or name its model there with "
+                       "--engine-option served_model=NAME")
 
 
 def check_tokenizer(base_url: str, served: str, tokenizer: Any, model: str) -> None:
