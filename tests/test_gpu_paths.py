@@ -297,3 +297,55 @@ def test_on_policy_hf_teacher_takes_its_device_map(tiny_model_dir, tmp_path):
     model = roles.teacher_engine().model
     assert {p.device.type for p in model.parameters()} == {"meta"}
     assert roles.spec.options == {}  # the student's rollouts keep theirs
+
+
+# ---------------------------------------------------------------- validation across processes
+
+
+@pytest.mark.slow
+def test_validation_loss_of_two_processes_counts_each_question_once(tiny_model_dir, tmp_path):
+    """3 validation questions over 2 processes x batch 2: accelerate pads the last batch
+    with a repeated sample, which must not count. The run's final validation loss equals the
+    saved adapter's, evaluated in one process."""
+    import json
+    import os
+    import shutil
+    import subprocess
+
+    import yaml
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from primekd.core.models import load_tokenizer
+    from primekd.distill.data import KDCollator, build_datasets
+    from primekd.distill.trainer import KDSettings, KDTrainer, training_arguments
+
+    out = tmp_path / "ddp"
+    launcher = Path(__file__).parent.parent / "bench" / "fsdp_cpu_launch.py"  # plain DDP here
+    cmd = [shutil.which("accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", "29541", str(launcher), "distill", "--student",
+           str(tiny_model_dir), "--objective", "sft", "--data", "train", "--limit", "9",
+           "--val-size", "3", "--out", str(out),
+           "--max-steps", "2", "--batch-size", "2", "--eval-steps", "2", "--lr", "1e-2",
+           "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+
+    config = DistillConfig(**{**yaml.safe_load((out / "distill_config.yaml").read_text()),
+                              "out": str(tmp_path / "one")})
+    tokenizer = load_tokenizer(str(tiny_model_dir), padding_side="right")
+    data = build_datasets(config, tokenizer)
+    assert len(data.val) == 3
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
+    trainer = KDTrainer(model=model, args=training_arguments(config, tmp_path / "one", "cpu",
+                                                             False, True),
+                        eval_dataset=data.val, data_collator=KDCollator(tokenizer.pad_token_id),
+                        kd=KDSettings.of(config))
+    # a random tiny model's per-question losses are close (a repeated one moves the mean by
+    # ~1e-5): the same sums give the same value to the last bits
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(summary["val_loss_after"],
+                                                            rel=1e-9)

@@ -292,6 +292,17 @@ class KDTrainer(Trainer):
             return values
         return self.accelerator.reduce(values.to(self.args.device), "sum").cpu()
 
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
+        """Trainer's, without accelerate's padding samples: across processes it evens out
+        the last batches by repeating samples from the start, which the validation sums
+        would count twice. `evaluate` reduces once at the end, so uneven batches are fine."""
+        even = self.accelerator.even_batches
+        self.accelerator.even_batches = False
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.accelerator.even_batches = even
+
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
                  metric_key_prefix: str = "eval") -> dict[str, float]:
         """Mean per-token validation loss (and its CE and KD parts) over the held-out set."""
