@@ -349,3 +349,48 @@ def test_validation_loss_of_two_processes_counts_each_question_once(tiny_model_d
     # ~1e-5): the same sums give the same value to the last bits
     assert trainer.evaluate()["eval_loss"] == pytest.approx(summary["val_loss_after"],
                                                             rel=1e-9)
+
+
+# ---------------------------------------------------------------- vLLM environment, merging
+
+
+def test_merged_adapter_keeps_the_base_models_dtype(tiny_model_dir, tmp_path, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from primekd.core.models import resolve
+    from primekd.engines.vllm import merged_model
+
+    monkeypatch.setenv("PRIMEKD_CACHE", str(tmp_path / "cache"))
+    base = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(
+        base)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(base)
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                          LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    lora.save_pretrained(tmp_path / "adapter")
+    merged = Path(merged_model(resolve(str(base)), str(tmp_path / "adapter")))
+    with safe_open(str(next(merged.glob("*.safetensors"))), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # noqa: SIM118
+
+
+def test_a_gpu_vllm_in_primekds_environment_comes_before_the_cpu_build(tmp_path,
+                                                                        monkeypatch):
+    """`.venv-vllm` is `make vllm`'s CPU build: on a CUDA machine whose own environment has
+    vllm (pip install vllm), that one serves. A stand-in `vllm` package makes it importable."""
+    import sys
+
+    import primekd.engines.vllm as vllm
+
+    (tmp_path / "vllm").mkdir()
+    (tmp_path / "vllm" / "__init__.py").write_text("")
+    (tmp_path / "work" / ".venv-vllm" / "bin").mkdir(parents=True)
+    (tmp_path / "work" / ".venv-vllm" / "bin" / "python").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.delenv("PRIMEKD_VLLM_PYTHON", raising=False)
+    monkeypatch.setattr(vllm, "_cuda", lambda: True)
+    assert vllm.vllm_python() == sys.executable
+    monkeypatch.setattr(vllm, "_cuda", lambda: False)
+    assert vllm.vllm_python() == str(tmp_path / "work" / ".venv-vllm" / "bin" / "python")

@@ -217,19 +217,24 @@ def _cuda() -> bool:
 
 
 def vllm_python(configured: str | None = None) -> str:
-    """The Python that runs the server: the option, $PRIMEKD_VLLM_PYTHON, a `.venv-vllm` in
-    the working directory or the source checkout, else this Python if it has vllm."""
+    """The Python that runs the server: the option, $PRIMEKD_VLLM_PYTHON, this Python if it
+    has vllm and CUDA is here (a GPU build: `.venv-vllm` is `make vllm`'s CPU build), a
+    `.venv-vllm` in the working directory or the source checkout, else this Python if it
+    has vllm."""
     candidates = [configured, os.environ.get("PRIMEKD_VLLM_PYTHON")]
     if configured or candidates[1]:
         path = next(c for c in candidates if c)
         if not Path(path).exists() and not shutil.which(path):
             raise PrimekdError(f"vllm engine python {path} does not exist")
         return path
+    own = importlib.util.find_spec("vllm") is not None
+    if own and _cuda():
+        return sys.executable
     for root in (Path.cwd(), Path(__file__).resolve().parents[3]):
         python = root / ".venv-vllm" / "bin" / "python"
         if python.exists():
             return str(python)
-    if importlib.util.find_spec("vllm") is not None:
+    if own:
         return sys.executable
     raise PrimekdError(
         "--engine vllm needs a vLLM environment: run `make vllm` in the primekd checkout "
@@ -276,7 +281,8 @@ def merged_model(source: Any, adapter: str) -> str:
     target = cache_dir() / "merged" / f"{Path(source.path).name}-{key}"
     if (target / "config.json").exists():
         return str(target)
-    model = load_model(source, adapter=adapter, device="cpu").merge_and_unload()
+    # in the checkpoint's dtype ("auto"): a float32 copy of a bf16 8B model is 32 GB
+    model = load_model(source, adapter=adapter, device="cpu", dtype="auto").merge_and_unload()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
