@@ -5,6 +5,7 @@ refusals (another tokenizer, out-of-range teacher rows, a distributed launch).""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -193,6 +194,11 @@ def test_on_policy_vllm_rounds_free_the_trainer_before_a_server_starts(
                         engine_options={"lora": True})
     distill(config, progress=False)
     assert opened == [("student", 0), ("teacher", 0)] * 2
+    # the teacher's prompts keep the date the run started on, recorded with every round
+    date = json.loads((tmp_path / "run" / "rounds.json").read_text())["chat_date"]
+    for r in range(2):
+        manifest = tmp_path / "run" / "rounds" / f"round-{r:03d}" / "manifest.json"
+        assert json.loads(manifest.read_text())["chat_date"] == date
 
 
 # ---------------------------------------------------------------- C, F: engine roles
@@ -394,3 +400,71 @@ def test_a_gpu_vllm_in_primekds_environment_comes_before_the_cpu_build(tmp_path,
     assert vllm.vllm_python() == sys.executable
     monkeypatch.setattr(vllm, "_cuda", lambda: False)
     assert vllm.vllm_python() == str(tmp_path / "work" / ".venv-vllm" / "bin" / "python")
+
+
+# ---------------------------------------------------------------- pinned chat dates
+
+DATED_TEMPLATE = (
+    "{{ '<|im_start|>system\\nToday Date: ' + (date_string if date_string is defined "
+    "else strftime_now('%d %b %Y')) + '<|im_end|>\\n' }}"
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def _dated_model(tiny_model_dir: Path, directory: Path) -> Path:
+    """The tiny model with a chat template that writes today's date, as Llama 3.x's do."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(tiny_model_dir, directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer.chat_template = DATED_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_student_prompts_in_distill_and_eval_pin_one_date(tiny_model_dir, tmp_path):
+    """Trained on one day, evaluated on another: the student sees one prompt. Eval's greedy
+    answer is the one to the pinned prompt distill trains under."""
+    from primekd.core.chat import STUDENT_CHAT_DATE
+    from primekd.core.io import read_jsonl
+    from primekd.core.models import load
+    from primekd.distill.data import student_prompts
+    from primekd.engines import SamplingParams, collect
+    from primekd.engines.hf import HFEngine
+    from primekd.evaluate.evaluator import EvalConfig, evaluate
+
+    model_dir = _dated_model(tiny_model_dir, tmp_path / "dated")
+    model, tokenizer = load(str(model_dir), device="cpu")
+    prompts = student_prompts(tokenizer, ["How many?"], None)
+    assert f"Today Date: {STUDENT_CHAT_DATE}" in tokenizer.decode(prompts[0])
+    evaluate(EvalConfig(model=str(model_dir), out=tmp_path / "e", limit=2, max_new_tokens=12,
+                        device="cpu"), progress=False)
+    rows = read_jsonl(tmp_path / "e" / "results.jsonl")
+    pinned = student_prompts(tokenizer, [r["question"] for r in rows], None)
+    answers = collect(HFEngine(model, tokenizer).generate(pinned, SamplingParams(12)), 2)
+    assert [r["response"] for r in rows] == [a.text for a in answers]
+
+
+def test_shards_with_different_dates_in_their_prompts_are_refused(tiny_model_dir, tmp_path):
+    import json
+
+    from primekd.teach import store
+    from primekd.teach.teacher import TeachConfig, teach
+
+    for name, model in (("dated", _dated_model(tiny_model_dir, tmp_path / "dated")),
+                        ("plain", tiny_model_dir)):
+        shards = [tmp_path / name / f"shard-{i}" for i in range(2)]
+        for i, directory in enumerate(shards):
+            teach(TeachConfig(teacher=str(model), out=directory, limit=4, target="reference",
+                              batch_size=2, top_k=2, shard=f"{i}/2"), progress=False)
+        manifest = json.loads((shards[1] / "manifest.json").read_text())
+        manifest["chat_date"] = "01 Jan 2025"  # shard 1 started on another day
+        (shards[1] / "manifest.json").write_text(json.dumps(manifest))
+        if name == "dated":
+            with pytest.raises(PrimekdError, match="teacher prompts carry different dates"):
+                store.load_store(shards)
+        else:  # the date is in no prompt: the shards agree
+            assert store.load_store(shards).num_rows == 4

@@ -38,7 +38,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from primekd import __version__
-from primekd.core.chat import encode_prompts, render
+from primekd.core.chat import chat_date, encode_prompts, render
 from primekd.core.data import Example, load_examples
 from primekd.core.errors import PrimekdError
 from primekd.core.grading import grade
@@ -158,7 +158,7 @@ def _distill_on_policy(config: DistillConfig, out: Path, progress: bool) -> Dist
             questions = round_slice(examples, r, plan["on_questions"])
             round_dir = out / ROUNDS_DIR / f"round-{r:03d}"
             on_items = _on_policy_round(config, model, tokenizer, teacher, strategy,
-                                        questions, round_dir, r, record, progress)
+                                        questions, round_dir, r, record, state["chat_date"])
             items = on_items + round_slice(pool, r, plan["off_sequences"])
             if not items:
                 raise PrimekdError(f"round {r} has no training sequences")
@@ -222,8 +222,11 @@ def _prepare(config: DistillConfig, out: Path) -> dict[str, Any]:
     check_out(config, out, ROUNDS_DIR)
     write_config(config, out)
     if (out / ROUNDS_FILE).exists():
-        return read_json(out / ROUNDS_FILE)
-    return {"format": "primekd-on-policy-rounds", "rounds": []}
+        state = read_json(out / ROUNDS_FILE)
+        state.setdefault("chat_date", chat_date())
+        return state
+    # the teacher's prompts keep the date the run started on (a resumed round too)
+    return {"format": "primekd-on-policy-rounds", "chat_date": chat_date(), "rounds": []}
 
 
 def _examples(config: DistillConfig) -> list[Example]:
@@ -259,7 +262,7 @@ def _load_adapter(model: Any, checkpoint: str) -> None:
 
 def _on_policy_round(config: DistillConfig, model: Any, tokenizer: Any, teacher: _Teacher,
                      strategy: Strategy, questions: list[Example], round_dir: Path, r: int,
-                     record: dict[str, Any], progress: bool) -> list[Item]:
+                     record: dict[str, Any], date: str) -> list[Item]:
     """Roll out, score and store round r (resuming what is saved); its training items."""
     if not questions:
         record.update(rollout_s=0.0, score_s=0.0, rollout_tokens=0, student_accuracy=None)
@@ -271,9 +274,10 @@ def _on_policy_round(config: DistillConfig, model: Any, tokenizer: Any, teacher:
         rollouts = _rollouts(config, model, tokenizer, teacher, units, round_dir, r)
         record["rollout_s"] = round(time.perf_counter() - tick, 3)
         tick = time.perf_counter()
-        _score(config, tokenizer, teacher, strategy, units, rollouts, round_dir)
+        _score(config, tokenizer, teacher, strategy, units, rollouts, round_dir, date)
         record["score_s"] = round(time.perf_counter() - tick, 3)
         manifest = _manifest(config, round_dir, strategy, tokenizer, len(units), r)
+        manifest["chat_date"] = date
         store.write_manifest(round_dir, manifest)
     record.update(rollout_tokens=sum(len(g["token_ids"]) for g in rollouts.values()),
                   student_accuracy=manifest["teacher_accuracy"])
@@ -320,7 +324,7 @@ def _read_rollouts(path: Path) -> dict[tuple[str, int], dict[str, Any]]:
 
 def _score(config: DistillConfig, tokenizer: Any, teacher: _Teacher, strategy: Strategy,
            units: list[tuple[Example, int]], rollouts: dict[tuple[str, int], dict[str, Any]],
-           round_dir: Path) -> None:
+           round_dir: Path, date: str) -> None:
     """The primed teacher's top-k at every token of the student's answers, written as parts
     of the round's store (units already written are skipped)."""
     done = store.done_keys(round_dir)
@@ -332,7 +336,7 @@ def _score(config: DistillConfig, tokenizer: Any, teacher: _Teacher, strategy: S
     if not todo:
         return
     chats = [strategy.render(e.question, e.answer, answer_text(e)) for e, _ in todo]
-    texts = [render(teacher.tokenizer, chat) for chat in chats]
+    texts = [render(teacher.tokenizer, chat, date) for chat in chats]
     prompts = encode_prompts(teacher.tokenizer, texts)
     answers = [rollouts[(e.id, s)]["token_ids"] for e, s in todo]
     engine = teacher.teacher_engine()
