@@ -360,13 +360,14 @@ def test_validation_loss_of_two_processes_counts_each_question_once(tiny_model_d
 # ---------------------------------------------------------------- vLLM environment, merging
 
 
-def test_merged_adapter_keeps_the_base_models_dtype(tiny_model_dir, tmp_path, monkeypatch):
+def test_merged_adapter_keeps_the_base_models_dtype_and_is_pruned(tiny_model_dir, tmp_path,
+                                                                  monkeypatch):
     from peft import LoraConfig, get_peft_model
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from primekd.core.models import resolve
-    from primekd.engines.vllm import merged_model
+    from primekd.engines.vllm import drop_merged, merged_model
 
     monkeypatch.setenv("PRIMEKD_CACHE", str(tmp_path / "cache"))
     base = tmp_path / "bf16"
@@ -379,6 +380,8 @@ def test_merged_adapter_keeps_the_base_models_dtype(tiny_model_dir, tmp_path, mo
     merged = Path(merged_model(resolve(str(base)), str(tmp_path / "adapter")))
     with safe_open(str(next(merged.glob("*.safetensors"))), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # noqa: SIM118
+    drop_merged(str(base), str(tmp_path / "adapter"))  # its eval stage is done
+    assert not merged.exists()
 
 
 def test_a_gpu_vllm_in_primekds_environment_comes_before_the_cpu_build(tmp_path,

@@ -274,11 +274,21 @@ def shutdown() -> None:
 atexit.register(shutdown)
 
 
+def merged_path(source: Any, adapter: str) -> Path:
+    """Where `merged_model` keeps a merged copy (keyed by the model and the adapter's hash)."""
+    key = hashlib.sha256(f"{source.path}:{adapter_hash(adapter)}".encode()).hexdigest()[:16]
+    return cache_dir() / "merged" / f"{Path(source.path).name}-{key}"
+
+
+def drop_merged(model: str, adapter: str) -> None:
+    """Delete the merged copy of `adapter` once it is no longer needed (a full model each)."""
+    shutil.rmtree(merged_path(resolve(model), adapter), ignore_errors=True)
+
+
 def merged_model(source: Any, adapter: str) -> str:
     """The model with `adapter` merged into its weights, saved once in primekd's cache (keyed
     by the model and the adapter's hash): vLLM serves it like any model."""
-    key = hashlib.sha256(f"{source.path}:{adapter_hash(adapter)}".encode()).hexdigest()[:16]
-    target = cache_dir() / "merged" / f"{Path(source.path).name}-{key}"
+    target = merged_path(source, adapter)
     if (target / "config.json").exists():
         return str(target)
     # in the checkpoint's dtype ("auto"): a float32 copy of a bf16 8B model is 32 GB

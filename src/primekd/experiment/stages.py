@@ -326,7 +326,13 @@ def run_distill(stage: Stage, progress: bool) -> Any:
 
 
 def run_eval(stage: Stage, progress: bool) -> Any:
-    return evaluate(stage_config(stage), progress=progress)
+    config = stage_config(stage)
+    summary = evaluate(config, progress=progress)
+    if config.engine == "vllm" and config.adapter and not config.engine_options.get("lora"):
+        from primekd.engines.vllm import drop_merged
+
+        drop_merged(config.model, str(config.adapter))  # the stage is cached from now on
+    return summary
 
 
 def run_attention(stage: Stage, progress: bool) -> Any:
