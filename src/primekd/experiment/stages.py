@@ -100,7 +100,8 @@ def plan(config: ExperimentConfig, out: str | Path) -> list[Stage]:
     for name, spec in config.strategies.items():
         stages += teacher_stages(config, out, name, spec)
     # the untrained student's evaluation right after the teachers: with teacher == student
-    # (self-distillation) on the vllm engine it reuses their server instead of starting one
+    # (self-distillation) on the vllm engine, with one set of options for both roles, it
+    # reuses their server instead of starting one
     if "base" in config.experiments:
         stages.append(eval_stage(config, out, "base"))
     on_policy = on_policy_students(config)
