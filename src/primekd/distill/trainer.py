@@ -292,17 +292,6 @@ class KDTrainer(Trainer):
             return values
         return self.accelerator.reduce(values.to(self.args.device), "sum").cpu()
 
-    def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
-        """Trainer's, without accelerate's padding samples: across processes it evens out
-        the last batches by repeating samples from the start, which the validation sums
-        would count twice. `evaluate` reduces once at the end, so uneven batches are fine."""
-        even = self.accelerator.even_batches
-        self.accelerator.even_batches = False
-        try:
-            return super().get_eval_dataloader(eval_dataset)
-        finally:
-            self.accelerator.even_batches = even
-
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
                  metric_key_prefix: str = "eval") -> dict[str, float]:
         """Mean per-token validation loss (and its CE and KD parts) over the held-out set."""
@@ -314,7 +303,8 @@ class KDTrainer(Trainer):
         started = time.perf_counter()
         with torch.no_grad():
             for batch in loader:
-                parts = self.loss_parts(model, self._prepare_inputs(batch))
+                parts = self.loss_parts(model, self._without_padding(
+                    self._prepare_inputs(batch), loader))
                 sums += torch.tensor([float(parts.loss), float(parts.ce_sum),
                                       float(parts.kd_sum), parts.n_ce, parts.n_kd],
                                      dtype=torch.float64)
@@ -330,6 +320,23 @@ class KDTrainer(Trainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control,
                                                          metrics)
         return metrics
+
+    def _without_padding(self, batch: dict[str, Any], loader: Any) -> dict[str, Any]:
+        """The batch with accelerate's padding samples masked out of the loss: across
+        processes the last batch of every process is filled up with samples repeated from the
+        start (so that sharded forwards stay in step), which the sums would count twice. Of
+        that last global batch, processes in order, the first `remainder` samples are real."""
+        remainder = getattr(loader, "remainder", -1)
+        if (self.accelerator.num_processes == 1 or remainder <= 0
+                or not self.accelerator.gradient_state.end_of_dataloader):
+            return batch
+        rows = batch["labels"].shape[0]
+        keep = max(0, remainder - self.accelerator.process_index * rows)
+        if keep >= rows:
+            return batch
+        labels = batch["labels"].clone()
+        labels[keep:] = -100  # no answer token of a padding sample is counted
+        return {**batch, "labels": labels}
 
     def _prepared_model(self) -> Any:
         """The model as accelerate prepared it. FSDP and DeepSpeed place and shard it only in
