@@ -14,7 +14,7 @@ from primekd.core.errors import PrimekdError
 from primekd.core.io import read_yaml
 from primekd.core.models import BUNDLED_ALIAS
 from primekd.core.options import check, force_field, from_mapping, option
-from primekd.engines import engine_field, engine_options_field
+from primekd.engines import engine_field, engine_options_field, teacher_engine_options_field
 
 OBJECTIVES = ("kd", "sft")
 KEEP = ("all", "correct")  # which teacher answers a student trains on (rejection sampling)
@@ -151,7 +151,13 @@ class DistillConfig:
     engine: str = engine_field(_ON_POLICY + "hf (in this process) or vllm for rollouts and "
                                "scoring")
     engine_options: dict[str, Any] = engine_options_field(
-        _ON_POLICY + "vllm engine option key=value (repeatable; see docs/engines.md).")
+        _ON_POLICY + "engine option key=value of the student's rollouts, and of the "
+        "teacher's scoring unless --teacher-engine-option is given (repeatable; vllm "
+        "options, or the hf engine's device_map/max_memory; see docs/engines.md).")
+    teacher_engine_options: dict[str, Any] | None = teacher_engine_options_field(
+        _ON_POLICY + "engine option key=value of the teacher's scoring instead of "
+        "--engine-option (repeat each one it needs), e.g. tensor_parallel_size=8 or "
+        "device_map=auto.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -215,6 +221,12 @@ def check_config(config: DistillConfig) -> None:
         training_coverage(store_directories(config.teacher_store), config.allow_partial)
 
 
+def teacher_options(config: DistillConfig) -> dict[str, Any]:
+    """The on-policy teacher's engine options (its own, else the student's)."""
+    chosen = config.teacher_engine_options
+    return dict(config.engine_options if chosen is None else chosen)
+
+
 def _check_on_policy(config: DistillConfig) -> None:
     """The on-policy options (`--on-policy`)."""
     from primekd.engines import EngineSpec
@@ -237,6 +249,7 @@ def _check_on_policy(config: DistillConfig) -> None:
         bad("--on-policy trains a LoRA adapter (the self-teacher is the base model without "
             "it); drop --full-finetune")
     EngineSpec(config.engine, None, dict(config.engine_options or {})).check()
+    EngineSpec(config.engine, None, teacher_options(config)).check()
     from primekd.teach.priming import get_strategy
 
     get_strategy(config.strategy, config.strategies_file)

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
-from primekd.core.chat import encode_prompts, render
+from primekd.core.chat import STUDENT_CHAT_DATE, encode_prompts, render
 from primekd.core.data import load_examples
 from primekd.core.errors import PrimekdError
 from primekd.core.models import tokenizer_fingerprint
@@ -47,7 +47,7 @@ class Datasets:
 def student_prompts(tokenizer: Any, questions: list[str], prompt: str | None) -> list[list[int]]:
     """The student's prompt ids: its chat template over eval's template around the question."""
     template = load_template(prompt)
-    texts = [render(tokenizer, template.build(q)) for q in questions]
+    texts = [render(tokenizer, template.build(q), STUDENT_CHAT_DATE) for q in questions]
     return encode_prompts(tokenizer, texts)
 
 

@@ -49,6 +49,7 @@ from primekd.core.models import (
     resolve,
 )
 from primekd.core.progress import progress_bar
+from primekd.distill.compat import vocabulary_rows
 from primekd.distill.config import OPTIMIZERS, DistillConfig, check_config
 from primekd.distill.data import Item, KDCollator, build_datasets, check_vocabulary
 from primekd.distill.footprint import output_need, planned_trainable
@@ -153,6 +154,7 @@ class KDTrainer(Trainer):
     validation loss (`eval_loss`, `eval_ce`, `eval_kd`) that `on_evaluate` callbacks see."""
 
     def __init__(self, *args: Any, kd: KDSettings, **kwargs: Any):
+        one_gpu_per_process(kwargs["args"] if "args" in kwargs else args[1])
         super().__init__(*args, **kwargs)
         self.kd = kd
         # Ask Trainer for the token count of the whole accumulated batch (all processes), so
@@ -311,7 +313,8 @@ class KDTrainer(Trainer):
         started = time.perf_counter()
         with torch.no_grad():
             for batch in loader:
-                parts = self.loss_parts(model, self._prepare_inputs(batch))
+                parts = self.loss_parts(model, self._without_padding(
+                    self._prepare_inputs(batch), loader))
                 sums += torch.tensor([float(parts.loss), float(parts.ce_sum),
                                       float(parts.kd_sum), parts.n_ce, parts.n_kd],
                                      dtype=torch.float64)
@@ -327,6 +330,23 @@ class KDTrainer(Trainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control,
                                                          metrics)
         return metrics
+
+    def _without_padding(self, batch: dict[str, Any], loader: Any) -> dict[str, Any]:
+        """The batch with accelerate's padding samples masked out of the loss: across
+        processes the last batch of every process is filled up with samples repeated from the
+        start (so that sharded forwards stay in step), which the sums would count twice. Of
+        that last global batch, processes in order, the first `remainder` samples are real."""
+        remainder = getattr(loader, "remainder", -1)
+        if (self.accelerator.num_processes == 1 or remainder <= 0
+                or not self.accelerator.gradient_state.end_of_dataloader):
+            return batch
+        rows = batch["labels"].shape[0]
+        keep = max(0, remainder - self.accelerator.process_index * rows)
+        if keep >= rows:
+            return batch
+        labels = batch["labels"].clone()
+        labels[keep:] = -100  # no answer token of a padding sample is counted
+        return {**batch, "labels": labels}
 
     def _prepared_model(self) -> Any:
         """The model as accelerate prepared it. FSDP and DeepSpeed place and shard it only in
@@ -501,7 +521,7 @@ def training_arguments(config: DistillConfig, out: Path, device: str, progress: 
     on_cuda = device.startswith("cuda")
     lr = config.lr if config.lr is not None else (2e-5 if config.full_finetune else 2e-4)
     epochs = config.epochs if config.epochs is not None else 1.0
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=str(out / CHECKPOINTS),
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
@@ -533,6 +553,32 @@ def training_arguments(config: DistillConfig, out: Path, device: str, progress: 
         ddp_find_unused_parameters=False,
         dataloader_num_workers=config.num_workers,
     )
+    pin_device(args, device)
+    return args
+
+
+def one_gpu_per_process(args: TrainingArguments) -> None:
+    """Train on one GPU per process. Without a distributed launch transformers takes every
+    visible GPU (`n_gpu = torch.cuda.device_count()`) and wraps the model in nn.DataParallel:
+    its replicas share the head tap (which then holds one replica's slice) and the batch is
+    silently multiplied by the GPU count. More GPUs: `accelerate launch` (one process each)."""
+    if args.n_gpu > 1:
+        args._n_gpu = 1
+
+
+def pin_device(args: TrainingArguments, device: str) -> None:
+    """Honour `--device cuda:N` in a single process: transformers picks cuda:0 there, and
+    accelerate's device is the current CUDA device. Under a distributed launch each rank's
+    device is its local rank's, as the launcher says."""
+    index = torch.device(device).index if device.startswith("cuda") else None
+    if index is None or args.world_size > 1 or int(os.environ.get("LOCAL_RANK", "-1")) != -1:
+        return
+    if index >= torch.cuda.device_count():
+        raise PrimekdError(f"--device {device}: this machine has {torch.cuda.device_count()} "
+                           "visible CUDA device(s)")
+    args.device  # noqa: B018  transformers sets its device up (and cuda:0 current) first
+    torch.cuda.set_device(index)
+    args.__dict__["_setup_devices"] = torch.device("cuda", index)  # the cached property
 
 
 def warmup_arguments(ratio: float, fields: set[str] | None = None) -> dict[str, float]:
@@ -595,7 +641,7 @@ def _distill(config: DistillConfig, out: Path, callbacks: list[TrainerCallback] 
     source = resolve(config.student)
     tokenizer = load_tokenizer(source, padding_side="right")
     data = build_datasets(config, tokenizer)
-    check_vocabulary(data.info, _embedding_rows(source), config.student)
+    check_vocabulary(data.info, vocabulary_rows(source), config.student)
     if not config.full_finetune:
         _check_target_modules(config, source)
     # TrainingArguments first: under ZeRO-3 it registers the config from_pretrained reads to
@@ -642,13 +688,6 @@ def kd_trainer(config: DistillConfig, model: Any, args: TrainingArguments, token
     if progress:
         trainer.add_callback(_RichProgress())
     return trainer
-
-
-def _embedding_rows(source: Any) -> int:
-    """The student's vocabulary rows from its config (no weights loaded)."""
-    config = AutoConfig.from_pretrained(source.path)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(text.vocab_size)
 
 
 def _linear_names(model: torch.nn.Module) -> list[str]:

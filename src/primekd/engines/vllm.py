@@ -217,19 +217,24 @@ def _cuda() -> bool:
 
 
 def vllm_python(configured: str | None = None) -> str:
-    """The Python that runs the server: the option, $PRIMEKD_VLLM_PYTHON, a `.venv-vllm` in
-    the working directory or the source checkout, else this Python if it has vllm."""
+    """The Python that runs the server: the option, $PRIMEKD_VLLM_PYTHON, this Python if it
+    has vllm and CUDA is here (a GPU build: `.venv-vllm` is `make vllm`'s CPU build), a
+    `.venv-vllm` in the working directory or the source checkout, else this Python if it
+    has vllm."""
     candidates = [configured, os.environ.get("PRIMEKD_VLLM_PYTHON")]
     if configured or candidates[1]:
         path = next(c for c in candidates if c)
         if not Path(path).exists() and not shutil.which(path):
             raise PrimekdError(f"vllm engine python {path} does not exist")
         return path
+    own = importlib.util.find_spec("vllm") is not None
+    if own and _cuda():
+        return sys.executable
     for root in (Path.cwd(), Path(__file__).resolve().parents[3]):
         python = root / ".venv-vllm" / "bin" / "python"
         if python.exists():
             return str(python)
-    if importlib.util.find_spec("vllm") is not None:
+    if own:
         return sys.executable
     raise PrimekdError(
         "--engine vllm needs a vLLM environment: run `make vllm` in the primekd checkout "
@@ -269,14 +274,25 @@ def shutdown() -> None:
 atexit.register(shutdown)
 
 
+def merged_path(source: Any, adapter: str) -> Path:
+    """Where `merged_model` keeps a merged copy (keyed by the model and the adapter's hash)."""
+    key = hashlib.sha256(f"{source.path}:{adapter_hash(adapter)}".encode()).hexdigest()[:16]
+    return cache_dir() / "merged" / f"{Path(source.path).name}-{key}"
+
+
+def drop_merged(model: str, adapter: str) -> None:
+    """Delete the merged copy of `adapter` once it is no longer needed (a full model each)."""
+    shutil.rmtree(merged_path(resolve(model), adapter), ignore_errors=True)
+
+
 def merged_model(source: Any, adapter: str) -> str:
     """The model with `adapter` merged into its weights, saved once in primekd's cache (keyed
     by the model and the adapter's hash): vLLM serves it like any model."""
-    key = hashlib.sha256(f"{source.path}:{adapter_hash(adapter)}".encode()).hexdigest()[:16]
-    target = cache_dir() / "merged" / f"{Path(source.path).name}-{key}"
+    target = merged_path(source, adapter)
     if (target / "config.json").exists():
         return str(target)
-    model = load_model(source, adapter=adapter, device="cpu").merge_and_unload()
+    # in the checkpoint's dtype ("auto"): a float32 copy of a bf16 8B model is 32 GB
+    model = load_model(source, adapter=adapter, device="cpu", dtype="auto").merge_and_unload()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
@@ -321,7 +337,8 @@ class VLLMEngine:
                 raise PrimekdError("--adapter with --base-url: serve the adapter as a LoRA "
                                    "module there and name it with --engine-option "
                                    "served_model=NAME")
-            served = served_model(base_url, options.get("served_model"))
+            served = served_model(base_url, options.get("served_model"),
+                                  model=(model, source.path))
             check_tokenizer(base_url, served, tokenizer, model)
             return cls(base_url, served, tokenizer, stop_ids, options, batch_size=batch_size)
         lora = str(adapter) if adapter and options.get("lora") else None
@@ -514,12 +531,17 @@ def _stop_ids(source: Any, tokenizer: Any) -> list[int]:
     return stop_token_ids(holder, tokenizer)
 
 
-def served_model(base_url: str, name: str | None = None) -> str:
+def served_model(base_url: str, name: str | None = None,
+                 model: tuple[str, str] | None = None) -> str:
+    """The model name to request at `base_url`: `name` if it is served, else the served model
+    that is `model` (its reference and local path: a server's model id is the `--model` it
+    was started with, or that path's last part), else the first one served."""
     try:
         response = httpx.get(f"{base_url.rstrip('/')}/v1/models", timeout=10)
         response.raise_for_status()
-        models = [m["id"] for m in response.json()["data"]]
-    except (httpx.HTTPError, KeyError, ValueError) as e:
+        entries = response.json()["data"]
+        models = [m["id"] for m in entries]
+    except (httpx.HTTPError, KeyError, ValueError, TypeError) as e:
         raise PrimekdError(f"no OpenAI-compatible server answers at {base_url} "
                            f"({type(e).__name__}); is it running?") from None
     if name:
@@ -528,7 +550,16 @@ def served_model(base_url: str, name: str | None = None) -> str:
         return name
     if not models:
         raise PrimekdError(f"{base_url} serves no model")
-    return models[0]
+    if model is None:
+        return models[0]
+    wanted = {n for ref in model for n in (ref.rstrip("/"), Path(ref).name) if n}
+    for entry in entries:
+        names = {str(entry.get(k) or "").rstrip("/") for k in ("id", "root")} - {""}
+        if names & wanted or {Path(n).name for n in names} & wanted:
+            return entry["id"]
+    raise PrimekdError(f"{base_url} serves {', '.join(models)}, not {model[0]}: point "
+                       f"--base-url at a server of {model[0]}, or name its model there with "
+                       "--engine-option served_model=NAME")
 
 
 def check_tokenizer(base_url: str, served: str, tokenizer: Any, model: str) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 from primekd import __version__
 from primekd.core import diskspace, outdir, validate
-from primekd.core.chat import render
+from primekd.core.chat import STUDENT_CHAT_DATE, render
 from primekd.core.data import (
     BUNDLED_SPLITS,
     Example,
@@ -178,7 +178,8 @@ def _check_prompts_fit(config: EvalConfig, template: PromptTemplate, examples: l
     """A prompt longer than the model's context is refused before anything is generated."""
     tokenizer = loaded[1] if loaded else load_tokenizer(config.model)
     context = model_context(loaded[0] if loaded else resolve(config.model).path)
-    texts = [render(tokenizer, template.build(e.question)) for e in examples]
+    texts = [render(tokenizer, template.build(e.question), STUDENT_CHAT_DATE)
+             for e in examples]
     prompts_fit(tokenizer, texts, context, config.max_new_tokens, "the prompt of question")
 
 
@@ -283,7 +284,8 @@ def _generate_into(path: Path, engine: Any, template: PromptTemplate, todo: list
     """Generate answers for `todo`, appending each row as it finishes; return this run's
     figures."""
     batch_size = getattr(engine, "batch_size", None) or getattr(engine, "concurrency", None)
-    prompts = encode_chats(engine.tokenizer, [template.build(e.question) for e in todo])
+    prompts = encode_chats(engine.tokenizer, [template.build(e.question) for e in todo],
+                           STUDENT_CHAT_DATE)
     n_tokens, started = 0, time.perf_counter()
     with _progress_bar(progress, len(todo)) as advance:
         for i, generation in engine.generate(prompts, config.sampling(template.stop)):

@@ -78,14 +78,26 @@ class StrategySpec:
         return self.user is not None
 
 
+ROLES = ("teacher", "student")
+
+
 @dataclass
 class EngineSection:
-    """The generation engine of the teacher and eval stages (a stage section may still set
-    its own `engine`/`engine_options`). `base_url` is not part of any stage's hash."""
+    """The generation engine of the teacher, eval and on-policy stages. `options` go to every
+    server; the `teacher` and `student` options are added over them for one role: the
+    teacher's (teacher stages, on-policy scoring) and the student's (eval stages, on-policy
+    rollouts), e.g. tensor_parallel_size 8 for a 405B teacher and 1 for its 8B student.
+    `base_url` is the teacher's running server: teacher stages only, and in their hash."""
 
     name: str = "hf"  # hf | vllm
-    base_url: str | None = None  # vllm: a running server instead of one primekd starts
+    base_url: str | None = None  # vllm: the teacher's running server instead of one started
     options: dict[str, Any] = field(default_factory=dict)  # vllm server/client options
+    teacher: dict[str, Any] = field(default_factory=dict)  # the teacher's, over `options`
+    student: dict[str, Any] = field(default_factory=dict)  # the student's, over `options`
+
+    def role_options(self, role: str) -> dict[str, Any]:
+        """The options of one role's servers (`teacher` or `student`)."""
+        return {**self.options, **getattr(self, role)}
 
 
 @dataclass
@@ -206,10 +218,11 @@ def config_from_dict(raw: dict[str, Any], check_stages: bool = True) -> Experime
 
 
 def apply_engine(config: ExperimentConfig) -> None:
-    """Check the `engine` section (the teacher and eval stages' engine)."""
+    """Check the `engine` section (each role's options over the shared ones)."""
     engine = config.engine
     try:
-        EngineSpec(engine.name, engine.base_url, dict(engine.options)).check()
+        for role in ROLES:
+            EngineSpec(engine.name, engine.base_url, engine.role_options(role)).check()
     except PrimekdError as e:
         raise PrimekdError(f"config section `engine`: {e}") from None
 

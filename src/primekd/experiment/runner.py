@@ -25,6 +25,7 @@ from primekd.core import diskspace, options, outdir, validate
 from primekd.core.data import load_examples
 from primekd.core.errors import PrimekdError
 from primekd.core.io import atomic_write_text, write_json
+from primekd.core.memory import release_memory
 from primekd.experiment.config import ExperimentConfig, plain
 from primekd.experiment.report import record_path
 from primekd.experiment.stages import (
@@ -95,6 +96,8 @@ def run_experiment(
             for index, stage in enumerate(selected, start=1):
                 if stage.kind not in ("teacher", "eval"):
                     _stop_engine_server()  # training needs the memory a server holds
+                # and a server (or the next training) the memory the last stage's model held
+                release_memory()
                 outcomes.append(run_stage(stage, functions[stage.kind], progress, callback,
                                           index, len(selected)))
         finally:

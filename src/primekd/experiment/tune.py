@@ -517,6 +517,7 @@ def _pruning_callback(trial: optuna.Trial, sign: float) -> Any:
 
 
 def _distill(distill_config: Any, pruning: Any, progress: bool) -> Any:
+    from primekd.core.memory import release_memory
     from primekd.distill import distill
     from primekd.distill.trainer import remove_checkpoints
 
@@ -531,20 +532,6 @@ def _distill(distill_config: Any, pruning: Any, progress: bool) -> Any:
     release_memory()
     remove_checkpoints(distill_config.out)  # a trial is never resumed; keep the disk free
     return result
-
-
-def release_memory() -> None:
-    """Give a finished (or failed) trial's model, optimizer state and activations back before
-    the next trial of this process: collect reference cycles, then return the cached CUDA
-    blocks, which would otherwise stay reserved by PyTorch's allocator."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
 
 
 def _score(config: TuneConfig, distill_config: Any, pruning: Any) -> float:

@@ -317,6 +317,25 @@ def check_compatible(dirs: Sequence[Path], manifests: Sequence[dict[str, Any]]) 
     shards = [json.dumps(m["params"].get("shard")) for m in manifests]
     if len(set(shards)) != len(shards):
         raise PrimekdError("the same shard was given twice: " + ", ".join(map(str, dirs)))
+    _check_chat_dates(dirs, manifests)
+
+
+def _check_chat_dates(dirs: Sequence[Path], manifests: Sequence[dict[str, Any]]) -> None:
+    """Shards started on different days pinned different dates; that matters only where the
+    teacher's chat template writes the date into its prompts (Llama 3.x)."""
+    dates = {m.get("chat_date") for m in manifests} - {None}
+    if len(dates) < 2:
+        return
+    for directory, manifest in zip(dirs, manifests, strict=True):
+        date, parts = manifest.get("chat_date"), part_files(directory)
+        if not date or not parts:
+            continue
+        prompts = _read_part(parts[0], ["teacher_prompt"]).column("teacher_prompt")
+        if any(date in (text or "") for text in prompts.to_pylist()[:8]):
+            raise PrimekdError(
+                f"the shards' teacher prompts carry different dates ({', '.join(sorted(dates))}"
+                f"): the teacher's chat template writes the day each shard started; redo the "
+                f"shards whose date differs from {directory}'s (delete them and rerun)")
 
 
 def validate_store(directory: str | Path) -> dict[str, Any]:
