@@ -78,6 +78,7 @@ def vllm_url(vllm_scratch: Path) -> str:
     from primekd.core.errors import PrimekdError
     from primekd.core.models import BUNDLED_ALIAS, resolve
     from primekd.engines.vllm import VLLMServer, vllm_python
+    from primekd.engines.vllm_server import group_members
 
     try:
         vllm_python()
@@ -86,8 +87,11 @@ def vllm_url(vllm_scratch: Path) -> str:
             pytest.fail(f"CI=true and no vLLM environment: {e}")
         pytest.skip(f"no vLLM environment ({e})")
     server = VLLMServer(resolve(BUNDLED_ALIAS).path, {"dtype": "float32"}).start()
+    group = server.process.pid
     try:
         server.wait_ready()
         yield server.url
     finally:
         server.stop()
+    # stop() returns once the API server, its EngineCore and workers have all exited
+    assert group_members(group) == [], "processes of the stopped vLLM server remain"

@@ -1,9 +1,10 @@
 """The vLLM engine: a vLLM (or SGLang) OpenAI-compatible server, reached over HTTP.
 
-primekd either starts the server itself (`python -m vllm.entrypoints.openai.api_server` from
-a separate environment, on 127.0.0.1 and a free port, readiness polled with a timeout, stopped
-with its process group when primekd exits or another model needs the server: one alive at a
-time) or uses a running one at `base_url` after checking that it tokenizes like the model.
+primekd either starts the server itself (`engines.vllm_server`: one alive at a time, stopped
+with its whole process group when primekd exits or another model needs the server) or uses a
+running one at `base_url` after checking that it tokenizes like the model. A server primekd
+started that dies or stops answering mid-call is restarted once, and only the requests that
+had not finished are sent again.
 
 Requests go to `/v1/completions` with token-id prompts (primekd renders the chat template, so
 both engines see the same ids), concurrently (bounded), and come back as they finish:
@@ -59,7 +60,8 @@ CLIENT_OPTIONS = {
     "extra_args": "more server arguments (a list or a string)",
     "kv_cache_space": "CPU only: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE, default 2)",
     "startup_timeout": "seconds to wait for the server to answer (default 900)",
-    "request_timeout": "seconds one request may take (default 1800)",
+    "request_timeout": "seconds one request may take (default 1800; on CPU also vLLM's "
+                       "execute timeout of one model step)",
     "concurrency": "generation requests in flight (default: --batch-size, else 64)",
     "score_tokens": "tokens of scoring requests in flight (default 8192)",
     "lora": "serve adapters with vLLM's LoRA support instead of a merged model "

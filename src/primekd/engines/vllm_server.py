@@ -134,7 +134,7 @@ class VLLMServer:
             if code is not None:
                 self.stop(keep_log=True)
                 raise PrimekdError(f"the vLLM server exited with code {code} before it was "
-                                   f"ready; {self.log_tail()}")
+                                   f"ready; {self.failure(tail=8)}")
             try:
                 if httpx.get(f"{self.url}/v1/models", timeout=2).status_code == 200:
                     return
@@ -143,7 +143,7 @@ class VLLMServer:
             time.sleep(1)
         self.stop(keep_log=True)
         raise PrimekdError(f"the vLLM server did not answer within {timeout:.0f} s "
-                           f"(engine option startup_timeout); {self.log_tail()}")
+                           f"(engine option startup_timeout); {self.failure(tail=8)}")
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -169,14 +169,18 @@ class VLLMServer:
         return f"its log ({self.log_path}) ends: {tail}" if tail else \
             f"its log ({self.log_path}) is empty"
 
-    def failure(self) -> str:
-        """Where the kept log is and the line in it that says why the server failed."""
+    def failure(self, tail: int = 0) -> str:
+        """Where the kept log is, the line in it that says why the server failed and, with
+        `tail`, its last lines."""
         try:
-            cause = root_cause(self.log_path.read_text(errors="replace"))
+            text = self.log_path.read_text(errors="replace")
         except OSError:
-            cause = None
-        where = f"its log is kept at {self.log_path}"
-        return f"{where}; it says: {cause}" if cause else f"{where} (no error line in it)"
+            text = ""
+        cause = root_cause(text)
+        message = f"its log is kept at {self.log_path}"
+        message += f"; it says: {cause}" if cause else " (no error line in it)"
+        last = [line.strip() for line in text.strip().splitlines()[-tail:] if line.strip()]
+        return message + (f"; it ends: {' | '.join(last)}" if tail and last else "")
 
     def stop(self, keep_log: bool = False, grace: float = STOP_GRACE_S) -> None:
         """Stop the server's whole process group and wait until every process of it has
