@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -159,6 +160,7 @@ def main() -> None:
                                    "dtype": _served_dtype(options),
                                    "concurrency": vllm.concurrency,
                                    "startup_s": round(startup, 1), "rows": rows})
+        print(json.dumps(result["variants"][-1]), file=sys.stderr, flush=True)  # so far
     if args.json:
         print(json.dumps(result))
         return
