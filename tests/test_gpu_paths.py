@@ -390,7 +390,7 @@ def test_a_gpu_vllm_in_primekds_environment_comes_before_the_cpu_build(tmp_path,
     vllm (pip install vllm), that one serves. A stand-in `vllm` package makes it importable."""
     import sys
 
-    import primekd.engines.vllm as vllm
+    import primekd.engines.vllm_server as vllm
 
     (tmp_path / "vllm").mkdir()
     (tmp_path / "vllm" / "__init__.py").write_text("")
