@@ -70,13 +70,14 @@ from primekd.distill.trainer import (
     write_config,
 )
 from primekd.engines import EngineSpec, Generation, SamplingParams, TopK, collect
-from primekd.engines.hf import HFEngine
+from primekd.engines.hf import SORT_WINDOW_BATCHES, HFEngine
 from primekd.evaluate.answer_stop import sampling_options
 from primekd.teach import store
 from primekd.teach.priming import Strategy, get_strategy
 from primekd.teach.teacher import answer_text
 
 ROUNDS_DIR, ROUNDS_FILE, ROLLOUT_FILE = "rounds", "rounds.json", "rollout.jsonl"
+VLLM_ROLLOUT_CHUNK = 512  # requests in flight together: the most a killed round redoes
 TARGET = "student"
 T = TypeVar("T")
 
@@ -292,21 +293,38 @@ def _rollouts(config: DistillConfig, model: Any, tokenizer: Any, teacher: _Teach
     """The student's answers of this round, appended to rollout.jsonl as they finish."""
     path = round_dir / ROLLOUT_FILE
     done = _read_rollouts(path)
-    todo = [u for u in units if (u[0].id, u[1]) not in done]
+    size = _rollout_chunk(config)
+    chunks = [(start, units[start:start + size]) for start in range(0, len(units), size)]
+    todo = [(start, chunk) for start, chunk in chunks
+            if any((e.id, s) not in done for e, s in chunk)]
     if todo:
-        prompts = student_prompts(tokenizer, [e.question for e, _ in todo], config.prompt)
         seed = zlib.crc32(f"{config.seed}:on-policy:{r}".encode())
         stop = sampling_options(config.rollout_stop_at_answer)
         sampling = SamplingParams(config.rollout_max_new_tokens, config.rollout_temperature,
                                   1.0, seed, eos_after_cut=bool(stop), **stop)
         engine = teacher.student_engine(model, r)
-        for i, generation in engine.generate(prompts, sampling):
-            example, sample = todo[i]
-            row = _rollout_row(example, sample, generation)
-            append_jsonl(path, [row])
-            done[(example.id, sample)] = row
+        for start, chunk in todo:
+            prompts = student_prompts(tokenizer, [e.question for e, _ in chunk], config.prompt)
+            chunk_sampling = replace(sampling, seed=seed + start)
+            for i, generation in engine.generate(prompts, chunk_sampling):
+                example, sample = chunk[i]
+                if (example.id, sample) not in done:  # saved rows are kept as they are
+                    row = _rollout_row(example, sample, generation)
+                    append_jsonl(path, [row])
+                    done[(example.id, sample)] = row
         teacher.student_done()
     return {(e.id, s): done[(e.id, s)] for e, s in units}
+
+
+def _rollout_chunk(config: DistillConfig) -> int:
+    """Units per generate call. A sampled answer depends on the rest of its call (hf: the
+    batch shares one random stream, seeded by its position; vLLM: the request's seed is its
+    index), so a resume redoes a partly saved chunk whole, with the same prompts and seed as
+    the uninterrupted run, and keeps only its missing answers. For hf a chunk is one sort
+    window of HFEngine, which batches it exactly as one call over all units would."""
+    if config.engine == "vllm":
+        return VLLM_ROLLOUT_CHUNK
+    return config.batch_size * 4 * SORT_WINDOW_BATCHES
 
 
 def _rollout_row(example: Example, sample: int, generation: Generation) -> dict[str, Any]:
@@ -516,7 +534,8 @@ class _RoundEnd(TrainerCallback):
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         control.should_training_stop = True
-        control.should_save = True
+        # at the round's last step `on_step_end` has saved it already: not twice
+        control.should_save = state.global_step < self.last_step
         return control
 
 
