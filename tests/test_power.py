@@ -92,3 +92,31 @@ def test_bad_inputs_are_refused(kwargs: dict, message: str) -> None:
 def test_zero_questions_have_zero_power() -> None:
     assert power.mcnemar_power(0, 0.3, 0.1) == 0.0
     assert binom.pmf(0, 0, 0.3) == 1.0  # scipy's edge case the vectorised sum relies on
+
+
+def _results(path, flags: list[bool]) -> None:
+    import json
+
+    path.mkdir(parents=True)
+    rows = [{"id": f"q{i}", "question": "q", "reference": "#### 1", "gold": 1,
+             "response": "The answer is 1", "extracted": 1, "correct": ok, "n_tokens": 5,
+             "finish_reason": "stop"} for i, ok in enumerate(flags)]
+    (path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (path / "summary.json").write_text(json.dumps({"n": len(rows)}))
+
+
+def test_report_states_the_primary_comparisons_power(tmp_path) -> None:
+    from primekd.experiment import report
+
+    n = 100
+    _results(tmp_path / "eval" / "base", [i < 20 for i in range(n)])
+    _results(tmp_path / "eval" / "kd-none", [i < 25 for i in range(n)])
+    # 10 questions only kd-none got right, 15 only kd-ground_truth: 25% discordant
+    _results(tmp_path / "eval" / "kd-ground_truth", [10 <= i < 40 for i in range(n)])
+    report.write_report(tmp_path)
+    first = (tmp_path / "report.md").read_text().split("\n## ", 1)[0]
+    expected = power.plan(0.25, 0.08, n, comparisons=2)
+    assert "**Power.** The primary comparison, `kd-ground_truth` against `kd-none`" in first
+    assert f"power {expected.power_at_n:.0%} on these 100 questions" in first
+    assert f"needs {expected.n_needed:,} questions" in first and "0.05/2" in first
+    assert "25 questions only one of the two got right" in first

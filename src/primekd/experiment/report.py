@@ -28,6 +28,7 @@ from primekd.core import stats
 from primekd.core.errors import PrimekdError
 from primekd.core.grading import looping
 from primekd.core.io import atomic_write, atomic_write_text, read_json, read_jsonl
+from primekd.experiment import power_note
 from primekd.teach import store
 
 FORMAT_VERSION = 1
@@ -716,6 +717,11 @@ def section_overview(layout: Layout, runs: dict[str, EvalRun], table: Table, tit
     n = max(r.n for r in runs.values())
     strategies = ", ".join(f"`{s}`" for s in layout.teachers) or "none"
     lines = [f"# {title}\n", headline(table) + "\n"]
+    if primary := power_note.primary(list(runs)):
+        diff = (config.get("report") or {}).get("power_diff", 8) if isinstance(config, dict) \
+            else 8
+        lines.append(power_note.sentence(primary, *_paired(runs["kd-none"], runs[primary]),
+                                         diff, len(runs) - 1, ALPHA) + "\n")
     lines += [w + "\n" for w in truncation_warnings(layout, runs)]
     lines += [f"Teacher `{teacher}`, student `{student}`"
              + (" (self-distillation: the same model primed and unprimed)"
