@@ -41,8 +41,9 @@ def run_command(
         help="Built-in config to start from: `quick` (bundled model, CPU, "
         "minutes, a demonstration), `small` (the paper's comparison on the bundled model, "
         "vLLM on CPU, 66 minutes measured), `small-onpolicy` (off- against on-policy "
-        "students on the bundled model, 74 minutes measured) or `paper` (the paper's full "
-        "design, for a GPU).",
+        "students on the bundled model, 74 minutes measured), `pair` (a 1.5B teacher and "
+        "a 0.5B student, sized by a power calculation; --dry-run estimates its time) or "
+        "`paper` (the paper's full design, for a GPU).",
         show_default=False,
     ),
     out: Path | None = typer.Option(

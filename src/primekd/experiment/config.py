@@ -31,7 +31,7 @@ from primekd.evaluate.evaluator import EvalConfig
 from primekd.teach.priming import BUILTIN_STRATEGIES, parse_strategy
 from primekd.teach.teacher import TeachConfig
 
-PRESETS = ("quick", "small", "small-onpolicy", "paper")
+PRESETS = ("quick", "small", "small-onpolicy", "pair", "paper")
 CONTROLS = ("base", "sft")
 
 # --- config schema ----------------------------------------------------------------------------
