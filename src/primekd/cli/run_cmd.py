@@ -135,7 +135,10 @@ def _print_plan(config: ExperimentConfig, stages: list[Stage], json_output: bool
         return
     table = Table(title="stages (--dry-run: nothing runs)")
     for header in ("stage", "would", "hash", "needs", "estimate", "counting"):
-        table.add_column(header, justify="right" if header == "estimate" else "left")
+        table.add_column(header, justify="right" if header == "estimate" else "left",
+                         overflow="fold")
+    # stage names whole, on one line: they are what --only takes
+    table.columns[0].min_width = max(len(row["stage"]) for row in rows)
     for row in rows:
         needs = row["upstream"]
         table.add_row(row["stage"], _PLAN_TEXT[row["state"]], row["hash"],
