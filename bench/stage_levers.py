@@ -17,10 +17,15 @@ FLOP/s over a peak measured under the same load:
 P counts the parameters that take part in a token's matmuls: every weight except the input
 embedding table (a lookup), plus the output head (the embedding again when it is tied).
 
+Each child also measures CPU time: the matmul's GFLOP per CPU-second (x cores = the peak of
+the same cores with nothing else running) and each job's work per CPU-second (`mfu_cpu`),
+which the neighbours change little; bf16 is timed against fp32 on a 512 x 512 matmul only
+(on a CPU without native bf16 a 2048 one takes minutes).
+
 Configurations (each a child process; "busy" starts one competing process spinning on a
 core for the child's lifetime, the way another job shares a 2-core machine):
 
-    python bench/stage_levers.py                       # the default set, a few minutes
+    python bench/stage_levers.py                       # the default set, minutes when free
     python bench/stage_levers.py --only student-t2 --json out.json
 
 The printed ratios compare children of the same run; the machine's load average is printed

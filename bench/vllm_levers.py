@@ -92,7 +92,7 @@ def student_run(label: str, env: dict[str, str], options: dict[str, Any],
     from primekd.engines import vllm
     from primekd.evaluate.evaluator import EvalConfig, evaluate
 
-    peak, peak_cpu = matmul_peak(), matmul_peak(clock=time.process_time) / 2  # per core
+    peak, peak_cpu = matmul_peak(), matmul_peak(clock=time.process_time)  # per core-second
     old = with_env(env)
     try:
         started = time.perf_counter()
@@ -127,7 +127,7 @@ def teacher_runs(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     from primekd.teach.store import load_store
     from primekd.teach.teacher import TeachConfig, teach
 
-    peak, peak_cpu = matmul_peak(), matmul_peak(clock=time.process_time) / 2  # per core
+    peak, peak_cpu = matmul_peak(), matmul_peak(clock=time.process_time)  # per core-second
     out = []
     try:
         started = time.perf_counter()
