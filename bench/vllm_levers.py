@@ -160,6 +160,7 @@ def teacher_runs(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
                         "mean_tokens": round(sum(r["n"] for r in rows) / len(rows), 1),
                         "truncated_at": truncation(rows, "n") if target == "generated" else {},
                         "load": os.getloadavg()[0]})
+            print(json.dumps(out[-1]), file=sys.stderr, flush=True)
             start_s = 0.0
     finally:
         vllm.shutdown()

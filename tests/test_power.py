@@ -120,3 +120,5 @@ def test_report_states_the_primary_comparisons_power(tmp_path) -> None:
     assert f"power {expected.power_at_n:.0%} on these 100 questions" in first
     assert f"needs {expected.n_needed:,} questions" in first and "0.05/2" in first
     assert "25 questions only one of the two got right" in first
+    report.write_report(tmp_path, power_diff=12)  # the run stage passes report.power_diff
+    assert "to detect 12 points" in (tmp_path / "report.md").read_text()

@@ -710,7 +710,8 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def section_overview(layout: Layout, runs: dict[str, EvalRun], table: Table, title: str) -> str:
+def section_overview(layout: Layout, runs: dict[str, EvalRun], table: Table, title: str,
+                     power_diff: float | None = None) -> str:
     config = _read_yaml(layout.run_dir / "config.yaml")
     models = config.get("models", {}) if isinstance(config, dict) else {}
     teacher, student = models.get("teacher", "?"), models.get("student", "?")
@@ -718,8 +719,8 @@ def section_overview(layout: Layout, runs: dict[str, EvalRun], table: Table, tit
     strategies = ", ".join(f"`{s}`" for s in layout.teachers) or "none"
     lines = [f"# {title}\n", headline(table) + "\n"]
     if primary := power_note.primary(list(runs)):
-        diff = (config.get("report") or {}).get("power_diff", 8) if isinstance(config, dict) \
-            else 8
+        diff = power_diff or _get(config if isinstance(config, dict) else {},
+                                  "report.power_diff") or 8  # run's config, else 8 points
         lines.append(power_note.sentence(primary, *_paired(runs["kd-none"], runs[primary]),
                                          diff, len(runs) - 1, ALPHA) + "\n")
     lines += [w + "\n" for w in truncation_warnings(layout, runs)]
@@ -840,7 +841,7 @@ def _read_yaml(path: Path) -> Any:
 
 
 def build_markdown(layout: Layout, title: str | None = None, examples: int = 1,
-                   max_response_chars: int = 1200) -> str:
+                   max_response_chars: int = 1200, power_diff: float | None = None) -> str:
     runs = load_evals(layout)
     assets = layout.run_dir / ASSETS
     assets.mkdir(parents=True, exist_ok=True)
@@ -848,7 +849,7 @@ def build_markdown(layout: Layout, title: str | None = None, examples: int = 1,
     title = title or f"primekd experiment: {config.get('name', layout.run_dir.name)}"
     table = results_rows(runs)
     sections = [
-        section_overview(layout, runs, table, title),
+        section_overview(layout, runs, table, title, power_diff),
         section_paper_table(runs, table, layout),
         section_results(runs, table, assets),
         section_teachers(layout),
@@ -862,11 +863,12 @@ def build_markdown(layout: Layout, title: str | None = None, examples: int = 1,
 
 
 def write_report(run_dir: str | Path, layout: Layout | None = None, title: str | None = None,
-                 examples: int = 1, max_response_chars: int = 1200) -> dict[str, Any]:
+                 examples: int = 1, max_response_chars: int = 1200,
+                 power_diff: float | None = None) -> dict[str, Any]:
     """Write `report.md` and `report.html` into the run directory; returns their paths."""
     run_dir = Path(run_dir)
     layout = layout or Layout.discover(run_dir)
-    markdown = build_markdown(layout, title, examples, max_response_chars)
+    markdown = build_markdown(layout, title, examples, max_response_chars, power_diff)
     document_title = markdown.splitlines()[0].lstrip("# ").strip()
     atomic_write_text(run_dir / "report.md", markdown)
     atomic_write_text(run_dir / "report.html", markdown_to_html(markdown, run_dir,
