@@ -156,7 +156,7 @@ def teacher_runs(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
                         "tokens_per_server_cpu_s": per_cpu_s and round(per_cpu_s, 2),
                         "mfu_cpu": per_cpu_s and round(
                             2 * matmul_params(TEACHER) * per_cpu_s / 1e9 / peak_cpu, 3),
-                        "accuracy": manifest.get("accuracy"), "n": len(rows),
+                        "accuracy": manifest.get("teacher_accuracy"), "n": len(rows),
                         "mean_tokens": round(sum(r["n"] for r in rows) / len(rows), 1),
                         "truncated_at": truncation(rows, "n") if target == "generated" else {},
                         "load": os.getloadavg()[0]})
