@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from rich.markup import escape
@@ -28,6 +29,10 @@ _INTERRUPTED = "interrupted: finished work is saved; rerun the same command to r
 
 
 def main() -> None:
+    # torch's OpenMP threads spin while they wait: beside one busy process on 2 cores that
+    # made LoRA training 7x slower and scoring 1.4x (bench/stage_levers.py). Set before a
+    # command imports torch; a user's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         app()
     except PrimekdError as e:

@@ -31,7 +31,7 @@ from primekd.evaluate.evaluator import EvalConfig
 from primekd.teach.priming import BUILTIN_STRATEGIES, parse_strategy
 from primekd.teach.teacher import TeachConfig
 
-PRESETS = ("quick", "small", "small-onpolicy", "paper")
+PRESETS = ("quick", "small", "small-onpolicy", "pair", "paper")
 CONTROLS = ("base", "sft")
 
 # --- config schema ----------------------------------------------------------------------------
@@ -105,6 +105,30 @@ class ReportSection:
     title: str | None = None
     examples: int = option(1, "Worked examples (questions) shown.", ge=0)
     max_response_chars: int = 1200  # responses are cut to this length in the report
+    power_diff: float = option(8.0, "Difference in points the first paragraph's power "
+                               "statement is for (primary comparison).", gt=0, lt=100)
+
+
+@dataclass
+class CostSection:
+    """Measured rates for `run --dry-run`'s time estimate (experiment/estimate.py); no stage
+    reads them, so they are in no stage's hash. null: that stage kind is not estimated."""
+
+    teacher_tokens_per_s: float | None = option(None, "Teacher generation, answer tokens/s "
+                                                "over all requests in flight.", gt=0)
+    score_tokens_per_s: float | None = option(None, "Teacher-forced scoring (`target: "
+                                              "reference`), scored tokens/s.", gt=0)
+    eval_tokens_per_s: float | None = option(None, "Evaluation, answer tokens/s.", gt=0)
+    train_tokens_per_s: float | None = option(None, "Student training, tokens/s (prompt + "
+                                              "answer).", gt=0)
+    answer_tokens: float = option(250.0, "Mean answer length in tokens (capped by each stage's "
+                                  "max_new_tokens).", gt=0)
+    reference_tokens: float = option(130.0, "Mean GSM8K reference solution in tokens.", gt=0)
+    prompt_tokens: float = option(120.0, "Mean prompt in tokens.", gt=0)
+    start_s: float = option(0.0, "Per generation stage: model load or server start (and "
+                            "adapter merge).", ge=0)
+    attention_s: float = option(60.0, "The attention stage.", ge=0)
+    report_s: float = option(10.0, "The report stage.", ge=0)
 
 
 @dataclass
@@ -129,6 +153,7 @@ class ExperimentConfig:
     # on-policy students: {strategy, name?, lmbda?, divergence?, rounds?, ...} each
     on_policy: list[dict[str, Any]] = field(default_factory=list)
     report: ReportSection = field(default_factory=ReportSection)
+    costs: CostSection = field(default_factory=CostSection)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -278,6 +278,7 @@ def attention_stage(config: ExperimentConfig, out: Path) -> Stage:
 def report_stage(config: ExperimentConfig, out: Path, stages: list[Stage]) -> Stage:
     hashed = plain(config.to_dict())
     hashed["engine"].pop("base_url", None)  # where the server runs changes no result
+    hashed.pop("costs", None)  # the dry-run's estimate only
     params = {"report": dataclasses.asdict(config.report), "format": report.FORMAT_VERSION,
               "config": hashed}
     layout = report.Layout(
