@@ -159,14 +159,14 @@ def _kept_log(stderr: str) -> Path:
     return Path(match.group(1))
 
 
-def _save_adapter(directory: Path) -> Path:
+def _save_adapter(directory: Path, seed: int = 0, scale: float = 0.05) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from primekd.core.models import resolve
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(resolve(BUNDLED_ALIAS).path)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                       init_lora_weights=False)
@@ -174,9 +174,43 @@ def _save_adapter(directory: Path) -> Path:
     with torch.no_grad():  # small, so answers change but stay language
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
-                parameter.mul_(0.05)
+                parameter.mul_(scale)
     model.save_pretrained(directory)
     return directory
+
+
+def test_one_lora_server_serves_successive_adapters(tmp_path, bundled) -> None:
+    """With `lora: true` two adapters are loaded into one server at run time (the same
+    process answers both), and each adapter's answers are its own: the log-probs of the hf
+    engine with that adapter, not the other's."""
+    from primekd.engines.vllm import shutdown
+
+    prompts = _prompts(bundled[1], 3)
+    sampling = SamplingParams(max_new_tokens=4, logprobs=5)
+    spec = EngineSpec("vllm", None, {"lora": True, "dtype": "float32"})
+    answers, pids = [], []
+    try:
+        for seed in (1, 2):
+            adapter = str(_save_adapter(tmp_path / f"adapter-{seed}", seed, scale=0.3))
+            vllm = get_engine(BUNDLED_ALIAS, spec, adapter=adapter)
+            try:
+                pids.append(vllm.server.process.pid)
+                ours = collect(vllm.generate(prompts, sampling), 3)
+            finally:
+                vllm.close()
+            theirs = collect(get_engine(BUNDLED_ALIAS, adapter=adapter).generate(
+                prompts, sampling), 3)
+            answers.append((ours, theirs))
+    finally:
+        shutdown()
+    assert pids[0] == pids[1]
+    for ours, theirs in answers:
+        for a, b in zip(ours, theirs, strict=True):
+            np.testing.assert_array_equal(a.topk.ids[0], b.topk.ids[0])
+            np.testing.assert_allclose(a.topk.logprobs[0], b.topk.logprobs[0], atol=1e-2)
+    first = np.stack([a.topk.logprobs[0] for a in answers[0][1]])
+    second = np.stack([a.topk.logprobs[0] for a in answers[1][1]])
+    assert np.abs(first - second).max() > 0.1  # the two adapters answer differently
 
 
 def _children(pid: int) -> list[int]:

@@ -42,7 +42,6 @@ from primekd.core.models import adapter_hash, cache_dir, load_model, load_tokeni
 from primekd.engines.base import Generation, SamplingParams, TopK, finish
 from primekd.engines.hf import stop_token_ids
 from primekd.engines.vllm_server import (  # noqa: F401  VLLMServer, vllm_python re-exported
-    LORA_NAME,
     SERVER_FLAGS,
     VLLMServer,
     discard,
@@ -133,6 +132,7 @@ class VLLMEngine:
         self.score_tokens = int(options.get("score_tokens", 8192))
         self._loop = asyncio.new_event_loop()
         self._client: Any = None
+        self.adapter: str | None = None  # a LoRA adapter loaded into `server` at run time
 
     @classmethod
     def open(cls, model: str, adapter: str | None = None, base_url: str | None = None,
@@ -152,12 +152,14 @@ class VLLMEngine:
                                   model=(model, source.path))
             check_tokenizer(base_url, served, tokenizer, model)
             return cls(base_url, served, tokenizer, stop_ids, options, batch_size=batch_size)
-        lora = str(adapter) if adapter and options.get("lora") else None
+        lora = bool(adapter and options.get("lora"))
         path = merged_model(source, adapter) if adapter and not lora else source.path
         server = running_server(path, {k: v for k, v in options.items()
                                        if k not in ("concurrency", "score_tokens")}, lora)
-        served = LORA_NAME if lora else served_model(server.url)
-        return cls(server.url, served, tokenizer, stop_ids, options, server, batch_size)
+        served = server.load_adapter(str(adapter)) if lora else served_model(server.url)
+        engine = cls(server.url, served, tokenizer, stop_ids, options, server, batch_size)
+        engine.adapter = str(adapter) if lora else None
+        return engine
 
     def close(self) -> None:
         """Closes the connection; the server stays up for the next stage (see `shutdown`)."""
@@ -284,6 +286,8 @@ class VLLMEngine:
         self._drop_client()
         self.server = running_server(old.model, old.options, old.lora)
         self.url = self.server.url
+        if self.adapter:
+            self.served = self.server.load_adapter(self.adapter)
 
     def _given_up(self, lost: ServerLost, restarted: bool) -> str:
         why, again = self._why(lost, self.server), " again, after a restart" if restarted else ""

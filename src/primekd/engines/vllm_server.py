@@ -4,7 +4,8 @@ The server runs `python -m vllm.entrypoints.openai.api_server` from a separate e
 on 127.0.0.1 and a free port, in its own process group (the API server, its EngineCore and
 any tensor-parallel workers), logging to `server.log` in a scratch directory
 `primekd-vllm-*` of the system temp folder. Readiness is polled with a timeout. One server
-is alive at a time (`running_server`), kept while the same model and options are asked for.
+is alive at a time (`running_server`), kept while the same model and options are asked for;
+with `lora` it serves successive adapters, each loaded at run time (`load_adapter`).
 
 Stopping waits for the whole group to exit (SIGTERM, then SIGKILL after a grace period), so
 its memory is free when `stop` returns. The scratch directory goes with the server, unless
@@ -35,6 +36,7 @@ from typing import Any
 import httpx
 
 from primekd.core.errors import PrimekdError
+from primekd.core.models import adapter_hash
 from primekd.engines.cpu_features import cpu_dtype
 
 # Options passed to the server as flags (`max_model_len` -> `--max-model-len`).
@@ -42,7 +44,7 @@ SERVER_FLAGS = ("max_model_len", "gpu_memory_utilization", "dtype", "tensor_para
                 "pipeline_parallel_size", "max_num_seqs", "max_num_batched_tokens",
                 "enforce_eager", "quantization", "max_logprobs", "max_lora_rank", "seed")
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
-LORA_NAME = "primekd-adapter"
+LORA_PREFIX = "primekd-lora-"  # + the adapter's hash: a retrained adapter is a new name
 SCRATCH_PREFIX = "primekd-vllm-"
 STOP_GRACE_S = 30.0  # SIGTERM -> SIGKILL: time for a clean shutdown of the whole group
 
@@ -56,8 +58,9 @@ def cpu_defaults() -> dict[str, Any]:
 class VLLMServer:
     """A vLLM server subprocess in its own process group, logging to a file."""
 
-    def __init__(self, model: str, options: dict[str, Any], lora: str | None = None) -> None:
-        self.model, self.options, self.lora = model, options, lora
+    def __init__(self, model: str, options: dict[str, Any], lora: bool = False) -> None:
+        self.model, self.options, self.lora = model, options, bool(lora)
+        self.adapters: set[str] = set()  # names of the LoRA adapters loaded into it
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.scratch: Path | None = None
@@ -79,8 +82,8 @@ class VLLMServer:
                 continue
             flag = "--" + key.replace("_", "-")
             command += [flag] if value is True else [flag, str(value)]
-        if self.lora:
-            command += ["--enable-lora", "--lora-modules", f"{LORA_NAME}={self.lora}"]
+        if self.lora:  # adapters are loaded at run time (`load_adapter`)
+            command.append("--enable-lora")
         extra = self.options.get("extra_args") or []
         extra = extra.split() if isinstance(extra, str) else [str(a) for a in extra]
         if not _cuda() and not any("chunked-prefill" in a for a in extra):
@@ -93,6 +96,8 @@ class VLLMServer:
         env = {**os.environ,
                "VLLM_CPU_KVCACHE_SPACE": str(self.options.get("kv_cache_space", 2)),
                "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
+        if self.lora:  # enables POST /v1/load_lora_adapter
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         if self.scratch is not None:
             # vLLM leaves its ZeroMQ sockets in the temp folder: in the scratch directory
             # they go with it. torch's compile cache stays where torch keeps it.
@@ -144,6 +149,24 @@ class VLLMServer:
         self.stop(keep_log=True)
         raise PrimekdError(f"the vLLM server did not answer within {timeout:.0f} s "
                            f"(engine option startup_timeout); {self.failure(tail=8)}")
+
+    def load_adapter(self, adapter: str) -> str:
+        """Load the LoRA adapter at `adapter` into this server (once per content) and return
+        the model name that requests it."""
+        name = LORA_PREFIX + adapter_hash(adapter)
+        if name in self.adapters:
+            return name
+        try:
+            response = httpx.post(f"{self.url}/v1/load_lora_adapter", timeout=600,
+                                  json={"lora_name": name, "lora_path": str(adapter)})
+        except httpx.HTTPError as e:
+            raise PrimekdError(f"the vLLM server at {self.url} did not load the adapter "
+                               f"{adapter} ({type(e).__name__})") from None
+        if response.status_code != 200:
+            raise PrimekdError(f"the vLLM server at {self.url} refused the adapter {adapter} "
+                               f"(HTTP {response.status_code}: {response.text[:300]})")
+        self.adapters.add(name)
+        return name
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -339,7 +362,9 @@ def vllm_python(configured: str | None = None) -> str:
 _RUNNING: dict[str, Any] = {"key": None, "server": None}
 
 
-def running_server(model: str, options: dict[str, Any], lora: str | None) -> VLLMServer:
+def running_server(model: str, options: dict[str, Any], lora: bool = False) -> VLLMServer:
+    """The running server of `model` with `options` (started if needed); with `lora`, one
+    that loads LoRA adapters at run time, so successive adapters share it."""
     key = json.dumps([model, lora, options], sort_keys=True, default=str)
     server = _RUNNING["server"]
     if server is not None and _RUNNING["key"] == key and server.alive():
