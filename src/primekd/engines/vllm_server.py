@@ -180,8 +180,14 @@ class VLLMServer:
         except httpx.HTTPError:
             return False
 
-    def exit_code(self) -> int | None:
-        return self.process.poll() if self.process else None
+    def exit_code(self, grace: float = 5.0) -> int | None:
+        """The server's exit status, or None while it runs. A dropped connection often arrives
+        a moment before the dying process is reaped, so wait up to `grace` seconds for it."""
+        if self.process is None:
+            return None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=grace)
+        return self.process.poll()
 
     def log_tail(self, lines: int = 12) -> str:
         try:
