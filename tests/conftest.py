@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -48,13 +50,35 @@ def _ci() -> bool:
 
 
 @pytest.fixture(scope="session")
-def vllm_url() -> str:
+def vllm_scratch(tmp_path_factory: pytest.TempPathFactory):
+    """The session's vLLM servers (in this process and in the CLIs it runs) put their
+    `primekd-vllm-*` scratch directories in a private temp folder; at the end none may be
+    left (a server's directory goes when it is stopped, unless it failed, and tests of
+    failures remove what they provoked). Private, so other jobs' servers do not count."""
+    tmp_path_factory.getbasetemp()  # pytest's own temp root stays where it was
+    private = Path(tempfile.mkdtemp(prefix="primekd-test-tmp-"))
+    saved = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir, os.environ["TMPDIR"] = str(private), str(private)
+    yield private
+    tempfile.tempdir = saved[0]
+    if saved[1] is None:
+        os.environ.pop("TMPDIR")
+    else:
+        os.environ["TMPDIR"] = saved[1]
+    left = sorted(p.name for p in private.glob("primekd-vllm-*"))
+    shutil.rmtree(private, ignore_errors=True)
+    assert not left, f"vLLM server scratch directories left behind: {left}"
+
+
+@pytest.fixture(scope="session")
+def vllm_url(vllm_scratch: Path) -> str:
     """ONE real vLLM server on loopback for the session, serving the bundled model in float32
     (as the hf engine runs it on CPU, so the two engines must agree closely). Without
     .venv-vllm (`make vllm`) the vLLM tests skip, except under CI=true, where they fail."""
     from primekd.core.errors import PrimekdError
     from primekd.core.models import BUNDLED_ALIAS, resolve
     from primekd.engines.vllm import VLLMServer, vllm_python
+    from primekd.engines.vllm_server import group_members
 
     try:
         vllm_python()
@@ -63,8 +87,11 @@ def vllm_url() -> str:
             pytest.fail(f"CI=true and no vLLM environment: {e}")
         pytest.skip(f"no vLLM environment ({e})")
     server = VLLMServer(resolve(BUNDLED_ALIAS).path, {"dtype": "float32"}).start()
+    group = server.process.pid
     try:
         server.wait_ready()
         yield server.url
     finally:
         server.stop()
+    # stop() returns once the API server, its EngineCore and workers have all exited
+    assert group_members(group) == [], "processes of the stopped vLLM server remain"

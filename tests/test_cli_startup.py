@@ -47,7 +47,8 @@ def test_every_command_has_help() -> None:
     from primekd.cli.app import app
 
     runner = CliRunner()
-    for command in ("eval", "grade", "compare", "teach", "distill", "attention", "tune", "run"):
+    for command in ("eval", "grade", "compare", "teach", "distill", "attention", "tune", "run",
+                    "models"):
         result = runner.invoke(app, [command, "--help"])
         assert result.exit_code == 0, (command, result.output)
         assert "--" in result.output
@@ -67,3 +68,20 @@ def test_errors_are_one_line_even_on_a_narrow_terminal(tmp_path) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: unknown model"), result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_openmp_threads_wait_passively_unless_the_user_says_otherwise() -> None:
+    """Spinning OpenMP threads made training 7x slower beside a busy process
+    (bench/stage_levers.py); the CLI sets OMP_WAIT_POLICY before torch loads."""
+    import os
+
+    code = ("import os, sys, primekd.cli as cli; sys.argv = ['primekd', '--help']\n"
+            "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+            "print(os.environ['OMP_WAIT_POLICY'], file=sys.stderr)")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env)
+    assert result.stderr.strip().splitlines()[-1] == "PASSIVE"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**env, "OMP_WAIT_POLICY": "ACTIVE"})
+    assert result.stderr.strip().splitlines()[-1] == "ACTIVE"

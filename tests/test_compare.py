@@ -171,3 +171,47 @@ def test_single_file_has_no_pairs(tmp_path: Path) -> None:
     out = Console(record=True, width=120)
     out.print(render_comparison(comparison))
     assert "50.0%" in out.export_text()
+
+
+def test_power_at_the_measured_discordance(three_runs: list[Path]) -> None:
+    from primekd.core import power
+
+    comparison = compare_files(three_runs, bootstrap=200, power_diff=8)
+    kd_pair, sft_pair = comparison.pairs
+    # kd against base: 2 + 12 of 40 questions discordant; Holm's first step over 2 pairs
+    plan = kd_pair.power
+    assert plan.discordance == pytest.approx(14 / 40) and plan.comparisons == 2
+    assert plan.power_at_n == pytest.approx(power.mcnemar_power(40, 0.35, 0.08, 0.05, 2))
+    assert plan.n_needed == power.mcnemar_n(0.35, 0.08, 0.05, 0.8, 2)
+    assert sft_pair.power.n_needed < plan.n_needed  # 4 of 40 discordant: fewer needed
+    assert compare_files(three_runs, bootstrap=200).pairs[0].power is None
+    out = Console(record=True, width=140)
+    out.print(render_comparison(comparison))
+    text = out.export_text()
+    assert "power to detect 8 points" in text and "14 (35.0%)" in text
+    assert f"{plan.n_needed:,}" in text
+
+
+def test_power_options_are_checked(three_runs: list[Path]) -> None:
+    with pytest.raises(PrimekdError, match="--power-diff must be between"):
+        compare_files(three_runs, bootstrap=200, power_diff=0)
+    with pytest.raises(PrimekdError, match="--power must be between"):
+        compare_files(three_runs, bootstrap=200, power_diff=8, target_power=1.2)
+
+
+def test_compare_cli_power_diff(three_runs: list[Path]) -> None:
+    from typer.testing import CliRunner
+
+    import primekd.cli  # noqa: F401  registers every command on the app
+    from primekd.cli.app import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["compare", *map(str, three_runs), "--bootstrap", "200",
+                                 "--power-diff", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)["pairs"][0]["power"]
+    assert plan["discordance"] == pytest.approx(0.35) and plan["n"] == 40
+    assert plan["target_power"] == 0.8 and plan["n_needed"] > 40
+    bad = runner.invoke(app, ["compare", *map(str, three_runs), "--power-diff", "120"])
+    assert isinstance(bad.exception, PrimekdError)  # main() prints it in one line, exit 2
+    assert "--power-diff must be between" in str(bad.exception)

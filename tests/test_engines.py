@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -339,6 +340,7 @@ def test_server_dies_with_primekd(tmp_path) -> None:
         "from primekd.engines.vllm import VLLMServer\n"
         "s = VLLMServer('m', {'command': [sys.executable, '-c', "
         "'import time; time.sleep(600)']}).start()\n"
+        f"open({str(tmp_path / 'scratch')!r}, 'w').write(str(s.scratch))\n"
         f"open({str(tmp_path / 'pid')!r}, 'w').write(str(s.process.pid))\n"
         "time.sleep(600)\n"
     )
@@ -355,6 +357,7 @@ def test_server_dies_with_primekd(tmp_path) -> None:
     while Path(f"/proc/{child}").exists() and "Z" not in _state(child):
         assert time.monotonic() < deadline, "the server outlived primekd"
         time.sleep(0.05)
+    shutil.rmtree((tmp_path / "scratch").read_text())  # primekd, killed, could not
 
 
 def _state(pid: int) -> str:

@@ -369,11 +369,14 @@ def test_engine_section_reaches_teacher_and_eval_stages(tmp_path: Path) -> None:
     for name in ("teacher/none", "eval/base", "eval/kd-none"):
         assert stage_config(vllm[name]).engine == "vllm"
         assert stage_config(vllm[name]).engine_options == {"max_model_len": 1024}
-        assert stage_config(served[name]).base_url == "http://127.0.0.1:8000"
+    # base_url is the teacher's server: it never reaches an eval stage (issue 25 C)
+    assert stage_config(served["teacher/none"]).base_url == "http://127.0.0.1:8000"
+    assert stage_config(served["eval/base"]).base_url is None
     changed = {n for n in hf if hf[n].hash != vllm[n].hash}
     assert "teacher/none" in changed and "eval/base" in changed
     assert "students/sft" not in changed  # training does not generate
-    assert all(vllm[n].hash == served[n].hash for n in vllm)  # the URL is not an input
+    assert served["teacher/none"].hash != vllm["teacher/none"].hash  # who answers is an input
+    assert served["eval/base"].hash == vllm["eval/base"].hash
     with pytest.raises(PrimekdError, match="engine.*unknown vllm engine option"):
         load_config(overrides=["engine.name=vllm", "engine.options={max_len: 5}"])
     with pytest.raises(PrimekdError, match="`teacher.engine` is set by the experiment"):

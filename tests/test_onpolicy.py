@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -221,34 +220,67 @@ def _cli_args(model: Path, out: Path) -> list[str]:
             "--device", "cpu", "--quiet", "--json"]
 
 
-def test_kill_and_resume_loses_and_repeats_nothing(tiny_model_dir, tmp_path):
-    """SIGKILL the CLI inside round 1; `--resume` finishes with every round's rows exactly
-    once and the same adapter as an uninterrupted run."""
+# Runs the CLI with a SIGKILL at a chosen point: before or after the nth call of a function.
+_KILLED_AT = """
+import os, signal, sys
+from primekd.distill import onpolicy, trainer
+owner, name, nth, when = sys.argv[1:5]
+del sys.argv[1:5]
+target = {"onpolicy": onpolicy, "trainer": trainer.KDTrainer}[owner]
+original, calls = getattr(target, name), [0]
+def killing(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == int(nth) and when == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    result = original(*args, **kwargs)
+    if calls[0] == int(nth) and when == "after":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+setattr(target, name, killing)
+from primekd.cli import main
+main()
+"""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, tmp_path_factory):
+    whole = tmp_path_factory.mktemp("whole")
+    done = subprocess.run([sys.executable, "-c", "from primekd.cli import main; main()",
+                           *_cli_args(tiny_model_dir, whole)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return whole
+
+
+# Round 0 has 8 rollouts and one checkpoint; each point lies in round 1.
+KILL_POINTS = {
+    "mid-rollout": ("onpolicy", "append_jsonl", 11, "after"),  # 3 of round 1's 8 saved
+    "before-scoring": ("onpolicy", "_score", 2, "before"),
+    "checkpoint-saved": ("trainer", "_save_checkpoint", 2, "after"),  # rounds.json not yet
+}
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_kill_and_resume_loses_and_repeats_nothing(tiny_model_dir, uninterrupted, tmp_path,
+                                                   point):
+    """SIGKILL the CLI inside round 1 (at points chosen deterministically, not by timing);
+    `--resume` finishes with every round's rows exactly once, identical to an uninterrupted
+    run's, and the same adapter."""
     from safetensors.torch import load_file
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    primekd = [sys.executable, "-c", "from primekd.cli import main; main()"]
-    whole = tmp_path / "whole"
-    done = subprocess.run([*primekd, *_cli_args(tiny_model_dir, whole)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-
     out = tmp_path / "killed"
-    proc = subprocess.Popen([*primekd, *_cli_args(tiny_model_dir, out)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    marker = out / "rounds" / "round-001" / "rollout.jsonl"
-    deadline = time.time() + 240
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    if (out / "summary.json").exists():
-        pytest.skip("the run finished before it could be killed")
+    killed = subprocess.run([sys.executable, "-c", _KILLED_AT,
+                             *map(str, KILL_POINTS[point]), *_cli_args(tiny_model_dir, out)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (out / "summary.json").exists()
     rounds = json.loads((out / "rounds.json").read_text())["rounds"]
     assert len(rounds) == 1  # killed in round 1
 
-    again = subprocess.run([*primekd, *_cli_args(tiny_model_dir, out), "--resume"], env=env,
+    again = subprocess.run([sys.executable, "-c", "from primekd.cli import main; main()",
+                            *_cli_args(tiny_model_dir, out), "--resume"], env=env,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     summary = json.loads(again.stdout)
@@ -258,8 +290,9 @@ def test_kill_and_resume_loses_and_repeats_nothing(tiny_model_dir, tmp_path):
         rows = _rows(out / round_dir)
         keys = [(x["id"], x["sample"]) for x in rows]
         assert len(keys) == len(set(keys)) == 8
-        assert keys == [(x["id"], x["sample"]) for x in _rows(whole / round_dir)]
-    a = load_file(str(whole / "adapter_model.safetensors"))
+        assert [(x["id"], x["sample"], x["token_ids"]) for x in rows] == \
+            [(x["id"], x["sample"], x["token_ids"]) for x in _rows(uninterrupted / round_dir)]
+    a = load_file(str(uninterrupted / "adapter_model.safetensors"))
     b = load_file(str(out / "adapter_model.safetensors"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)

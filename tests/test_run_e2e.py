@@ -80,6 +80,9 @@ def test_every_stage_and_report_section(run_dir: Path) -> None:
     md = (run_dir / "report.md").read_text()
     headings = re.findall(r"^## (.+)$", md, flags=re.M)
     assert tuple(headings) == SECTIONS
+    # the first paragraph's power statement, for the run's report.power_diff (default 8)
+    assert "**Power.** The primary comparison, `kd-ground_truth` against `kd-none`" in md
+    assert "to detect 8 points" in md.split("## ", 1)[0]
     paper = md.split("## Results in the paper's layout", 1)[1].split("## Results\n", 1)[0]
     assert "No distillation" in paper and "KD, `ground_truth` priming" in paper
     assert "relative gain vs KD without priming" in paper and "paired bootstrap" in paper

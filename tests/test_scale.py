@@ -498,13 +498,19 @@ def test_lora_targets_checked_before_the_weights_load(tiny_model_dir, whole, tmp
 @pytest.mark.slow
 def test_gpu_check_script_passes_on_cpu(tmp_path: Path) -> None:
     """bench/gpu_check.sh cannot run on a GPU here; its CPU mode keeps every step's code
-    working (teach -> distill -> eval, the head tap, FSDP on 2 processes, the loss guards)."""
+    working (imports, teach -> distill -> eval, the head tap in fp32 and bf16, FSDP on 2
+    processes, the loss guards, a real two-trial tune study) and ends with one JSON line.
+    `make gpu-check-mirror` runs it in an environment that mirrors the GPU image."""
     root = HERE.parent
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([str(root / "bench" / "gpu_check.sh"), "--device", "cpu",
                              "--out", str(tmp_path / "check")], cwd=root, env=env,
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "check" / "gpu_check.json").read_text())
-    assert report["device"] == "cpu" and len(report["steps"]) == 7
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert line["passed"] and line["device"] == "cpu" and line["scaled_down"]
+    assert report["device"] == "cpu" and len(report["steps"]) == 8
     assert all(step["passed"] for step in report["steps"].values())
+    assert set(report["steps"]["tap_vs_full_logits"]) >= {"float32", "bfloat16"}
+    assert report["steps"]["tune_trial_memory"]["complete"] == 2

@@ -16,7 +16,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from primekd.core import stats
+from primekd.core import power, stats
 from primekd.core.errors import PrimekdError
 from primekd.core.grading import check_extractor, grade_row, row_finish_reason
 from primekd.core.io import iter_jsonl
@@ -96,6 +96,7 @@ class PairedComparison:
     p_holm: float | None
     only_in_reference: list[str] = field(default_factory=list)
     only_in_file: list[str] = field(default_factory=list)
+    power: power.PowerPlan | None = None  # with --power-diff: at the measured discordance
 
 
 @dataclass(frozen=True)
@@ -141,13 +142,23 @@ def compare_files(
     bootstrap: int = 10_000,
     seed: int = 0,
     lenient: bool = False,
+    power_diff: float | None = None,
+    target_power: float = 0.8,
 ) -> Comparison:
-    """Summarise every file and compare each non-reference file with the reference."""
+    """Summarise every file and compare each non-reference file with the reference.
+
+    With `power_diff` (percentage points), each pair also gets its `power.PowerPlan`: the
+    measured discordance, the power at its n and the n needed for `target_power`, at alpha
+    0.05 over Holm's first step across the pairs."""
     if match not in MATCH_MODES:
         raise PrimekdError(f"unknown match mode {match!r}; choose one of {', '.join(MATCH_MODES)}")
     check_extractor(extractor)
     if bootstrap < 100:
         raise PrimekdError("--bootstrap must be at least 100 resamples")
+    if power_diff is not None and not 0 < power_diff < 100:
+        raise PrimekdError(f"--power-diff must be between 0 and 100 points, not {power_diff:g}")
+    if not 0 < target_power < 1:
+        raise PrimekdError(f"--power must be between 0 and 1, not {target_power:g}")
     paths = [Path(p) for p in paths]
     if not paths:
         raise PrimekdError("give at least one results file")
@@ -158,8 +169,10 @@ def compare_files(
     files = _with_labels([load_results(p, extractor, lenient) for p in paths])
     ref = files[reference_index]
     others = [f for i, f in enumerate(files) if i != reference_index]
-    pairs = [_pair(ref, other, match, bootstrap, seed) for other in others]
-    return Comparison(ref.label, [_summary(f) for f in files], _with_holm(pairs), bootstrap, seed)
+    pairs = _with_holm([_pair(ref, other, match, bootstrap, seed) for other in others])
+    if power_diff is not None:
+        pairs = [_with_power(pair, power_diff / 100, target_power, len(pairs)) for pair in pairs]
+    return Comparison(ref.label, [_summary(f) for f in files], pairs, bootstrap, seed)
 
 
 def render_comparison(comparison: Comparison) -> Group:
@@ -180,6 +193,9 @@ def render_comparison(comparison: Comparison) -> Group:
         for pair in comparison.pairs:
             paired.add_row(*_pair_cells(pair))
         parts.append(paired)
+        planned = [pair for pair in comparison.pairs if pair.power is not None]
+        if planned:
+            parts.append(_power_table(planned))
     parts += [Text(note, style="yellow") for note in _unmatched_notes(comparison.pairs)]
     parts.append(Text(
         "accuracy: the file's own `correct` (default rule: a truncated answer needs a stated "
@@ -316,6 +332,15 @@ def _check_same_questions(
             )
 
 
+def _with_power(pair: PairedComparison, diff: float, target: float, comparisons: int
+                ) -> PairedComparison:
+    if pair.n_paired == 0:
+        return pair
+    discordance = (pair.only_reference_correct + pair.only_file_correct) / pair.n_paired
+    return replace(pair, power=power.plan(discordance, diff, pair.n_paired,
+                                          power=target, comparisons=comparisons))
+
+
 def _with_holm(pairs: list[PairedComparison]) -> list[PairedComparison]:
     holm = stats.holm_within([pair.p_mcnemar for pair in pairs])
     return [replace(pair, p_holm=p) for pair, p in zip(pairs, holm, strict=True)]
@@ -338,6 +363,21 @@ def _pair_cells(pair: PairedComparison) -> list[str]:
     low, high = pair.ci95_points  # type: ignore[misc]
     return [pair.label, str(pair.n_paired), f"{pair.diff_points:+.1f}",
             f"{low:+.1f} to {high:+.1f}", _p(pair.p_mcnemar), _p(pair.p_holm)]
+
+
+def _power_table(pairs: list[PairedComparison]) -> Table:
+    first = pairs[0].power
+    table = Table(title=f"power to detect {100 * abs(first.diff):g} points (exact McNemar, "
+                  f"alpha {first.alpha:g}/{first.comparisons}: Holm's first step)",
+                  title_justify="left")
+    for header in ("file", "discordant", "paired", "power", f"n for {first.target_power:.0%}"):
+        table.add_column(header, justify="left" if header == "file" else "right")
+    for pair in pairs:
+        plan = pair.power
+        table.add_row(pair.label, f"{pair.only_reference_correct + pair.only_file_correct} "
+                      f"({_pct(plan.discordance)})", str(plan.n), _pct(plan.power_at_n),
+                      "unreachable" if plan.n_needed is None else f"{plan.n_needed:,}")
+    return table
 
 
 def _unmatched_notes(pairs: list[PairedComparison]) -> list[str]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from rich.markup import escape
 
 from primekd.cli.app import app, err_console, state
+from primekd.core import diskspace
 from primekd.core.errors import PrimekdError
 
 # Each import registers its command on `app`.
@@ -19,6 +21,7 @@ from primekd.cli import (  # noqa: E402,F401  isort: skip
     attention_cmd,
     tune_cmd,
     run_cmd,
+    models_cmd,
 )
 
 
@@ -26,6 +29,10 @@ _INTERRUPTED = "interrupted: finished work is saved; rerun the same command to r
 
 
 def main() -> None:
+    # torch's OpenMP threads spin while they wait: beside one busy process on 2 cores that
+    # made LoRA training 7x slower and scoring 1.4x (bench/stage_levers.py). Set before a
+    # command imports torch; a user's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         app()
     except PrimekdError as e:
@@ -44,6 +51,10 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001 - unexpected failures still get one line
         if state.debug:
             raise
+        if diskspace.is_full(e):  # a write outside any stage's guard
+            err_console.print(f"[bold red]error:[/] {escape(diskspace.message(e))}",
+                              highlight=False, soft_wrap=True)
+            sys.exit(2)
         err_console.print(
             f"[bold red]internal error:[/] {type(e).__name__}: {escape(str(e))} "
             "(rerun with --debug for the traceback)",

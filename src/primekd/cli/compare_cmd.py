@@ -13,11 +13,12 @@ from primekd.core.grading import GradingRule
 
 
 def _compare(given: dict[str, Any], files: list[Path], reference: Path | None, match: str,
-             bootstrap: int, seed: int, json_output: bool) -> None:
+             bootstrap: int, seed: int, power_diff: float | None, target_power: float,
+             json_output: bool) -> None:
     rule = GradingRule(**given)
     with err_console.status(f"comparing {len(files)} file(s), {bootstrap} bootstrap resamples"):
         comparison = compare_files(files, reference, rule.extractor, match, bootstrap, seed,
-                                   rule.lenient)
+                                   rule.lenient, power_diff, target_power)
     if json_output:
         print(json.dumps(comparison.to_dict()))
     else:
@@ -40,6 +41,14 @@ app.command("compare")(options.command(GradingRule, [
                   help="Resamples for the paired bootstrap interval (>= 100)."),
     options.extra("seed", "--seed", default=0, annotation=int,
                   help="Random seed of the bootstrap."),
+    options.extra("power_diff", "--power-diff", annotation=float | None, metavar="POINTS",
+                  help="Also say, per file, the power to detect a difference of this many "
+                  "percentage points at the discordance measured against the reference (share "
+                  "of questions only one of the two got right), and how many questions "
+                  "--power needs: exact McNemar at alpha 0.05 divided by the number of "
+                  "comparisons (Holm's first step). Use it to size a run from a pilot."),
+    options.extra("target_power", "--power", default=0.8, annotation=float,
+                  help="The power --power-diff sizes for."),
     options.extra("json_output", "--json", default=False, annotation=bool,
                   help="Print one JSON object (files, pairwise comparisons, unmatched "
                   "questions) instead of a table."),

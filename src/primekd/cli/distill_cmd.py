@@ -71,6 +71,14 @@ def _kept(data: dict[str, Any]) -> str | None:
     return f"{data.get('kept_rows')}/{data.get('store_rows')} (graded correct)"
 
 
+def _partial(data: dict[str, Any]) -> str | None:
+    """--allow-partial on a store short of answers: how many of those planned it held."""
+    if not data.get("partial"):
+        return None
+    return (f"{data.get('answered_rows')} of {data.get('planned_rows')} planned answers "
+            "(--allow-partial)")
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
     table = Table(title=f"distilled into {summary['out']}", show_header=False)
     rows = [
@@ -80,6 +88,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
         ("val loss after", summary["val_loss_after"]),
         ("tokens", summary["tokens"]),
         ("answers kept", _kept(summary.get("data", {}))),
+        ("PARTIAL store", _partial(summary.get("data", {}))),
         ("tokens/s", summary["tokens_per_s"]),
         ("trainable params", summary["trainable_params"]),
         ("wall time (s)", summary["wall_time_s"]),

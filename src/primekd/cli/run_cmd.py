@@ -10,7 +10,8 @@ from rich.table import Table
 
 from primekd.cli.app import app, console
 from primekd.core.io import dumps
-from primekd.experiment.config import load_config, preset_text
+from primekd.experiment import estimate
+from primekd.experiment.config import ExperimentConfig, load_config, preset_text
 from primekd.experiment.runner import RunSummary, run_experiment
 from primekd.experiment.stages import Stage, plan
 
@@ -40,8 +41,9 @@ def run_command(
         help="Built-in config to start from: `quick` (bundled model, CPU, "
         "minutes, a demonstration), `small` (the paper's comparison on the bundled model, "
         "vLLM on CPU, 66 minutes measured), `small-onpolicy` (off- against on-policy "
-        "students on the bundled model, 74 minutes measured) or `paper` (the paper's full "
-        "design, for a GPU).",
+        "students on the bundled model, 74 minutes measured), `pair` (a 1.5B teacher and "
+        "a 0.5B student, sized by a power calculation; --dry-run estimates its time) or "
+        "`paper` (the paper's full design, for a GPU).",
         show_default=False,
     ),
     out: Path | None = typer.Option(
@@ -58,7 +60,8 @@ def run_command(
         "when nothing is overridden) and exit without running.",
     ),
     dry_run: bool = typer.Option(
-        False, "--dry-run", help="List the stages and whether each is cached, run nothing.",
+        False, "--dry-run", help="List the stages, whether each is cached, and how long each "
+        "should take (from the config's `costs`: measured rates); run nothing.",
     ),
     force: bool = typer.Option(
         False, "--force",
@@ -90,7 +93,7 @@ def run_command(
         return
     run_dir = out or Path("runs") / resolved.name
     if dry_run:
-        _print_plan(plan(resolved, run_dir), json_output)
+        _print_plan(resolved, plan(resolved, run_dir), json_output)
         return
     summary = run_experiment(
         resolved, run_dir, progress=not json_output,
@@ -121,21 +124,46 @@ def _announce(event: str, stage: Stage, index: int, total: int, state: str) -> N
         console.print(f"  [green]done[/] in {seconds:.1f} s", highlight=False)
 
 
-def _print_plan(stages: list[Stage], json_output: bool) -> None:
+def _print_plan(config: ExperimentConfig, stages: list[Stage], json_output: bool) -> None:
+    estimates = estimate.estimate(config, stages)
+    total = estimate.total(estimates)
     rows = [{"stage": s.name, "state": s.state(), "hash": s.hash, "directory": str(s.directory),
-             "upstream": list(s.upstream)} for s in stages]
+             "upstream": list(s.upstream), "estimate_s": e.seconds, "estimate_basis": e.basis}
+            for s, e in zip(stages, estimates, strict=True)]
     if json_output:
-        typer.echo(dumps({"stages": rows}, indent=2))
+        typer.echo(dumps({"stages": rows, "estimate_total_s": total}, indent=2))
         return
     table = Table(title="stages (--dry-run: nothing runs)")
-    for header in ("stage", "would", "hash", "needs"):
-        table.add_column(header)
+    for header in ("stage", "would", "hash", "needs", "estimate", "counting"):
+        table.add_column(header, justify="right" if header == "estimate" else "left",
+                         overflow="fold")
+    # stage names whole, on one line: they are what --only takes
+    table.columns[0].min_width = max(len(row["stage"]) for row in rows)
     for row in rows:
         needs = row["upstream"]
         table.add_row(row["stage"], _PLAN_TEXT[row["state"]], row["hash"],
                       (", ".join(needs) or "-") if len(needs) <= 2
-                      else f"{len(needs)} stages above")
+                      else f"{len(needs)} stages above", _minutes(row["estimate_s"]),
+                      row["estimate_basis"])
     console.print(table)
+    longest = max((e for e in estimates if e.seconds is not None), key=lambda e: e.seconds,
+                  default=None)
+    if total is None:
+        console.print("Estimate: incomplete: set the `costs` rates of the stages marked ? "
+                      "(measured tokens/s, docs/run.md).", highlight=False)
+    elif longest is not None:
+        console.print(f"Estimate: {_minutes(total)} in all, the longest stage "
+                      f"{longest.name} {_minutes(longest.seconds)} (from the config's "
+                      "`costs`: rates measured on one machine; yours may differ).",
+                      highlight=False)
+
+
+def _minutes(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
 def _print_summary(summary: RunSummary) -> None:

@@ -19,6 +19,12 @@ class ChatPrompt:
     prefill: str = ""  # start of the assistant's reply, written for the model (response priming)
 
 
+# The date in every student prompt (distill, on-policy rollouts, eval): the one Llama 3.x
+# templates fall back to, so that training and evaluating on different days show the
+# student one prompt (their templates insert today's date otherwise).
+STUDENT_CHAT_DATE = "26 Jul 2024"
+
+
 def chat_date(when: datetime | None = None) -> str:
     """Today's date as Llama 3.x templates write it ("26 Jul 2024"), for `date_string`."""
     return (when or datetime.now(UTC)).strftime("%d %b %Y")

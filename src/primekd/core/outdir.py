@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -182,9 +182,13 @@ def claimed(out: str | Path, command: str, force: bool = False, lock: bool = Tru
         write_marker(out, command, foreign)
         try:
             yield out
-        finally:
+        except BaseException:
             if out.is_dir():
-                write_marker(out, command, foreign)
+                with suppress(OSError):  # a full disk: the stage's own error is the one to tell
+                    write_marker(out, command, foreign)
+            raise
+        if out.is_dir():
+            write_marker(out, command, foreign)
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from primekd.core.errors import PrimekdError
 from primekd.core.io import read_yaml
 from primekd.core.models import BUNDLED_ALIAS
 from primekd.core.options import check, force_field, from_mapping, option
-from primekd.engines import engine_field, engine_options_field
+from primekd.engines import engine_field, engine_options_field, teacher_engine_options_field
 
 OBJECTIVES = ("kd", "sft")
 KEEP = ("all", "correct")  # which teacher answers a student trains on (rejection sampling)
@@ -50,6 +50,11 @@ class DistillConfig:
         "of a `teach --shard i/n` run, or give a glob (quoted: 'teacher/shard-*'): the shards "
         "are merged.", flags=("--teacher-store", "-s"), cli_type=list[str], parse=_one_or_many,
         set_by="experiment")
+    allow_partial: bool = option(
+        False, "Train on what an unfinished teacher store (a stopped `teach`) or a shard set "
+        "with shards missing holds; the summary and the run report count the answers used of "
+        "those planned. Without it such a store is refused, naming the command that "
+        "finishes it.", default_text="off")
     objective: str = option("kd", "kd: CE on the teacher's answer tokens plus a divergence to "
                             "its distributions (needs --teacher-store); sft: CE only, on the "
                             "teacher's text or, without a store, on GSM8K references (--data)",
@@ -151,7 +156,13 @@ class DistillConfig:
     engine: str = engine_field(_ON_POLICY + "hf (in this process) or vllm for rollouts and "
                                "scoring")
     engine_options: dict[str, Any] = engine_options_field(
-        _ON_POLICY + "vllm engine option key=value (repeatable; see docs/engines.md).")
+        _ON_POLICY + "engine option key=value of the student's rollouts, and of the "
+        "teacher's scoring unless --teacher-engine-option is given (repeatable; vllm "
+        "options, or the hf engine's device_map/max_memory; see docs/engines.md).")
+    teacher_engine_options: dict[str, Any] | None = teacher_engine_options_field(
+        _ON_POLICY + "engine option key=value of the teacher's scoring instead of "
+        "--engine-option (repeat each one it needs), e.g. tensor_parallel_size=8 or "
+        "device_map=auto.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -208,6 +219,17 @@ def check_config(config: DistillConfig) -> None:
         bad("give --epochs or --max-steps, not both")
     if config.lora_r < 1 and not config.full_finetune:
         bad("--lora-r must be at least 1")
+    if config.teacher_store and (not config.on_policy or config.lmbda < 1.0):
+        from primekd.teach.store import store_directories, training_coverage
+
+        # the store is read: is all of it there?
+        training_coverage(store_directories(config.teacher_store), config.allow_partial)
+
+
+def teacher_options(config: DistillConfig) -> dict[str, Any]:
+    """The on-policy teacher's engine options (its own, else the student's)."""
+    chosen = config.teacher_engine_options
+    return dict(config.engine_options if chosen is None else chosen)
 
 
 def _check_on_policy(config: DistillConfig) -> None:
@@ -232,6 +254,7 @@ def _check_on_policy(config: DistillConfig) -> None:
         bad("--on-policy trains a LoRA adapter (the self-teacher is the base model without "
             "it); drop --full-finetune")
     EngineSpec(config.engine, None, dict(config.engine_options or {})).check()
+    EngineSpec(config.engine, None, teacher_options(config)).check()
     from primekd.teach.priming import get_strategy
 
     get_strategy(config.strategy, config.strategies_file)

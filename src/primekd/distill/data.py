@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
-from primekd.core.chat import encode_prompts, render
+from primekd.core.chat import STUDENT_CHAT_DATE, encode_prompts, render
 from primekd.core.data import load_examples
 from primekd.core.errors import PrimekdError
 from primekd.core.models import tokenizer_fingerprint
@@ -49,7 +49,7 @@ class Datasets:
 def student_prompts(tokenizer: Any, questions: list[str], prompt: str | None) -> list[list[int]]:
     """The student's prompt ids: its chat template over eval's template around the question."""
     template = load_template(prompt)
-    texts = [render(tokenizer, template.build(q)) for q in questions]
+    texts = [render(tokenizer, template.build(q), STUDENT_CHAT_DATE) for q in questions]
     return encode_prompts(tokenizer, texts)
 
 
@@ -103,7 +103,8 @@ def _make_item(row: dict[str, Any], prompt: list[int], max_length: int
 def _store_rows(config: DistillConfig, tokenizer: Any) -> tuple[list[dict[str, Any]], dict]:
     dirs = store.store_directories(config.teacher_store)
     manifest = store.read_manifest(dirs[0])
-    table = store.load_store(dirs)
+    found = store.training_coverage(dirs, config.allow_partial)
+    table = store.load_store(dirs, require_complete=False)
     if table.num_rows == 0:
         raise PrimekdError(f"teacher store {config.teacher_store} has no rows")
     same_vocab = manifest.get("tokenizer_fingerprint") == tokenizer_fingerprint(tokenizer)
@@ -112,7 +113,7 @@ def _store_rows(config: DistillConfig, tokenizer: Any) -> tuple[list[dict[str, A
     white_box = config.objective == "kd" and config.alpha < 1.0
     kept = _kept_rows(table, config.keep, config.teacher_store)
     if white_box and not same_vocab:
-        return _cross_tokenizer_rows(config, tokenizer, manifest, table, kept, dirs)
+        return _cross_tokenizer_rows(config, tokenizer, manifest, table, kept, dirs, found)
     use_teacher_tokens = config.objective == "kd" and same_vocab
     eos = tokenizer.eos_token_id
     columns = {name: table.column(name).to_pylist() for name in
@@ -137,30 +138,32 @@ def _store_rows(config: DistillConfig, tokenizer: Any) -> tuple[list[dict[str, A
             "topk_ids": topk_ids[i] if topk_ids is not None else None,
             "topk_logprobs": topk_lp[i] if topk_lp is not None else None,
         })
-    info = _store_info(config, manifest, dirs, table, kept, white_box, same_vocab)
+    info = _store_info(config, manifest, dirs, table, kept, white_box, same_vocab, found)
     info["max_token_id"] = _max_token_id(table, white_box) if use_teacher_tokens else None
     return rows, info
 
 
 def _store_info(config: DistillConfig, manifest: dict[str, Any], dirs: list[Any], table: Any,
-                kept: list[int], white_box: bool, same_vocab: bool) -> dict[str, Any]:
+                kept: list[int], white_box: bool, same_vocab: bool, found: Any
+                ) -> dict[str, Any]:
     return {"source": "teacher_store", "teacher_store": str(config.teacher_store),
             "teacher_store_parts": [str(d) for d in dirs],
             "teacher": manifest.get("teacher"), "target": manifest.get("target"),
             "top_k": manifest.get("top_k"), "store_rows": table.num_rows,
             "keep": config.keep, "kept_rows": len(kept),
-            "white_box": white_box, "same_tokenizer": same_vocab}
+            "white_box": white_box, "same_tokenizer": same_vocab,
+            **found.to_dict(), "partial": not found.complete}
 
 
 def _cross_tokenizer_rows(config: DistillConfig, tokenizer: Any, manifest: dict[str, Any],
-                          table: Any, kept: list[int], dirs: list[Any]
+                          table: Any, kept: list[int], dirs: list[Any], found: Any
                           ) -> tuple[list[dict[str, Any]], dict]:
     """A teacher of another tokenizer: answers in the student's tokens, aligned by text."""
     topk_ids = _ragged_matrix(table.column("topk_ids"), np.int64)
     topk_lp = _ragged_matrix(table.column("topk_logprobs"), np.float32)
     rows, xtok = cross_tokenizer_rows(table, kept, tokenizer, manifest, config.xtok_loss,
                                       topk_ids, topk_lp, config.teacher_store)
-    info = _store_info(config, manifest, dirs, table, kept, True, False)
+    info = _store_info(config, manifest, dirs, table, kept, True, False, found)
     info.update(xtok, max_token_id=None)
     return rows, info
 

@@ -24,6 +24,7 @@ trained on twice.
 from __future__ import annotations
 
 import math
+import os
 import time
 import zlib
 from contextlib import contextmanager
@@ -37,7 +38,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from primekd import __version__
-from primekd.core.chat import encode_prompts, render
+from primekd.core.chat import chat_date, encode_prompts, render
 from primekd.core.data import Example, load_examples
 from primekd.core.errors import PrimekdError
 from primekd.core.grading import grade
@@ -48,8 +49,10 @@ from primekd.core.io import (
     truncate_torn_tail,
     write_json,
 )
+from primekd.core.memory import release_memory
 from primekd.core.models import default_device, load_tokenizer, resolve, tokenizer_fingerprint
-from primekd.distill.config import DistillConfig, check_config
+from primekd.distill.compat import check_teacher_compat, vocabulary_rows
+from primekd.distill.config import DistillConfig, check_config, teacher_options
 from primekd.distill.data import Item, build_datasets, student_prompts
 from primekd.distill.trainer import (
     SUMMARY_FILE,
@@ -67,13 +70,14 @@ from primekd.distill.trainer import (
     write_config,
 )
 from primekd.engines import EngineSpec, Generation, SamplingParams, TopK, collect
-from primekd.engines.hf import HFEngine
+from primekd.engines.hf import SORT_WINDOW_BATCHES, HFEngine
 from primekd.evaluate.answer_stop import sampling_options
 from primekd.teach import store
 from primekd.teach.priming import Strategy, get_strategy
 from primekd.teach.teacher import answer_text
 
 ROUNDS_DIR, ROUNDS_FILE, ROLLOUT_FILE = "rounds", "rounds.json", "rollout.jsonl"
+VLLM_ROLLOUT_CHUNK = 512  # requests in flight together: the most a killed round redoes
 TARGET = "student"
 T = TypeVar("T")
 
@@ -105,8 +109,19 @@ def round_slice(values: list[T], r: int, n: int) -> list[T]:
 # ---------------------------------------------------------------- the run
 
 
+def check_single_process() -> None:
+    """On-policy rounds alternate rollouts, scoring and training in one process; under a
+    distributed launch every rank would roll out and rank 0 would wait in collectives."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise PrimekdError(f"--on-policy runs in one process, not under accelerate launch or "
+                           f"torchrun (WORLD_SIZE={world}): start it as plain `primekd "
+                           "distill --on-policy` (it trains on one GPU, --device)")
+
+
 def distill_on_policy(config: DistillConfig, progress: bool = True) -> DistillResult:
     check_config(config)
+    check_single_process()
     out = Path(config.out)
     with claimed(out, config.force):
         return _distill_on_policy(config, out, progress)
@@ -126,24 +141,30 @@ def _distill_on_policy(config: DistillConfig, out: Path, progress: bool) -> Dist
     args = training_arguments(replace(config, max_steps=plan["max_steps"], epochs=None,
                                       save_steps=10 ** 9), out, device, progress, False)
     args.ignore_data_skip = True  # each round trains on its own data, from its start
-    model = build_student(config, device)
+    teacher = _Teacher(config, tokenizer, device)  # refuses an unfit teacher first
+    # placed now: round 0 rolls out before the Trainer would place it
+    model = build_student(config, device).to(args.device)
+    teacher.model = model
     counts = trainable_parameters(model)
-    teacher = _Teacher(config, model, tokenizer, device)
-    trainer = None
+    history: list[dict[str, Any]] | None = None
+    first = len(state["rounds"])
     try:
-        for r in range(len(state["rounds"]), config.rounds):
+        for r in range(first, config.rounds):
             previous = state["rounds"][-1]["checkpoint"] if state["rounds"] else None
-            if previous is not None and trainer is None:
+            if previous is not None and r == first:
                 _load_adapter(model, previous)  # resumed: roll out with round r's student
+            if config.engine == "vllm":
+                _make_room(model)
             record = {"round": r}
             questions = round_slice(examples, r, plan["on_questions"])
             round_dir = out / ROUNDS_DIR / f"round-{r:03d}"
             on_items = _on_policy_round(config, model, tokenizer, teacher, strategy,
-                                        questions, round_dir, r, record, progress)
+                                        questions, round_dir, r, record, state["chat_date"])
             items = on_items + round_slice(pool, r, plan["off_sequences"])
             if not items:
                 raise PrimekdError(f"round {r} has no training sequences")
             teacher.release()
+            model.to(args.device)
             tick = time.perf_counter()
             trainer = _train_round(config, model, args, tokenizer, items, out, previous,
                                    progress, plan["steps_per_round"] * (r + 1))
@@ -160,12 +181,23 @@ def _distill_on_policy(config: DistillConfig, out: Path, progress: bool) -> Dist
             if r == config.rounds - 1:  # the adapter and summary before the last record:
                 summary = _finish(config, trainer, state, plan, counts, device, out,
                                   source.kind, time.perf_counter() - started)
+            history = list(trainer.state.log_history)
+            trainer = None  # the next round resumes its optimizer from the checkpoint
             write_json(out / ROUNDS_FILE, state)  # a kill before this redoes round r's training
     finally:
         teacher.close()
-    if trainer is None:  # every round was done before: the adapter is saved
+    if history is None:  # every round was done before: the adapter is saved
         return DistillResult(out, read_json(out / SUMMARY_FILE), [])
-    return DistillResult(out, summary, list(trainer.state.log_history))
+    return DistillResult(out, summary, history)
+
+
+def _make_room(model: Any) -> None:
+    """Before the round's vLLM servers start: the student's weights to the CPU (back for
+    training), the last round's trainer (optimizer state, activations) collected and
+    PyTorch's cached CUDA blocks returned: vLLM refuses to start on a GPU whose free memory
+    is below gpu_memory_utilization x total."""
+    model.to("cpu")
+    release_memory()
 
 
 def _print_round(record: dict[str, Any]) -> None:
@@ -191,8 +223,11 @@ def _prepare(config: DistillConfig, out: Path) -> dict[str, Any]:
     check_out(config, out, ROUNDS_DIR)
     write_config(config, out)
     if (out / ROUNDS_FILE).exists():
-        return read_json(out / ROUNDS_FILE)
-    return {"format": "primekd-on-policy-rounds", "rounds": []}
+        state = read_json(out / ROUNDS_FILE)
+        state.setdefault("chat_date", chat_date())
+        return state
+    # the teacher's prompts keep the date the run started on (a resumed round too)
+    return {"format": "primekd-on-policy-rounds", "chat_date": chat_date(), "rounds": []}
 
 
 def _examples(config: DistillConfig) -> list[Example]:
@@ -233,7 +268,7 @@ def _load_adapter(model: Any, checkpoint: str) -> None:
 
 def _on_policy_round(config: DistillConfig, model: Any, tokenizer: Any, teacher: _Teacher,
                      strategy: Strategy, questions: list[Example], round_dir: Path, r: int,
-                     record: dict[str, Any], progress: bool) -> list[Item]:
+                     record: dict[str, Any], date: str) -> list[Item]:
     """Roll out, score and store round r (resuming what is saved); its training items."""
     if not questions:
         record.update(rollout_s=0.0, score_s=0.0, rollout_tokens=0, student_accuracy=None)
@@ -245,9 +280,10 @@ def _on_policy_round(config: DistillConfig, model: Any, tokenizer: Any, teacher:
         rollouts = _rollouts(config, model, tokenizer, teacher, units, round_dir, r)
         record["rollout_s"] = round(time.perf_counter() - tick, 3)
         tick = time.perf_counter()
-        _score(config, tokenizer, teacher, strategy, units, rollouts, round_dir)
+        _score(config, tokenizer, teacher, strategy, units, rollouts, round_dir, date)
         record["score_s"] = round(time.perf_counter() - tick, 3)
         manifest = _manifest(config, round_dir, strategy, tokenizer, len(units), r)
+        manifest["chat_date"] = date
         store.write_manifest(round_dir, manifest)
     record.update(rollout_tokens=sum(len(g["token_ids"]) for g in rollouts.values()),
                   student_accuracy=manifest["teacher_accuracy"])
@@ -262,21 +298,38 @@ def _rollouts(config: DistillConfig, model: Any, tokenizer: Any, teacher: _Teach
     """The student's answers of this round, appended to rollout.jsonl as they finish."""
     path = round_dir / ROLLOUT_FILE
     done = _read_rollouts(path)
-    todo = [u for u in units if (u[0].id, u[1]) not in done]
+    size = _rollout_chunk(config)
+    chunks = [(start, units[start:start + size]) for start in range(0, len(units), size)]
+    todo = [(start, chunk) for start, chunk in chunks
+            if any((e.id, s) not in done for e, s in chunk)]
     if todo:
-        prompts = student_prompts(tokenizer, [e.question for e, _ in todo], config.prompt)
         seed = zlib.crc32(f"{config.seed}:on-policy:{r}".encode())
         stop = sampling_options(config.rollout_stop_at_answer)
         sampling = SamplingParams(config.rollout_max_new_tokens, config.rollout_temperature,
                                   1.0, seed, eos_after_cut=bool(stop), **stop)
         engine = teacher.student_engine(model, r)
-        for i, generation in engine.generate(prompts, sampling):
-            example, sample = todo[i]
-            row = _rollout_row(example, sample, generation)
-            append_jsonl(path, [row])
-            done[(example.id, sample)] = row
+        for start, chunk in todo:
+            prompts = student_prompts(tokenizer, [e.question for e, _ in chunk], config.prompt)
+            chunk_sampling = replace(sampling, seed=seed + start)
+            for i, generation in engine.generate(prompts, chunk_sampling):
+                example, sample = chunk[i]
+                if (example.id, sample) not in done:  # saved rows are kept as they are
+                    row = _rollout_row(example, sample, generation)
+                    append_jsonl(path, [row])
+                    done[(example.id, sample)] = row
         teacher.student_done()
     return {(e.id, s): done[(e.id, s)] for e, s in units}
+
+
+def _rollout_chunk(config: DistillConfig) -> int:
+    """Units per generate call. A sampled answer depends on the rest of its call (hf: the
+    batch shares one random stream, seeded by its position; vLLM: the request's seed is its
+    index), so a resume redoes a partly saved chunk whole, with the same prompts and seed as
+    the uninterrupted run, and keeps only its missing answers. For hf a chunk is one sort
+    window of HFEngine, which batches it exactly as one call over all units would."""
+    if config.engine == "vllm":
+        return VLLM_ROLLOUT_CHUNK
+    return config.batch_size * 4 * SORT_WINDOW_BATCHES
 
 
 def _rollout_row(example: Example, sample: int, generation: Generation) -> dict[str, Any]:
@@ -294,7 +347,7 @@ def _read_rollouts(path: Path) -> dict[tuple[str, int], dict[str, Any]]:
 
 def _score(config: DistillConfig, tokenizer: Any, teacher: _Teacher, strategy: Strategy,
            units: list[tuple[Example, int]], rollouts: dict[tuple[str, int], dict[str, Any]],
-           round_dir: Path) -> None:
+           round_dir: Path, date: str) -> None:
     """The primed teacher's top-k at every token of the student's answers, written as parts
     of the round's store (units already written are skipped)."""
     done = store.done_keys(round_dir)
@@ -306,7 +359,7 @@ def _score(config: DistillConfig, tokenizer: Any, teacher: _Teacher, strategy: S
     if not todo:
         return
     chats = [strategy.render(e.question, e.answer, answer_text(e)) for e, _ in todo]
-    texts = [render(teacher.tokenizer, chat) for chat in chats]
+    texts = [render(teacher.tokenizer, chat, date) for chat in chats]
     prompts = encode_prompts(teacher.tokenizer, texts)
     answers = [rollouts[(e.id, s)]["token_ids"] for e, s in todo]
     engine = teacher.teacher_engine()
@@ -377,14 +430,21 @@ class _Teacher:
     this process (self-distillation scores with the student's adapter switched off), for
     `vllm` through one server at a time (stopped before training and on exit)."""
 
-    def __init__(self, config: DistillConfig, model: Any, tokenizer: Any, device: str):
+    def __init__(self, config: DistillConfig, tokenizer: Any, device: str,
+                 model: Any = None):
         self.config, self.model, self.device = config, model, device
         self.self_teacher = config.teacher in (None, config.student)
+        self.student_tokenizer = tokenizer
         self.tokenizer = tokenizer if self.self_teacher else \
             load_tokenizer(resolve(config.teacher))
+        if not self.self_teacher:
+            check_teacher_compat(config.student, config.teacher, tokenizer, self.tokenizer,
+                                 vocabulary_rows(resolve(config.student)),
+                                 vocabulary_rows(resolve(config.teacher)))
         self._hf_teacher: Any = None
         self._merged: str | None = None
         self.spec = EngineSpec(config.engine, None, dict(config.engine_options or {}))
+        self.teacher_spec = EngineSpec(config.engine, None, teacher_options(config))
 
     def student_engine(self, model: Any, r: int) -> Any:
         if self.config.engine == "vllm":
@@ -401,7 +461,7 @@ class _Teacher:
             return engine
         model.eval()
         model.config.use_cache = True
-        return HFEngine(model, self.tokenizer, batch_size=self.config.batch_size * 4)
+        return HFEngine(model, self.student_tokenizer, batch_size=self.config.batch_size * 4)
 
     def _drop_merged(self) -> None:
         """The round's merged student (a full model copy in primekd's cache) is used once."""
@@ -420,14 +480,15 @@ class _Teacher:
             from primekd.engines import get_engine
 
             teacher = self.config.teacher or self.config.student
-            engine = get_engine(teacher, self.spec)  # the student's server is stopped now
+            engine = get_engine(teacher, self.teacher_spec)  # the student's is stopped now
             self._drop_merged()
             return engine
         if self.self_teacher:
             return HFEngine(self.model, self.tokenizer, batch_size=self.config.batch_size * 4)
         if self._hf_teacher is None:
             self._hf_teacher = HFEngine.load(self.config.teacher, device=self.device,
-                                             batch_size=self.config.batch_size * 4)
+                                             batch_size=self.config.batch_size * 4,
+                                             **self.teacher_spec.options)
         return self._hf_teacher
 
     def score(self, engine: Any, prompts: list[list[int]], answers: list[list[int]], k: int
@@ -478,7 +539,8 @@ class _RoundEnd(TrainerCallback):
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         control.should_training_stop = True
-        control.should_save = True
+        # at the round's last step `on_step_end` has saved it already: not twice
+        control.should_save = state.global_step < self.last_step
         return control
 
 

@@ -37,9 +37,8 @@ from transformers import (
     set_seed,
 )
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
 
-from primekd.core import options, outdir
+from primekd.core import diskspace, options, outdir
 from primekd.core.errors import PrimekdError
 from primekd.core.io import atomic_write, atomic_write_text, dumps, write_json
 from primekd.core.models import (
@@ -50,8 +49,10 @@ from primekd.core.models import (
     resolve,
 )
 from primekd.core.progress import progress_bar
+from primekd.distill.compat import vocabulary_rows
 from primekd.distill.config import OPTIMIZERS, DistillConfig, check_config
 from primekd.distill.data import Item, KDCollator, build_datasets, check_vocabulary
+from primekd.distill.footprint import output_need, planned_trainable
 from primekd.distill.kd_loss import kd_loss_parts
 from primekd.distill.xtok_loss import xtok_loss_parts
 
@@ -155,6 +156,7 @@ class KDTrainer(Trainer):
     validation loss (`eval_loss`, `eval_ce`, `eval_kd`) that `on_evaluate` callbacks see."""
 
     def __init__(self, *args: Any, kd: KDSettings, **kwargs: Any):
+        one_gpu_per_process(kwargs["args"] if "args" in kwargs else args[1])
         super().__init__(*args, **kwargs)
         self.kd = kd
         # Ask Trainer for the token count of the whole accumulated batch (all processes), so
@@ -270,11 +272,21 @@ class KDTrainer(Trainer):
         return self.resumed_totals[0] + loss, self.resumed_totals[1] + int(tokens)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        super()._save_checkpoint(model, trial)
-        totals = self.run_totals()  # collective: every process is here
+        """Trainer's checkpoint, then RUN_TOTALS, written last: a checkpoint without it is
+        half-written and never resumed from (`_last_checkpoint`). A full disk removes the
+        half and says so: torch.save's own error does not."""
         folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-        if self.is_world_process_zero() and folder.is_dir():
-            write_json(folder / RUN_TOTALS, {"loss_sum": totals[0], "tokens": totals[1]})
+        try:
+            super()._save_checkpoint(model, trial)
+            totals = self.run_totals()  # collective: every process is here
+            if self.is_world_process_zero() and folder.is_dir():
+                write_json(folder / RUN_TOTALS, {"loss_sum": totals[0], "tokens": totals[1]})
+        except Exception as e:
+            if not diskspace.looks_full(e, folder):
+                raise
+            if self.is_world_process_zero():
+                shutil.rmtree(folder, ignore_errors=True)
+            raise diskspace.as_full(e, folder) from e
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: add the CE/KD parts and throughput
@@ -306,7 +318,8 @@ class KDTrainer(Trainer):
         started = time.perf_counter()
         with torch.no_grad():
             for batch in loader:
-                parts = self.loss_parts(model, self._prepare_inputs(batch))
+                parts = self.loss_parts(model, self._without_padding(
+                    self._prepare_inputs(batch), loader))
                 sums += torch.tensor([float(parts.loss), float(parts.ce_sum),
                                       float(parts.kd_sum), parts.n_ce, parts.n_kd],
                                      dtype=torch.float64)
@@ -322,6 +335,23 @@ class KDTrainer(Trainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control,
                                                          metrics)
         return metrics
+
+    def _without_padding(self, batch: dict[str, Any], loader: Any) -> dict[str, Any]:
+        """The batch with accelerate's padding samples masked out of the loss: across
+        processes the last batch of every process is filled up with samples repeated from the
+        start (so that sharded forwards stay in step), which the sums would count twice. Of
+        that last global batch, processes in order, the first `remainder` samples are real."""
+        remainder = getattr(loader, "remainder", -1)
+        if (self.accelerator.num_processes == 1 or remainder <= 0
+                or not self.accelerator.gradient_state.end_of_dataloader):
+            return batch
+        rows = batch["labels"].shape[0]
+        keep = max(0, remainder - self.accelerator.process_index * rows)
+        if keep >= rows:
+            return batch
+        labels = batch["labels"].clone()
+        labels[keep:] = -100  # no answer token of a padding sample is counted
+        return {**batch, "labels": labels}
 
     def _prepared_model(self) -> Any:
         """The model as accelerate prepared it. FSDP and DeepSpeed place and shard it only in
@@ -496,7 +526,7 @@ def training_arguments(config: DistillConfig, out: Path, device: str, progress: 
     on_cuda = device.startswith("cuda")
     lr = config.lr if config.lr is not None else (2e-5 if config.full_finetune else 2e-4)
     epochs = config.epochs if config.epochs is not None else 1.0
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=str(out / CHECKPOINTS),
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
@@ -528,6 +558,32 @@ def training_arguments(config: DistillConfig, out: Path, device: str, progress: 
         ddp_find_unused_parameters=False,
         dataloader_num_workers=config.num_workers,
     )
+    pin_device(args, device)
+    return args
+
+
+def one_gpu_per_process(args: TrainingArguments) -> None:
+    """Train on one GPU per process. Without a distributed launch transformers takes every
+    visible GPU (`n_gpu = torch.cuda.device_count()`) and wraps the model in nn.DataParallel:
+    its replicas share the head tap (which then holds one replica's slice) and the batch is
+    silently multiplied by the GPU count. More GPUs: `accelerate launch` (one process each)."""
+    if args.n_gpu > 1:
+        args._n_gpu = 1
+
+
+def pin_device(args: TrainingArguments, device: str) -> None:
+    """Honour `--device cuda:N` in a single process: transformers picks cuda:0 there, and
+    accelerate's device is the current CUDA device. Under a distributed launch each rank's
+    device is its local rank's, as the launcher says."""
+    index = torch.device(device).index if device.startswith("cuda") else None
+    if index is None or args.world_size > 1 or int(os.environ.get("LOCAL_RANK", "-1")) != -1:
+        return
+    if index >= torch.cuda.device_count():
+        raise PrimekdError(f"--device {device}: this machine has {torch.cuda.device_count()} "
+                           "visible CUDA device(s)")
+    args.device  # noqa: B018  transformers sets its device up (and cuda:0 current) first
+    torch.cuda.set_device(index)
+    args.__dict__["_setup_devices"] = torch.device("cuda", index)  # the cached property
 
 
 def warmup_arguments(ratio: float, fields: set[str] | None = None) -> dict[str, float]:
@@ -555,8 +611,19 @@ def distill_off_policy(config: DistillConfig, callbacks: list[TrainerCallback] |
     """Train a student adapter (or full model) from a teacher store or the references."""
     check_config(config)
     out = Path(config.out)
+    diskspace.expect(_planned_need(config))  # before a file is written
     with claimed(out, config.force):
         return _distill(config, out, callbacks, progress)
+
+
+def _planned_need(config: DistillConfig) -> diskspace.Need:
+    """The output estimate from the model's architecture alone (LoRA weights are float32)."""
+    source = resolve(config.student)
+    width = 4
+    if config.full_finetune:
+        width = _torch_dtype(config, config.device or default_device()).itemsize
+    return output_need(config, planned_trainable(config, source.path), width, None,
+                       source.path)
 
 
 def claimed(out: Path, force: bool) -> Any:
@@ -579,7 +646,7 @@ def _distill(config: DistillConfig, out: Path, callbacks: list[TrainerCallback] 
     source = resolve(config.student)
     tokenizer = load_tokenizer(source, padding_side="right")
     data = build_datasets(config, tokenizer)
-    check_vocabulary(data.info, _embedding_rows(source), config.student)
+    check_vocabulary(data.info, vocabulary_rows(source), config.student)
     if not config.full_finetune:
         _check_target_modules(config, source)
     # TrainingArguments first: under ZeRO-3 it registers the config from_pretrained reads to
@@ -589,6 +656,9 @@ def _distill(config: DistillConfig, out: Path, callbacks: list[TrainerCallback] 
         write_config(config, out)
     model = build_student(config, device)
     counts = trainable_parameters(model)
+    width = next((p.element_size() for p in model.parameters() if p.requires_grad), 4)
+    diskspace.expect(output_need(config, counts[0], width, len(data.train), source.path,
+                                 args.world_size))
     trainer = kd_trainer(config, model, args, tokenizer, out, data.train, data.val,
                          [*_tensorboard(out), *(callbacks or [])], progress,
                          cross_tokenizer="cross_tokenizer" in data.info)
@@ -626,13 +696,6 @@ def kd_trainer(config: DistillConfig, model: Any, args: TrainingArguments, token
     return trainer
 
 
-def _embedding_rows(source: Any) -> int:
-    """The student's vocabulary rows from its config (no weights loaded)."""
-    config = AutoConfig.from_pretrained(source.path)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(text.vocab_size)
-
-
 def _linear_names(model: torch.nn.Module) -> list[str]:
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                    if isinstance(m, torch.nn.Linear)})
@@ -660,10 +723,32 @@ def save_final_model(trainer: KDTrainer, out: Path, reference: str, kind: str) -
     weights."""
     if trainer.is_fsdp_enabled:
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model(str(out))
-    trainer.accelerator.wait_for_everyone()
-    if trainer.is_world_process_zero():
-        make_portable(out, reference, kind)
+    staging = out / FINAL_STAGING  # whole files only reach `out`: see publish_final
+    try:
+        trainer.save_model(str(staging))
+        trainer.accelerator.wait_for_everyone()
+        if trainer.is_world_process_zero():
+            make_portable(staging, reference, kind)
+            publish_final(staging, out)
+    finally:
+        if trainer.is_world_process_zero():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+FINAL_STAGING = ".adapter_final.tmp"  # hidden; outdir counts it as distill's (adapter_*)
+_LAST = ("adapter_config.json", "config.json")  # their presence says the weights are whole
+
+
+def publish_final(staging: Path, out: Path) -> None:
+    """Move the saved files from `staging` into `out` (renames on one filesystem), the
+    configs last: `adapter_is_saved` sees a model only once its weights are all there, and
+    a full disk mid-save leaves `out` as it was."""
+    files = sorted(staging.iterdir(), key=lambda p: (p.name in _LAST, p.name))
+    for path in files:
+        target = out / path.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(path, target)
 
 
 def adapter_is_saved(out: str | Path) -> bool:
@@ -720,8 +805,15 @@ def check_out(config: DistillConfig, out: Path, marker: str) -> None:
 
 
 def _last_checkpoint(out: Path) -> str | None:
+    """The newest whole checkpoint: one a kill or a full disk cut short lacks RUN_TOTALS."""
     checkpoints = out / CHECKPOINTS
-    return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    if not checkpoints.is_dir():
+        return None
+    whole = [p for p in checkpoints.glob("checkpoint-*") if (p / RUN_TOTALS).is_file()
+             and p.name.removeprefix("checkpoint-").isdigit()]
+    if not whole:
+        return None
+    return str(max(whole, key=lambda p: int(p.name.removeprefix("checkpoint-"))))
 
 
 def write_config(config: DistillConfig, out: Path) -> None:

@@ -78,6 +78,10 @@ class EngineSpec:
                 if key not in HF_OPTIONS:
                     raise PrimekdError(f"--engine-option {key} is not an hf engine option; "
                                        f"the hf engine takes {', '.join(HF_OPTIONS)}")
+            if self.options.get("max_memory") is not None and not self.options.get(
+                    "device_map"):
+                raise PrimekdError("--engine-option max_memory needs device_map (e.g. "
+                                   "device_map=auto): it bounds what a device map places")
 
 
 ENGINE_HELP = ("Generation engine: hf (transformers in this process, CPU or GPU) or vllm "
@@ -118,6 +122,13 @@ def engine_options_field(help: str = ENGINE_OPTION_HELP) -> Any:
     """`--engine-option k=v` (repeatable) -> the `engine_options` mapping."""
     return option(help=help, factory=dict, flags=("--engine-option",), cli_type=list[str],
                   parse=parse_options, name="engine_option", set_by="experiment")
+
+
+def teacher_engine_options_field(help: str) -> Any:
+    """`--teacher-engine-option k=v` (repeatable): the teacher's options where a command
+    runs a student and a teacher (unset: the same as `--engine-option`)."""
+    return option(None, help, flags=("--teacher-engine-option",), cli_type=list[str],
+                  parse=parse_options, name="teacher_engine_option", set_by="experiment")
 
 
 def parse_options(items: Sequence[str]) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """The vLLM engine: a vLLM (or SGLang) OpenAI-compatible server, reached over HTTP.
 
-primekd either starts the server itself (`python -m vllm.entrypoints.openai.api_server` from
-a separate environment, on 127.0.0.1 and a free port, readiness polled with a timeout, stopped
-with its process group when primekd exits or another model needs the server: one alive at a
-time) or uses a running one at `base_url` after checking that it tokenizes like the model.
+primekd either starts the server itself (`engines.vllm_server`: one alive at a time, stopped
+with its whole process group when primekd exits or another model needs the server) or uses a
+running one at `base_url` after checking that it tokenizes like the model. A server primekd
+started that dies or stops answering mid-call is restarted once, and only the requests that
+had not finished are sent again.
 
 Requests go to `/v1/completions` with token-id prompts (primekd renders the chat template, so
 both engines see the same ids), concurrently (bounded), and come back as they finish:
@@ -22,20 +23,11 @@ generation_config (repetition penalty, top-k, ...) never changes what greedy mea
 from __future__ import annotations
 
 import asyncio
-import atexit
-import contextlib
-import ctypes
 import hashlib
-import importlib.util
-import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import replace
@@ -49,11 +41,15 @@ from primekd.core.errors import PrimekdError
 from primekd.core.models import adapter_hash, cache_dir, load_model, load_tokenizer, resolve
 from primekd.engines.base import Generation, SamplingParams, TopK, finish
 from primekd.engines.hf import stop_token_ids
+from primekd.engines.vllm_server import (  # noqa: F401  VLLMServer, vllm_python re-exported
+    SERVER_FLAGS,
+    VLLMServer,
+    discard,
+    running_server,
+    shutdown,
+    vllm_python,
+)
 
-# Options passed to the server as flags (`max_model_len` -> `--max-model-len`).
-SERVER_FLAGS = ("max_model_len", "gpu_memory_utilization", "dtype", "tensor_parallel_size",
-                "pipeline_parallel_size", "max_num_seqs", "max_num_batched_tokens",
-                "enforce_eager", "quantization", "max_logprobs", "max_lora_rank", "seed")
 # Options primekd itself reads.
 CLIENT_OPTIONS = {
     "python": "Python of the vLLM environment (default: .venv-vllm/bin/python, "
@@ -63,17 +59,14 @@ CLIENT_OPTIONS = {
     "extra_args": "more server arguments (a list or a string)",
     "kv_cache_space": "CPU only: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE, default 2)",
     "startup_timeout": "seconds to wait for the server to answer (default 900)",
-    "request_timeout": "seconds one request may take (default 1800)",
+    "request_timeout": "seconds one request may take (default 1800; on CPU also vLLM's "
+                       "execute timeout of one model step)",
     "concurrency": "generation requests in flight (default: --batch-size, else 64)",
     "score_tokens": "tokens of scoring requests in flight (default 8192)",
     "lora": "serve adapters with vLLM's LoRA support instead of a merged model "
             "(pays on GPU; on CPU it was 8x slower)",
     "served_model": "with --base-url: the model name to request (default: the first served)",
 }
-CPU_DEFAULTS = {"dtype": "bfloat16", "max_model_len": 2048, "enforce_eager": True}
-# (and --no-enable-chunked-prefill on CPU, see VLLMServer.command)
-SERVER_MODULE = "vllm.entrypoints.openai.api_server"
-LORA_NAME = "primekd-adapter"
 PROBE = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many "
          "clips in May. How many clips did Natalia sell altogether?  12 + 3.5 = 15.5\n"
          "Ünïcödé «quotes» — 数学 😀 <|im_start|>assistant\n<|im_end|>\tTHE ANSWER IS 72.")
@@ -91,192 +84,25 @@ def check_options(options: dict[str, Any]) -> None:
             raise PrimekdError(f"vllm engine option {key} must be a positive number")
 
 
-# ---------------------------------------------------------------------- the server
+def merged_path(source: Any, adapter: str) -> Path:
+    """Where `merged_model` keeps a merged copy (keyed by the model and the adapter's hash)."""
+    key = hashlib.sha256(f"{source.path}:{adapter_hash(adapter)}".encode()).hexdigest()[:16]
+    return cache_dir() / "merged" / f"{Path(source.path).name}-{key}"
 
 
-class VLLMServer:
-    """A vLLM server subprocess in its own process group, logging to a file."""
-
-    def __init__(self, model: str, options: dict[str, Any], lora: str | None = None) -> None:
-        self.model, self.options, self.lora = model, options, lora
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(tempfile.gettempdir()) / "primekd-vllm-unstarted.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def command(self) -> list[str]:
-        base = self.options.get("command")
-        if base:
-            command = base.split() if isinstance(base, str) else [str(c) for c in base]
-        else:
-            command = [vllm_python(self.options.get("python")), "-m", SERVER_MODULE]
-        command += ["--host", "127.0.0.1", "--port", str(self.port), "--model", self.model,
-                    "--generation-config", "vllm", "--no-enable-prefix-caching"]
-        flags = {**(CPU_DEFAULTS if not _cuda() else {}), "max_logprobs": 50,
-                 **{k: v for k, v in self.options.items() if k in SERVER_FLAGS}}
-        for key, value in flags.items():
-            if value is None or value is False:
-                continue
-            flag = "--" + key.replace("_", "-")
-            command += [flag] if value is True else [flag, str(value)]
-        if self.lora:
-            command += ["--enable-lora", "--lora-modules", f"{LORA_NAME}={self.lora}"]
-        extra = self.options.get("extra_args") or []
-        extra = extra.split() if isinstance(extra, str) else [str(a) for a in extra]
-        if not _cuda() and not any("chunked-prefill" in a for a in extra):
-            # vLLM's CPU worker fails ("CPU Generator does not use offset") on a seeded,
-            # sampled request whose prompt is split across steps: prefill prompts whole
-            command.append("--no-enable-chunked-prefill")
-        return command + extra
-
-    def start(self) -> VLLMServer:
-        command = self.command()
-        self.log_path = Path(tempfile.mkdtemp(prefix="primekd-vllm-")) / "server.log"
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(self.options.get("kv_cache_space",
-                                                                           2)),
-               "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
-        with self.log_path.open("wb") as log:
-            try:
-                self.process = subprocess.Popen(command, stdout=log,
-                                                stderr=subprocess.STDOUT, env=env,
-                                                stdin=subprocess.DEVNULL,
-                                                start_new_session=True,
-                                                preexec_fn=_die_with_parent)
-            except OSError as e:
-                raise PrimekdError(f"could not start the vLLM server: {e}") from None
-        return self
-
-    def wait_ready(self) -> None:
-        timeout = float(self.options.get("startup_timeout", 900))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            code = self.process.poll() if self.process else None
-            if code is not None:
-                raise PrimekdError(f"the vLLM server exited with code {code} before it was "
-                                   f"ready; {self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/v1/models", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise PrimekdError(f"the vLLM server did not answer within {timeout:.0f} s "
-                           f"(engine option startup_timeout); {self.log_tail()}")
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def log_tail(self, lines: int = 12) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            text = []
-        tail = " | ".join(line.strip() for line in text[-lines:] if line.strip())
-        return f"its log ({self.log_path}) ends: {tail}" if tail else \
-            f"its log ({self.log_path}) is empty"
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            _signal_group(self.process.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=30)
-        _signal_group(self.process.pid, signal.SIGKILL)  # what it left behind, too
-        if self.process.poll() is None:
-            self.process.wait()
-        self.process = None
-
-
-def _die_with_parent() -> None:
-    """Linux: the server gets SIGTERM when primekd dies, even by SIGKILL (no orphans)."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
-
-
-def vllm_python(configured: str | None = None) -> str:
-    """The Python that runs the server: the option, $PRIMEKD_VLLM_PYTHON, a `.venv-vllm` in
-    the working directory or the source checkout, else this Python if it has vllm."""
-    candidates = [configured, os.environ.get("PRIMEKD_VLLM_PYTHON")]
-    if configured or candidates[1]:
-        path = next(c for c in candidates if c)
-        if not Path(path).exists() and not shutil.which(path):
-            raise PrimekdError(f"vllm engine python {path} does not exist")
-        return path
-    for root in (Path.cwd(), Path(__file__).resolve().parents[3]):
-        python = root / ".venv-vllm" / "bin" / "python"
-        if python.exists():
-            return str(python)
-    if importlib.util.find_spec("vllm") is not None:
-        return sys.executable
-    raise PrimekdError(
-        "--engine vllm needs a vLLM environment: run `make vllm` in the primekd checkout "
-        "(CPU), `pip install vllm` on a GPU machine and pass --engine-option "
-        "python=/path/to/its/python, or give a running server with --base-url"
-    )
-
-
-# One server at a time, reused while the model and options stay the same.
-_RUNNING: dict[str, Any] = {"key": None, "server": None}
-
-
-def running_server(model: str, options: dict[str, Any], lora: str | None) -> VLLMServer:
-    key = json.dumps([model, lora, options], sort_keys=True, default=str)
-    server = _RUNNING["server"]
-    if server is not None and _RUNNING["key"] == key and server.alive():
-        return server
-    shutdown()
-    server = VLLMServer(model, options, lora).start()
-    _RUNNING.update(key=key, server=server)
-    try:
-        server.wait_ready()
-    except BaseException:
-        shutdown()
-        raise
-    return server
-
-
-def shutdown() -> None:
-    """Stop the server primekd started, if any."""
-    server = _RUNNING["server"]
-    _RUNNING.update(key=None, server=None)
-    if server is not None:
-        server.stop()
-
-
-atexit.register(shutdown)
+def drop_merged(model: str, adapter: str) -> None:
+    """Delete the merged copy of `adapter` once it is no longer needed (a full model each)."""
+    shutil.rmtree(merged_path(resolve(model), adapter), ignore_errors=True)
 
 
 def merged_model(source: Any, adapter: str) -> str:
     """The model with `adapter` merged into its weights, saved once in primekd's cache (keyed
     by the model and the adapter's hash): vLLM serves it like any model."""
-    key = hashlib.sha256(f"{source.path}:{adapter_hash(adapter)}".encode()).hexdigest()[:16]
-    target = cache_dir() / "merged" / f"{Path(source.path).name}-{key}"
+    target = merged_path(source, adapter)
     if (target / "config.json").exists():
         return str(target)
-    model = load_model(source, adapter=adapter, device="cpu").merge_and_unload()
+    # in the checkpoint's dtype ("auto"): a float32 copy of a bf16 8B model is 32 GB
+    model = load_model(source, adapter=adapter, device="cpu", dtype="auto").merge_and_unload()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
@@ -306,6 +132,7 @@ class VLLMEngine:
         self.score_tokens = int(options.get("score_tokens", 8192))
         self._loop = asyncio.new_event_loop()
         self._client: Any = None
+        self.adapter: str | None = None  # a LoRA adapter loaded into `server` at run time
 
     @classmethod
     def open(cls, model: str, adapter: str | None = None, base_url: str | None = None,
@@ -321,21 +148,22 @@ class VLLMEngine:
                 raise PrimekdError("--adapter with --base-url: serve the adapter as a LoRA "
                                    "module there and name it with --engine-option "
                                    "served_model=NAME")
-            served = served_model(base_url, options.get("served_model"))
+            served = served_model(base_url, options.get("served_model"),
+                                  model=(model, source.path))
             check_tokenizer(base_url, served, tokenizer, model)
             return cls(base_url, served, tokenizer, stop_ids, options, batch_size=batch_size)
-        lora = str(adapter) if adapter and options.get("lora") else None
+        lora = bool(adapter and options.get("lora"))
         path = merged_model(source, adapter) if adapter and not lora else source.path
         server = running_server(path, {k: v for k, v in options.items()
                                        if k not in ("concurrency", "score_tokens")}, lora)
-        served = LORA_NAME if lora else served_model(server.url)
-        return cls(server.url, served, tokenizer, stop_ids, options, server, batch_size)
+        served = server.load_adapter(str(adapter)) if lora else served_model(server.url)
+        engine = cls(server.url, served, tokenizer, stop_ids, options, server, batch_size)
+        engine.adapter = str(adapter) if lora else None
+        return engine
 
     def close(self) -> None:
         """Closes the connection; the server stays up for the next stage (see `shutdown`)."""
-        if self._client is not None:
-            self._loop.run_until_complete(self._client.aclose())
-            self._client = None
+        self._drop_client()
         self._loop.close()
 
     # ------------------------------------------------------------------ requests
@@ -352,7 +180,7 @@ class VLLMEngine:
                     return self._generation(await self._post(body), sampling)
             return run
 
-        yield from self._stream([job(i) for i in range(len(prompts))])
+        yield from self._resilient(job, len(prompts))
 
     def score(self, prompts: Sequence[list[int]], continuations: Sequence[list[int]], k: int
               ) -> Iterator[tuple[int, TopK]]:
@@ -372,7 +200,7 @@ class VLLMEngine:
 
         if any(not c for c in continuations):
             raise ValueError("every answer needs at least one token to score")
-        yield from self._stream([job(i) for i in range(len(prompts))])
+        yield from self._resilient(job, len(prompts))
 
     def _generation_body(self, prompt: list[int], sampling: SamplingParams, i: int
                          ) -> dict[str, Any]:
@@ -412,22 +240,76 @@ class VLLMEngine:
         try:
             response = await self._client.post("/v1/completions", json=body)
         except httpx.HTTPError as e:
-            raise PrimekdError(self._lost(e)) from None
+            raise ServerLost(f"{type(e).__name__}: {e}".rstrip(": ")) from None
         if response.status_code != 200:
-            raise PrimekdError(f"the vLLM server at {self.url} refused a request "
-                               f"(HTTP {response.status_code}): {response.text[:300]}")
+            refused = f"HTTP {response.status_code}: {response.text[:300]}"
+            if response.status_code >= 500 and not await self._answers():
+                raise ServerLost(refused)
+            raise PrimekdError(f"the vLLM server at {self.url} refused a request ({refused})")
         return response.json()
 
-    def _lost(self, error: Exception) -> str:
-        why = f"{type(error).__name__}: {error}".rstrip(": ")
+    async def _answers(self) -> bool:
+        """Whether the server still works (vLLM's /health says 503 once its engine died)."""
         if self.server is not None and not self.server.alive():
-            code = self.server.process.poll() if self.server.process else None
-            why = f"it exited (code {code}); {self.server.log_tail(3)}"
-            shutdown()
-        return (f"the vLLM server at {self.url} stopped answering ({why}); finished rows are "
-                "saved: rerun the same command to resume")
+            return False
+        try:
+            return (await self._client.get("/health", timeout=10)).status_code == 200
+        except httpx.HTTPError:
+            return False
 
-    def _stream(self, jobs: list[Callable[[], Awaitable[Any]]]) -> Iterator[tuple[int, Any]]:
+    def _resilient(self, job: Callable[[int], Callable[[], Awaitable[Any]]], n: int
+                   ) -> Iterator[tuple[int, Any]]:
+        """`_stream` over jobs 0..n-1. When a server primekd started dies or stops answering
+        midway, it is restarted once and the unfinished jobs run again; the caller has had
+        every finished result already (eval and teach have saved them)."""
+        todo, restarted = list(range(n)), False
+        while True:
+            done: set[int] = set()
+            try:
+                for i, result in self._stream({i: job(i) for i in todo}):
+                    done.add(i)
+                    yield i, result
+                return
+            except ServerLost as lost:
+                todo = [i for i in todo if i not in done]
+                if self.server is None or restarted:
+                    raise PrimekdError(self._given_up(lost, restarted)) from None
+                self._restart(lost)
+                restarted = True
+
+    def _restart(self, lost: ServerLost) -> None:
+        old = self.server
+        why = self._why(lost, old)
+        discard(old)  # waits for its processes, so the new one gets the memory
+        print(f"warning: the vLLM server at {self.url} stopped answering ({why}); "
+              f"{old.failure()}. Restarting it once and resuming", file=sys.stderr, flush=True)
+        self._drop_client()
+        self.server = running_server(old.model, old.options, old.lora)
+        self.url = self.server.url
+        if self.adapter:
+            self.served = self.server.load_adapter(self.adapter)
+
+    def _given_up(self, lost: ServerLost, restarted: bool) -> str:
+        why, again = self._why(lost, self.server), " again, after a restart" if restarted else ""
+        where = ""
+        if self.server is not None:
+            discard(self.server)
+            where = f"; {self.server.failure()}"
+        return (f"the vLLM server at {self.url} stopped answering{again} ({why}){where}; "
+                "finished rows are saved: rerun the same command to resume")
+
+    @staticmethod
+    def _why(lost: ServerLost, server: VLLMServer | None) -> str:
+        code = server.exit_code() if server is not None else None
+        return f"it exited with code {code}" if code is not None else str(lost)
+
+    def _drop_client(self) -> None:
+        if self._client is not None:
+            self._loop.run_until_complete(self._client.aclose())
+            self._client = None
+
+    def _stream(self, jobs: dict[int, Callable[[], Awaitable[Any]]]
+                ) -> Iterator[tuple[int, Any]]:
         """Run every job concurrently on this engine's loop; yield (index, result) as each
         finishes. Leaving early (an error, a closed iterator) cancels what is in flight."""
         loop = self._loop
@@ -435,7 +317,7 @@ class VLLMEngine:
         async def indexed(i: int, job: Callable[[], Awaitable[Any]]) -> tuple[int, Any]:
             return i, await job()
 
-        tasks = {loop.create_task(indexed(i, job)) for i, job in enumerate(jobs)}
+        tasks = {loop.create_task(indexed(i, job)) for i, job in jobs.items()}
         pending = set(tasks)
         try:
             while pending:
@@ -451,6 +333,11 @@ class VLLMEngine:
             for task in tasks:  # retrieved: no "exception was never retrieved" on stderr
                 if task.done() and not task.cancelled():
                     task.exception()
+
+
+class ServerLost(Exception):
+    """The server stopped answering a request (raised in the event loop, handled by
+    `VLLMEngine._resilient`)."""
 
 
 class _TokenBudget:
@@ -514,12 +401,17 @@ def _stop_ids(source: Any, tokenizer: Any) -> list[int]:
     return stop_token_ids(holder, tokenizer)
 
 
-def served_model(base_url: str, name: str | None = None) -> str:
+def served_model(base_url: str, name: str | None = None,
+                 model: tuple[str, str] | None = None) -> str:
+    """The model name to request at `base_url`: `name` if it is served, else the served model
+    that is `model` (its reference and local path: a server's model id is the `--model` it
+    was started with, or that path's last part), else the first one served."""
     try:
         response = httpx.get(f"{base_url.rstrip('/')}/v1/models", timeout=10)
         response.raise_for_status()
-        models = [m["id"] for m in response.json()["data"]]
-    except (httpx.HTTPError, KeyError, ValueError) as e:
+        entries = response.json()["data"]
+        models = [m["id"] for m in entries]
+    except (httpx.HTTPError, KeyError, ValueError, TypeError) as e:
         raise PrimekdError(f"no OpenAI-compatible server answers at {base_url} "
                            f"({type(e).__name__}); is it running?") from None
     if name:
@@ -528,7 +420,16 @@ def served_model(base_url: str, name: str | None = None) -> str:
         return name
     if not models:
         raise PrimekdError(f"{base_url} serves no model")
-    return models[0]
+    if model is None:
+        return models[0]
+    wanted = {n for ref in model for n in (ref.rstrip("/"), Path(ref).name) if n}
+    for entry in entries:
+        names = {str(entry.get(k) or "").rstrip("/") for k in ("id", "root")} - {""}
+        if names & wanted or {Path(n).name for n in names} & wanted:
+            return entry["id"]
+    raise PrimekdError(f"{base_url} serves {', '.join(models)}, not {model[0]}: point "
+                       f"--base-url at a server of {model[0]}, or name its model there with "
+                       "--engine-option served_model=NAME")
 
 
 def check_tokenizer(base_url: str, served: str, tokenizer: Any, model: str) -> None:

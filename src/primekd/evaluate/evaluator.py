@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from primekd import __version__
-from primekd.core import outdir, validate
-from primekd.core.chat import render
+from primekd.core import diskspace, outdir, validate
+from primekd.core.chat import STUDENT_CHAT_DATE, render
 from primekd.core.data import (
     BUNDLED_SPLITS,
     Example,
@@ -149,8 +149,28 @@ def evaluate(config: EvalConfig, progress: bool = True, loaded: tuple[Any, Any] 
         _check_model(config)  # before claiming the directory for a model that cannot load
     _check_prompts_fit(config, template, examples, loaded)
     out = Path(config.out)
-    with outdir.claimed(out, "eval", config.force):
+    with diskspace.guard(out, results_need(config, examples, out)), \
+            outdir.claimed(out, "eval", config.force):
         return _run(config, template, examples, out, progress, loaded, started)
+
+
+BYTES_PER_ROW = 400  # a results row's fields besides its texts
+
+
+def results_need(config: EvalConfig, examples: list[Example], out: Path) -> diskspace.Need:
+    """results.jsonl still to write, as UTF-8 text (~4 bytes per answer token), twice: the
+    final rewrite in data order makes a whole new copy before the old one goes. The floor,
+    below which it is refused, assumes answers of a quarter of --max-new-tokens."""
+    path = out / RESULTS
+    done = {str(row["id"]) for row in read_jsonl(path)} if path.is_file() else set()
+    todo = [e for e in examples if e.id not in done]
+    texts = sum(len(e.question.encode()) + len(e.answer.encode()) + BYTES_PER_ROW
+                for e in todo)
+    existing = path.stat().st_size if path.is_file() else 0
+    high = texts + len(todo) * config.max_new_tokens * 4
+    low = texts + len(todo) * config.max_new_tokens
+    return diskspace.Need(2 * high + existing, 2 * low + existing,
+                          f"eval ({len(todo)} answers x up to {config.max_new_tokens} tokens)")
 
 
 def _check_prompts_fit(config: EvalConfig, template: PromptTemplate, examples: list[Example],
@@ -158,7 +178,8 @@ def _check_prompts_fit(config: EvalConfig, template: PromptTemplate, examples: l
     """A prompt longer than the model's context is refused before anything is generated."""
     tokenizer = loaded[1] if loaded else load_tokenizer(config.model)
     context = model_context(loaded[0] if loaded else resolve(config.model).path)
-    texts = [render(tokenizer, template.build(e.question)) for e in examples]
+    texts = [render(tokenizer, template.build(e.question), STUDENT_CHAT_DATE)
+             for e in examples]
     prompts_fit(tokenizer, texts, context, config.max_new_tokens, "the prompt of question")
 
 
@@ -263,7 +284,8 @@ def _generate_into(path: Path, engine: Any, template: PromptTemplate, todo: list
     """Generate answers for `todo`, appending each row as it finishes; return this run's
     figures."""
     batch_size = getattr(engine, "batch_size", None) or getattr(engine, "concurrency", None)
-    prompts = encode_chats(engine.tokenizer, [template.build(e.question) for e in todo])
+    prompts = encode_chats(engine.tokenizer, [template.build(e.question) for e in todo],
+                           STUDENT_CHAT_DATE)
     n_tokens, started = 0, time.perf_counter()
     with _progress_bar(progress, len(todo)) as advance:
         for i, generation in engine.generate(prompts, config.sampling(template.stop)):

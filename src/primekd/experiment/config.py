@@ -31,7 +31,7 @@ from primekd.evaluate.evaluator import EvalConfig
 from primekd.teach.priming import BUILTIN_STRATEGIES, parse_strategy
 from primekd.teach.teacher import TeachConfig
 
-PRESETS = ("quick", "small", "small-onpolicy", "paper")
+PRESETS = ("quick", "small", "small-onpolicy", "pair", "paper")
 CONTROLS = ("base", "sft")
 
 # --- config schema ----------------------------------------------------------------------------
@@ -78,14 +78,26 @@ class StrategySpec:
         return self.user is not None
 
 
+ROLES = ("teacher", "student")
+
+
 @dataclass
 class EngineSection:
-    """The generation engine of the teacher and eval stages (a stage section may still set
-    its own `engine`/`engine_options`). `base_url` is not part of any stage's hash."""
+    """The generation engine of the teacher, eval and on-policy stages. `options` go to every
+    server; the `teacher` and `student` options are added over them for one role: the
+    teacher's (teacher stages, on-policy scoring) and the student's (eval stages, on-policy
+    rollouts), e.g. tensor_parallel_size 8 for a 405B teacher and 1 for its 8B student.
+    `base_url` is the teacher's running server: teacher stages only, and in their hash."""
 
     name: str = "hf"  # hf | vllm
-    base_url: str | None = None  # vllm: a running server instead of one primekd starts
+    base_url: str | None = None  # vllm: the teacher's running server instead of one started
     options: dict[str, Any] = field(default_factory=dict)  # vllm server/client options
+    teacher: dict[str, Any] = field(default_factory=dict)  # the teacher's, over `options`
+    student: dict[str, Any] = field(default_factory=dict)  # the student's, over `options`
+
+    def role_options(self, role: str) -> dict[str, Any]:
+        """The options of one role's servers (`teacher` or `student`)."""
+        return {**self.options, **getattr(self, role)}
 
 
 @dataclass
@@ -93,6 +105,30 @@ class ReportSection:
     title: str | None = None
     examples: int = option(1, "Worked examples (questions) shown.", ge=0)
     max_response_chars: int = 1200  # responses are cut to this length in the report
+    power_diff: float = option(8.0, "Difference in points the first paragraph's power "
+                               "statement is for (primary comparison).", gt=0, lt=100)
+
+
+@dataclass
+class CostSection:
+    """Measured rates for `run --dry-run`'s time estimate (experiment/estimate.py); no stage
+    reads them, so they are in no stage's hash. null: that stage kind is not estimated."""
+
+    teacher_tokens_per_s: float | None = option(None, "Teacher generation, answer tokens/s "
+                                                "over all requests in flight.", gt=0)
+    score_tokens_per_s: float | None = option(None, "Teacher-forced scoring (`target: "
+                                              "reference`), scored tokens/s.", gt=0)
+    eval_tokens_per_s: float | None = option(None, "Evaluation, answer tokens/s.", gt=0)
+    train_tokens_per_s: float | None = option(None, "Student training, tokens/s (prompt + "
+                                              "answer).", gt=0)
+    answer_tokens: float = option(250.0, "Mean answer length in tokens (capped by each stage's "
+                                  "max_new_tokens).", gt=0)
+    reference_tokens: float = option(130.0, "Mean GSM8K reference solution in tokens.", gt=0)
+    prompt_tokens: float = option(120.0, "Mean prompt in tokens.", gt=0)
+    start_s: float = option(0.0, "Per generation stage: model load or server start (and "
+                            "adapter merge).", ge=0)
+    attention_s: float = option(60.0, "The attention stage.", ge=0)
+    report_s: float = option(10.0, "The report stage.", ge=0)
 
 
 @dataclass
@@ -117,6 +153,7 @@ class ExperimentConfig:
     # on-policy students: {strategy, name?, lmbda?, divergence?, rounds?, ...} each
     on_policy: list[dict[str, Any]] = field(default_factory=list)
     report: ReportSection = field(default_factory=ReportSection)
+    costs: CostSection = field(default_factory=CostSection)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -206,10 +243,11 @@ def config_from_dict(raw: dict[str, Any], check_stages: bool = True) -> Experime
 
 
 def apply_engine(config: ExperimentConfig) -> None:
-    """Check the `engine` section (the teacher and eval stages' engine)."""
+    """Check the `engine` section (each role's options over the shared ones)."""
     engine = config.engine
     try:
-        EngineSpec(engine.name, engine.base_url, dict(engine.options)).check()
+        for role in ROLES:
+            EngineSpec(engine.name, engine.base_url, engine.role_options(role)).check()
     except PrimekdError as e:
         raise PrimekdError(f"config section `engine`: {e}") from None
 

@@ -28,6 +28,7 @@ from primekd.core import stats
 from primekd.core.errors import PrimekdError
 from primekd.core.grading import looping
 from primekd.core.io import atomic_write, atomic_write_text, read_json, read_jsonl
+from primekd.experiment import power_note
 from primekd.teach import store
 
 FORMAT_VERSION = 1
@@ -385,9 +386,13 @@ def _trained_on(layout: Layout, name: str) -> str:
     kept, total = data.get("kept_rows"), data.get("store_rows")
     if data.get("source") == "references":
         return f"{kept} reference solutions" if kept is not None else "reference solutions"
+    partial = (f"; PARTIAL store: {data.get('answered_rows')} of {data.get('planned_rows')} "
+               "planned answers" if data.get("partial") else "")
     if data.get("keep") == "correct":
-        return f"{kept}/{total} teacher answers (graded correct only)"
-    return f"{total} teacher answers (all)" if total is not None else "teacher answers (all)"
+        return f"{kept}/{total} teacher answers (graded correct only{partial})"
+    if total is None:
+        return f"teacher answers (all{partial})"
+    return f"{total} teacher answers (all{partial})"
 
 
 def _trained_on_policy(info: dict[str, Any]) -> str:
@@ -709,13 +714,19 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def section_overview(layout: Layout, runs: dict[str, EvalRun], table: Table, title: str) -> str:
+def section_overview(layout: Layout, runs: dict[str, EvalRun], table: Table, title: str,
+                     power_diff: float | None = None) -> str:
     config = _read_yaml(layout.run_dir / "config.yaml")
     models = config.get("models", {}) if isinstance(config, dict) else {}
     teacher, student = models.get("teacher", "?"), models.get("student", "?")
     n = max(r.n for r in runs.values())
     strategies = ", ".join(f"`{s}`" for s in layout.teachers) or "none"
     lines = [f"# {title}\n", headline(table) + "\n"]
+    if primary := power_note.primary(list(runs)):
+        diff = power_diff or _get(config if isinstance(config, dict) else {},
+                                  "report.power_diff") or 8  # run's config, else 8 points
+        lines.append(power_note.sentence(primary, *_paired(runs["kd-none"], runs[primary]),
+                                         diff, len(runs) - 1, ALPHA) + "\n")
     lines += [w + "\n" for w in truncation_warnings(layout, runs)]
     lines += [f"Teacher `{teacher}`, student `{student}`"
              + (" (self-distillation: the same model primed and unprimed)"
@@ -834,7 +845,7 @@ def _read_yaml(path: Path) -> Any:
 
 
 def build_markdown(layout: Layout, title: str | None = None, examples: int = 1,
-                   max_response_chars: int = 1200) -> str:
+                   max_response_chars: int = 1200, power_diff: float | None = None) -> str:
     runs = load_evals(layout)
     assets = layout.run_dir / ASSETS
     assets.mkdir(parents=True, exist_ok=True)
@@ -842,7 +853,7 @@ def build_markdown(layout: Layout, title: str | None = None, examples: int = 1,
     title = title or f"primekd experiment: {config.get('name', layout.run_dir.name)}"
     table = results_rows(runs)
     sections = [
-        section_overview(layout, runs, table, title),
+        section_overview(layout, runs, table, title, power_diff),
         section_paper_table(runs, table, layout),
         section_results(runs, table, assets),
         section_teachers(layout),
@@ -856,11 +867,12 @@ def build_markdown(layout: Layout, title: str | None = None, examples: int = 1,
 
 
 def write_report(run_dir: str | Path, layout: Layout | None = None, title: str | None = None,
-                 examples: int = 1, max_response_chars: int = 1200) -> dict[str, Any]:
+                 examples: int = 1, max_response_chars: int = 1200,
+                 power_diff: float | None = None) -> dict[str, Any]:
     """Write `report.md` and `report.html` into the run directory; returns their paths."""
     run_dir = Path(run_dir)
     layout = layout or Layout.discover(run_dir)
-    markdown = build_markdown(layout, title, examples, max_response_chars)
+    markdown = build_markdown(layout, title, examples, max_response_chars, power_diff)
     document_title = markdown.splitlines()[0].lstrip("# ").strip()
     atomic_write_text(run_dir / "report.md", markdown)
     atomic_write_text(run_dir / "report.html", markdown_to_html(markdown, run_dir,

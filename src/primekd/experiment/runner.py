@@ -21,10 +21,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from primekd.core import options, outdir, validate
+from primekd.core import diskspace, options, outdir, validate
 from primekd.core.data import load_examples
 from primekd.core.errors import PrimekdError
 from primekd.core.io import atomic_write_text, write_json
+from primekd.core.memory import release_memory
 from primekd.experiment.config import ExperimentConfig, plain
 from primekd.experiment.report import record_path
 from primekd.experiment.stages import (
@@ -95,6 +96,8 @@ def run_experiment(
             for index, stage in enumerate(selected, start=1):
                 if stage.kind not in ("teacher", "eval"):
                     _stop_engine_server()  # training needs the memory a server holds
+                # and a server (or the next training) the memory the last stage's model held
+                release_memory()
                 outcomes.append(run_stage(stage, functions[stage.kind], progress, callback,
                                           index, len(selected)))
         finally:
@@ -148,21 +151,29 @@ def run_stage(
     previous = stage.record() or {}
     spent = (previous.get("wall_time_s", 0.0), previous.get("cpu_time_s", 0.0))
     started, cpu_started = time.perf_counter(), time.process_time()
-    _write_record(stage, "running", spent, None)
     try:
-        result = function(stage, progress)
+        with diskspace.guard(stage.directory, STAGE_NEEDS.get(stage.kind), RERUN):
+            _write_record(stage, "running", spent, None)
+            result = function(stage, progress)
+            wall = time.perf_counter() - started
+            cpu = time.process_time() - cpu_started
+            # times accumulate over resumed attempts (that finished): the stage's compute
+            _write_record(stage, "complete", (spent[0] + wall, spent[1] + cpu), result)
     except PrimekdError as e:
         message = str(e)
         raise PrimekdError(message if message.startswith(f"{stage.name}:")
                            else f"{stage.name}: {message}") from None
-    wall = time.perf_counter() - started
-    cpu = time.process_time() - cpu_started
-    # times accumulate over resumed attempts (that finished): the compute the stage cost
-    _write_record(stage, "complete", (spent[0] + wall, spent[1] + cpu), result)
     if callback:
         callback("end", stage, index, total, state)
     return StageOutcome(stage.name, state, True, wall, str(stage.directory))
 
+
+RERUN = "rerun the same `primekd run`: finished stages are kept and it resumes"
+# Rough size of the stage that does not estimate its own (teach, eval, distill and attention
+# do): never a reason to refuse, a figure for the full-disk message
+STAGE_NEEDS = {
+    "report": diskspace.Need(2 << 20, 0, "the report (report.md, report.html, charts)"),
+}
 
 _COMMANDS = {"teacher": "teach", "distill": "distill", "eval": "eval",
              "attention": "attention", "report": "report"}

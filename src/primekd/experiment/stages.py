@@ -100,7 +100,8 @@ def plan(config: ExperimentConfig, out: str | Path) -> list[Stage]:
     for name, spec in config.strategies.items():
         stages += teacher_stages(config, out, name, spec)
     # the untrained student's evaluation right after the teachers: with teacher == student
-    # (self-distillation) on the vllm engine it reuses their server instead of starting one
+    # (self-distillation) on the vllm engine, with one set of options for both roles, it
+    # reuses their server instead of starting one
     if "base" in config.experiments:
         stages.append(eval_stage(config, out, "base"))
     on_policy = on_policy_students(config)
@@ -149,8 +150,10 @@ def teacher_stages(
     """One teacher stage per strategy, or one per shard with `teacher_shards` > 1."""
     params = _with_seed("teacher", {**config.teacher, **spec.teacher}, config.seed)
     params |= {"teacher": config.models.teacher, "strategy": name,
-               "_transfer": _slice(config.data.transfer), **_engine(config)}
-    paths: dict[str, Any] = {"data": data_file(out, "transfer"), **_base_url(config, params)}
+               "_transfer": _slice(config.data.transfer), **_engine(config, "teacher")}
+    if config.engine.name == "vllm" and config.engine.base_url:
+        params["base_url"] = config.engine.base_url  # the server answering is an input
+    paths: dict[str, Any] = {"data": data_file(out, "transfer")}
     if spec.custom:
         params["_strategy_spec"] = {
             "description": spec.description or f"custom strategy {name}",
@@ -183,15 +186,10 @@ def teacher_store_dirs(config: ExperimentConfig, out: Path, strategy: str) -> li
     return [root / shard_name(i, config.teacher_shards) for i in range(config.teacher_shards)]
 
 
-def _engine(config: ExperimentConfig) -> dict[str, Any]:
-    return {"engine": config.engine.name, "engine_options": dict(config.engine.options)}
-
-
-def _base_url(config: ExperimentConfig, params: dict[str, Any]) -> dict[str, Any]:
-    """The engine section's server, for stages on the vllm engine (a path: not hashed)."""
-    if params.get("engine") == "vllm" and config.engine.base_url:
-        return {"base_url": config.engine.base_url}
-    return {}
+def _engine(config: ExperimentConfig, role: str) -> dict[str, Any]:
+    """The engine of one role's stages: `teacher` or `student` (eval, on-policy rollouts)."""
+    return {"engine": config.engine.name,
+            "engine_options": config.engine.role_options(role)}
 
 
 def student_stage(config: ExperimentConfig, out: Path, experiment: str) -> Stage:
@@ -227,7 +225,10 @@ def on_policy_stage(config: ExperimentConfig, out: Path, name: str, entry: dict[
     params = _with_seed("distill", params, config.seed)
     params |= {"student": config.models.student, "objective": "kd", "on_policy": True,
                "teacher": config.models.teacher, "_transfer": _slice(config.data.transfer),
-               **_engine(config)}
+               **_engine(config, "student")}
+    teacher_options = config.engine.role_options("teacher")
+    if teacher_options != params["engine_options"]:  # unset: the same as the student's
+        params["teacher_engine_options"] = teacher_options
     for key in ("val_size", "epochs", "max_steps"):  # rounds decide the steps
         params.pop(key, None)
     directory = out / "students" / name
@@ -251,10 +252,9 @@ def eval_stage(config: ExperimentConfig, out: Path, experiment: str) -> Stage:
         overrides = config.strategies[experiment.removeprefix("kd-")].eval
     params = _with_seed("eval", {**config.eval, **overrides}, config.seed)
     params |= {"model": config.models.student, "_test": _slice(config.data.test),
-               **_engine(config)}
+               **_engine(config, "student")}  # never the teacher's server (base_url)
     directory = out / "eval" / experiment
-    paths: dict[str, Any] = {"out": directory, "data": data_file(out, "test"),
-                             **_base_url(config, params)}
+    paths: dict[str, Any] = {"out": directory, "data": data_file(out, "test")}
     upstream: tuple[str, ...] = ()
     if experiment != "base":
         paths["adapter"] = out / "students" / experiment
@@ -278,6 +278,7 @@ def attention_stage(config: ExperimentConfig, out: Path) -> Stage:
 def report_stage(config: ExperimentConfig, out: Path, stages: list[Stage]) -> Stage:
     hashed = plain(config.to_dict())
     hashed["engine"].pop("base_url", None)  # where the server runs changes no result
+    hashed.pop("costs", None)  # the dry-run's estimate only
     params = {"report": dataclasses.asdict(config.report), "format": report.FORMAT_VERSION,
               "config": hashed}
     layout = report.Layout(
@@ -327,7 +328,13 @@ def run_distill(stage: Stage, progress: bool) -> Any:
 
 
 def run_eval(stage: Stage, progress: bool) -> Any:
-    return evaluate(stage_config(stage), progress=progress)
+    config = stage_config(stage)
+    summary = evaluate(config, progress=progress)
+    if config.engine == "vllm" and config.adapter and not config.engine_options.get("lora"):
+        from primekd.engines.vllm import drop_merged
+
+        drop_merged(config.model, str(config.adapter))  # the stage is cached from now on
+    return summary
 
 
 def run_attention(stage: Stage, progress: bool) -> Any:

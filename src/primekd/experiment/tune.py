@@ -517,6 +517,7 @@ def _pruning_callback(trial: optuna.Trial, sign: float) -> Any:
 
 
 def _distill(distill_config: Any, pruning: Any, progress: bool) -> Any:
+    from primekd.core.memory import release_memory
     from primekd.distill import distill
     from primekd.distill.trainer import remove_checkpoints
 
@@ -531,20 +532,6 @@ def _distill(distill_config: Any, pruning: Any, progress: bool) -> Any:
     release_memory()
     remove_checkpoints(distill_config.out)  # a trial is never resumed; keep the disk free
     return result
-
-
-def release_memory() -> None:
-    """Give a finished (or failed) trial's model, optimizer state and activations back before
-    the next trial of this process: collect reference cycles, then return the cached CUDA
-    blocks, which would otherwise stay reserved by PyTorch's allocator."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
 
 
 def _score(config: TuneConfig, distill_config: Any, pruning: Any) -> float:
@@ -604,7 +591,8 @@ def _split(distill_config: Any) -> list[dict[str, Any]]:
     # alpha = 1: the split does not depend on the teacher's top-k, so skip loading them.
     probe = dataclasses.replace(distill_config, alpha=1.0)
     held = {item.id for item in build_datasets(probe, load_tokenizer(probe.student)).val}
-    table = load_store(distill_config.teacher_store, columns=["id", "question", "reference"])
+    table = load_store(distill_config.teacher_store, columns=["id", "question", "reference"],
+                       require_complete=not distill_config.allow_partial)
     rows: dict[str, dict[str, Any]] = {}
     for row in table.to_pylist():
         if row["id"] in held and row["id"] not in rows:
@@ -619,7 +607,11 @@ def _split(distill_config: Any) -> list[dict[str, Any]]:
 def preflight(config: TuneConfig) -> None:
     """Refuse a search space that distill would reject, or a store too small for the
     validation slice, before any trial starts."""
+    from primekd.teach.store import store_directories, training_coverage
+
     base = trial_distill_config(config, config.space.fixed, Path(config.out) / "trials")
+    # an unfinished store is the store's fault, not the space's (allow_partial: a fixed value)
+    training_coverage(store_directories(config.teacher_store), base.allow_partial)
     try:
         check_config(base)
     except PrimekdError as e:

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from primekd.core.errors import PrimekdError
 from primekd.core.io import atomic_write, read_json, write_json
 from primekd.core.outdir import locked as locked_directory
+from primekd.teach import coverage
 
 FORMAT = "primekd-teacher-store"
 FORMAT_VERSION = 1
@@ -199,17 +200,19 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
 def load_store(
     directories: str | Path | Sequence[str | Path],
     columns: Sequence[str] | None = None,
-    require_complete: bool = False,
+    require_complete: bool = True,
 ) -> pa.Table:
-    """All rows of one store, or of several shard stores of the same run, as one table."""
+    """All rows of one store, or of several shard stores of the same run, as one table.
+
+    `require_complete` (the default): refuse an unfinished store and a shard set with a shard
+    missing (a lone shard included), naming what is missing (`primekd.teach.coverage`);
+    False reads what is there."""
     dirs = _as_list(directories)
     manifests = [read_manifest(d) for d in dirs]
     check_compatible(dirs, manifests)
-    if require_complete:
-        for d, m in zip(dirs, manifests, strict=True):
-            if not m.get("complete"):
-                raise PrimekdError(f"teacher store {d} is incomplete: rerun its teach command")
     _check_columns(columns)
+    if require_complete:
+        coverage.require_complete(store_coverage(dirs, manifests))
     read = None if columns is None else \
         [*columns, *(c for c in ("id", "sample") if c not in columns)]
     tables = []
@@ -223,6 +226,27 @@ def load_store(
                               columns).replace_schema_metadata(None)
     _check_unique(table, dirs)
     return table if columns is None else table.select(list(columns))
+
+
+def store_coverage(dirs: Sequence[Path], manifests: Sequence[dict[str, Any]]
+                   ) -> coverage.Coverage:
+    """The answers the stores hold of those their teach run planned, and what is missing."""
+    answered = [summed_stats(d).get("rows") for d in dirs]  # the batch records decide
+    return coverage.coverage(dirs, manifests, answered)
+
+
+def training_coverage(directories: Sequence[str | Path], allow_partial: bool
+                      ) -> coverage.Coverage:
+    """The coverage of the stores a student trains on: an unfinished store or a missing
+    shard is refused unless `allow_partial` (distill's --allow-partial)."""
+    dirs = _as_list(directories)
+    manifests = [read_manifest(d) for d in dirs]
+    check_compatible(dirs, manifests)
+    found = store_coverage(dirs, manifests)
+    if allow_partial:
+        return found
+    return coverage.require_complete(found, "or pass --allow-partial to train on the "
+                                     "answers there")
 
 
 def store_directories(spec: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -298,27 +322,31 @@ def check_compatible(dirs: Sequence[Path], manifests: Sequence[dict[str, Any]]) 
     shards = [json.dumps(m["params"].get("shard")) for m in manifests]
     if len(set(shards)) != len(shards):
         raise PrimekdError("the same shard was given twice: " + ", ".join(map(str, dirs)))
-    _check_all_shards(manifests)
+    _check_chat_dates(dirs, manifests)
 
 
-def _check_all_shards(manifests: Sequence[dict[str, Any]]) -> None:
-    """Shards of a teach run load together only all of them: a missing shard would silently
-    drop every n-th question."""
-    shards = [m["params"].get("shard") for m in manifests]
-    if any(s is None for s in shards):
+def _check_chat_dates(dirs: Sequence[Path], manifests: Sequence[dict[str, Any]]) -> None:
+    """Shards started on different days pinned different dates; that matters only where the
+    teacher's chat template writes the date into its prompts (Llama 3.x)."""
+    dates = {m.get("chat_date") for m in manifests} - {None}
+    if len(dates) < 2:
         return
-    count = shards[0]["count"]
-    missing = sorted(set(range(count)) - {s["index"] for s in shards})
-    if missing:
-        names = ", ".join(f"{i}/{count}" for i in missing)
-        raise PrimekdError(f"shard(s) {names} of this {count}-shard teach run are missing: "
-                           "give every shard directory (or a glob that matches them all)")
+    for directory, manifest in zip(dirs, manifests, strict=True):
+        date, parts = manifest.get("chat_date"), part_files(directory)
+        if not date or not parts:
+            continue
+        prompts = _read_part(parts[0], ["teacher_prompt"]).column("teacher_prompt")
+        if any(date in (text or "") for text in prompts.to_pylist()[:8]):
+            raise PrimekdError(
+                f"the shards' teacher prompts carry different dates ({', '.join(sorted(dates))}"
+                f"): the teacher's chat template writes the day each shard started; redo the "
+                f"shards whose date differs from {directory}'s (delete them and rerun)")
 
 
 def validate_store(directory: str | Path) -> dict[str, Any]:
     """Check a store end to end (manifest, schema, shapes, counts); return its manifest."""
     manifest = read_manifest(directory)
-    table = load_store(directory)
+    table = load_store(directory, require_complete=False)
     top_k = manifest["params"]["top_k"]
     for row in table.select(["id", "token_ids", "topk_ids", "topk_logprobs"]).to_pylist():
         n = len(row["token_ids"])
@@ -368,7 +396,7 @@ def merged_manifest(directories: Sequence[str | Path]) -> dict[str, Any]:
                 "restated_rate"):
         if rows and all(m.get(key) is not None for m in manifests):
             merged[key] = sum(m[key] * m["counts"].get("rows", 0) for m in manifests) / rows
-    merged["complete"] = all(m.get("complete") for m in manifests)
+    merged["complete"] = store_coverage(dirs, manifests).complete
     merged["shards"] = [str(d) for d in dirs]
     return merged
 

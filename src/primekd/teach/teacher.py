@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from primekd import __version__
-from primekd.core import outdir, validate
+from primekd.core import diskspace, outdir, validate
 from primekd.core.chat import chat_date, encode_prompts, render
 from primekd.core.data import (
     Example,
@@ -45,7 +45,7 @@ from primekd.core.grading import (
     working_text,
 )
 from primekd.core.models import load_tokenizer, resolve, tokenizer_fingerprint
-from primekd.core.options import check, force_field, option
+from primekd.core.options import check, command_line, force_field, option
 from primekd.core.progress import progress_bar
 from primekd.engines import (
     EngineSpec,
@@ -138,13 +138,14 @@ def teach(config: TeachConfig, progress: bool = True) -> dict[str, Any]:
     _check_fits(config, strategy, examples, source, tokenizer)
     params = identity(config, strategy, tokenizer)
     out = Path(config.out)
-    with outdir.claimed(out, "teach", config.force):
+    units = [Unit(e, s) for e in examples for s in range(config.samples_per_question)]
+    with diskspace.guard(out, store_need(config, units, out, tokenizer)), \
+            outdir.claimed(out, "teach", config.force):
         existing = _existing_manifest(out, params)
         date = _chat_date(existing)
         store.clean_temp_files(out)
         done = store.done_keys(out)
         totals = store.summed_stats(out)  # then kept up to date here, not re-read per batch
-        units = [Unit(e, s) for e in examples for s in range(config.samples_per_question)]
         todo = [u for u in units if u.key not in done]
 
         def save() -> dict[str, Any]:
@@ -171,6 +172,38 @@ def teach(config: TeachConfig, progress: bool = True) -> dict[str, Any]:
             finally:
                 engine.close()
         return save()
+
+
+# Store bytes per answer token: 7 per top-k entry (int32 id + float32 log-prob, zstd) and 15
+# for the token and its share of the row (docs/teach.md: 155 at top-20, bench/teacher_store.py)
+BYTES_PER_TOPK, BYTES_PER_TOKEN, BYTES_PER_ROW = 7, 15, 1024
+
+
+def store_need(config: TeachConfig, units: Sequence[Unit], out: Path, tokenizer: Any
+               ) -> diskspace.Need:
+    """The store's size still to write: answers x tokens x bytes per token. Answer lengths
+    are the store's own mean when resuming, the references' for a reference target, else
+    up to --max-new-tokens (the floor, below which it is refused, assumes a quarter)."""
+    done = store.done_keys(out) if (out / store.MANIFEST).exists() else set()
+    todo = [u for u in units if u.key not in done]
+    stats = store.summed_stats(out) if done else {}
+    per_token = config.top_k * BYTES_PER_TOPK + BYTES_PER_TOKEN
+    if config.target == "reference":
+        tokens = sum(len(reference_tokens(tokenizer, u.example)) for u in todo)
+        low = high = tokens * per_token + len(todo) * BYTES_PER_ROW
+        length = "reference"
+    elif stats.get("rows"):
+        mean = stats.get("answer_tokens", 0) / stats["rows"]
+        low = high = round(len(todo) * (mean * per_token + BYTES_PER_ROW))
+        length = f"~{mean:.0f}"
+    else:
+        high = len(todo) * (config.max_new_tokens * per_token + BYTES_PER_ROW)
+        low = len(todo) * (config.max_new_tokens // 4 * per_token + BYTES_PER_ROW)
+        length = f"up to {config.max_new_tokens}"
+    if config.keep == "correct":
+        low = 0  # how many answers it keeps is not known before they are graded
+    return diskspace.Need(high, low, f"teach ({len(todo)} answers x {length} tokens x "
+                          f"top-{config.top_k})")
 
 
 def _check_fits(config: TeachConfig, strategy: Strategy, examples: Sequence[Example],
@@ -504,6 +537,7 @@ def _manifest(
         "wall_time_s": round(time.perf_counter() - started, 3),  # of the latest invocation
         "batch_size": config.batch_size,
         "complete": rows == expected_rows,
+        "command": command_line(config, "teach"),  # the rerun that finishes or resumes it
         "created_at": existing["created_at"] if existing else now,
         "updated_at": now,
         "tool_version": __version__,

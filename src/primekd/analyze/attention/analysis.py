@@ -21,7 +21,7 @@ from scipy.stats import pearsonr, spearmanr
 from primekd.analyze.attention.config import DEFAULT_LIMIT, AttentionConfig
 from primekd.analyze.attention.hooks import AttentionCollector, ModelBank, attention_modules
 from primekd.analyze.attention.metrics import JS_METRIC, METRIC_LABELS, METRICS
-from primekd.core import options, outdir
+from primekd.core import diskspace, options, outdir
 from primekd.core.chat import ChatPrompt, encode_prompts, render
 from primekd.core.data import Example, load_examples
 from primekd.core.errors import PrimekdError
@@ -50,8 +50,14 @@ def analyse(config: AttentionConfig, progress: bool = True) -> AttentionResult:
     """Run the analysis and write every output into `config.out`."""
     validate(config)
     outdir.check_out(config.out, "attention", config.force)  # before minutes of computing
-    with outdir.claimed(config.out, "attention", config.force):
+    with diskspace.guard(config.out, OUTPUT_NEED), \
+            outdir.claimed(config.out, "attention", config.force):
         return _analyse(config, progress)
+
+
+# Rough: a few tables and a dozen PNG plots; a figure for the full-disk message, never a
+# reason to refuse
+OUTPUT_NEED = diskspace.Need(10 << 20, 0, "attention (head metrics, plots)")
 
 
 def _analyse(config: AttentionConfig, progress: bool) -> AttentionResult:
