@@ -399,7 +399,8 @@ def tune_memory(ctx: argparse.Namespace) -> dict[str, Any]:
     """Two real trials of `primekd tune` in this process (tune picks the device itself: CUDA
     where there is one), then what is left of them: no model object, and on CUDA less than
     a quarter of the student's weights (a kept trial would leave all of them and more)."""
-    from primekd.experiment.tune import TuneConfig, release_memory, tune
+    from primekd.core.memory import release_memory
+    from primekd.experiment.tune import TuneConfig, tune
 
     store = teacher_store(ctx)
     release_memory()
