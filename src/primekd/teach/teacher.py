@@ -276,7 +276,7 @@ def _part(finished: list[tuple[int, dict[str, Any]]], units: Sequence[Unit],
 def _row(tokenizer: Any, unit: Unit, chat: Any, text: str, answer: list[int], reason: str,
          topk: TopK | None, config: TeachConfig) -> dict[str, Any]:
     response = tokenizer.decode(answer, skip_special_tokens=True)
-    text, ends = char_ends(tokenizer, answer)
+    answer_text, ends = char_ends(tokenizer, answer)  # `text` is the teacher's prompt
     graded = grade(chat.prefill + response, unit.example.answer, config.extractor,
                    None if reason == "reference" else reason, config.lenient)
     return {
@@ -292,7 +292,7 @@ def _row(tokenizer: Any, unit: Unit, chat: Any, text: str, answer: list[int], re
         "topk_logprobs": topk.logprobs.tolist() if topk is not None else [],
         "finish_reason": reason,
         **grade_fields(graded),
-        "answer_text": text,
+        "answer_text": answer_text,
         "token_char_ends": ends,
     }
 
