@@ -53,6 +53,14 @@ def whole(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return out
 
 
+@pytest.fixture(scope="module")
+def single(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One unsharded store of 3 questions, written as one part (a lone shard is refused)."""
+    out = tmp_path_factory.mktemp("single") / "store"
+    _teach(tiny_model_dir, out, limit=3)
+    return out
+
+
 def _copy_store(source: Path, target: Path) -> Path:
     shutil.copytree(source, target)
     (target / ".lock").unlink(missing_ok=True)
@@ -88,22 +96,21 @@ def test_cli_takes_several_teacher_stores(tiny_model_dir, shards, tmp_path):
 # ---------------------------------------------------------------- stores verified
 
 
-def test_store_with_missing_duplicated_or_corrupt_part_is_refused(tiny_model_dir, shards,
+def test_store_with_missing_duplicated_or_corrupt_part_is_refused(tiny_model_dir, single,
                                                                    tmp_path):
-    whole = shards / "shard-0"
-    assert len(store.part_files(whole)) == 1  # 3 questions in one batch of 3
-    missing = _copy_store(whole, tmp_path / "missing")
+    assert len(store.part_files(single)) == 1  # 3 questions in one batch of 3
+    missing = _copy_store(single, tmp_path / "missing")
     store.part_files(missing)[0].unlink()
     with pytest.raises(PrimekdError, match="counts 3 rows but the parts .* hold 0"):
         distill(_config(tiny_model_dir, str(missing), tmp_path / "o1"), progress=False)
 
-    doubled = _copy_store(whole, tmp_path / "doubled")
+    doubled = _copy_store(single, tmp_path / "doubled")
     part = store.part_files(doubled)[0]
     shutil.copy(part, doubled / "part-00007.parquet")
     with pytest.raises(PrimekdError, match="counts 3 rows but the parts .* hold 6"):
         distill(_config(tiny_model_dir, str(doubled), tmp_path / "o2"), progress=False)
 
-    corrupt = _copy_store(whole, tmp_path / "corrupt")
+    corrupt = _copy_store(single, tmp_path / "corrupt")
     part = store.part_files(corrupt)[0]
     part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
     with pytest.raises(PrimekdError, match=r"part-00000.parquet is not a readable Parquet"):
@@ -111,8 +118,8 @@ def test_store_with_missing_duplicated_or_corrupt_part_is_refused(tiny_model_dir
     assert not (tmp_path / "o3" / "adapter_model.safetensors").exists()
 
 
-def test_duplicate_rows_refused_even_when_counts_agree(tiny_model_dir, shards, tmp_path):
-    doubled = _copy_store(shards / "shard-0", tmp_path / "doubled")
+def test_duplicate_rows_refused_even_when_counts_agree(tiny_model_dir, single, tmp_path):
+    doubled = _copy_store(single, tmp_path / "doubled")
     shutil.copy(store.part_files(doubled)[0], doubled / "part-00007.parquet")
     manifest = json.loads((doubled / "manifest.json").read_text())
     manifest["counts"]["kept"] = 6
@@ -121,7 +128,7 @@ def test_duplicate_rows_refused_even_when_counts_agree(tiny_model_dir, shards, t
         store.load_store(doubled)
 
 
-def test_edited_fingerprint_is_caught_by_the_token_ids(tiny_model_dir, shards, tmp_path):
+def test_edited_fingerprint_is_caught_by_the_token_ids(tiny_model_dir, single, tmp_path):
     """A store from a 320-token vocabulary whose manifest claims another tokenizer's
     fingerprint: the student's tokenizer does not decode its token_ids to its responses."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -149,7 +156,7 @@ def test_edited_fingerprint_is_caught_by_the_token_ids(tiny_model_dir, shards, t
                                    unk_token="<|endoftext|>")
     fast.chat_template = original.chat_template
     fast.save_pretrained(other)
-    edited = _copy_store(shards / "shard-0", tmp_path / "edited")
+    edited = _copy_store(single, tmp_path / "edited")
     manifest = json.loads((edited / "manifest.json").read_text())
     manifest["tokenizer_fingerprint"] = tokenizer_fingerprint(load_tokenizer(str(other)))
     (edited / "manifest.json").write_text(json.dumps(manifest))
@@ -172,21 +179,21 @@ def test_teach_refuses_duplicate_ids_before_writing(tiny_model_dir, tmp_path):
 # ---------------------------------------------------------------- vocabulary guard
 
 
-def test_teacher_ids_beyond_the_student_embedding_are_refused(tiny_model_dir, shards,
+def test_teacher_ids_beyond_the_student_embedding_are_refused(tiny_model_dir, single,
                                                               tmp_path):
     """Same tokenizer files (same fingerprint), fewer embedding rows: the Qwen2.5 7B vs 0.5B
     case. Refused before training, with both sizes and the fix in one line."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     highest = max(max(max(ids) for ids in row) for row in
-                  store.load_store(shards / "shard-0")["topk_ids"].to_pylist())
+                  store.load_store(single)["topk_ids"].to_pylist())
     small = tmp_path / "small"
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     model.resize_token_embeddings(highest)  # rows 0 .. highest - 1: the top id is out
     model.save_pretrained(small)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(small)
     with pytest.raises(PrimekdError) as error:
-        distill(_config(small, str(shards / "shard-0"), tmp_path / "o"), progress=False)
+        distill(_config(small, str(single), tmp_path / "o"), progress=False)
     message = str(error.value)
     assert f"token id {highest}" in message and f"{highest} embedding rows" in message
     assert "trim" in message and "\n" not in message
@@ -259,20 +266,20 @@ def test_float16_trains_with_loss_scaling_or_is_refused():
 
 @pytest.mark.parametrize("option", [("--temperature", "inf"), ("--lr", "nan"),
                                     ("--alpha", "nan"), ("--warmup-ratio", "inf")])
-def test_non_finite_options_refused_before_anything(tiny_model_dir, shards, tmp_path, option):
+def test_non_finite_options_refused_before_anything(tiny_model_dir, single, tmp_path, option):
     out = tmp_path / "o"
     proc = _primekd("distill", "--student", str(tiny_model_dir), "--teacher-store",
-                    str(shards / "shard-0"), "--out", str(out), *option)
+                    str(single), "--out", str(out), *option)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().startswith("error:") and "finite" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not out.exists()
 
 
-def test_non_finite_loss_stops_training_without_an_adapter(tiny_model_dir, shards, tmp_path):
+def test_non_finite_loss_stops_training_without_an_adapter(tiny_model_dir, single, tmp_path):
     out = tmp_path / "o"
     with pytest.raises(PrimekdError, match=r"step 1: the training loss is (nan|inf)"):
-        distill(_config(tiny_model_dir, str(shards / "shard-0"), out, temperature=1e30,
+        distill(_config(tiny_model_dir, str(single), out, temperature=1e30,
                         alpha=0.0), progress=False)
     assert not (out / "adapter_model.safetensors").exists()
     assert not (out / "summary.json").exists()
@@ -307,12 +314,12 @@ def test_resumed_summary_covers_the_whole_run(tiny_model_dir, whole, tmp_path):
     assert resumed["mean_train_loss"] == pytest.approx(whole["mean_train_loss"], rel=1e-4)
 
 
-def test_adapter_files_are_portable(tiny_model_dir, shards, tmp_path):
+def test_adapter_files_are_portable(tiny_model_dir, single, tmp_path):
     from primekd.core.models import load_model
     from primekd.distill.trainer import make_portable
 
     out = tmp_path / "o"
-    distill(_config(tiny_model_dir, str(shards / "shard-0"), out), progress=False)
+    distill(_config(tiny_model_dir, str(single), out), progress=False)
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file()}
     assert modes["adapter_model.safetensors"] == modes["adapter_config.json"]
     config = json.loads((out / "adapter_config.json").read_text())
@@ -333,9 +340,9 @@ def test_checkpoints_kept_until_the_adapter_is_saved(tmp_path):
     assert (tmp_path / "checkpoints" / "checkpoint-2").exists()
 
 
-def test_distill_progress_is_rich_not_raw_tqdm(tiny_model_dir, shards, tmp_path):
+def test_distill_progress_is_rich_not_raw_tqdm(tiny_model_dir, single, tmp_path):
     proc = _primekd("distill", "--student", str(tiny_model_dir), "--teacher-store",
-                    str(shards / "shard-0"), "--out", str(tmp_path / "o"), "--max-steps", "2",
+                    str(single), "--out", str(tmp_path / "o"), "--max-steps", "2",
                     "--batch-size", "2", env={"COLUMNS": "120"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "it/s]" not in proc.stderr and "s/it]" not in proc.stderr  # tqdm's rate

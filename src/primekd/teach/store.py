@@ -124,7 +124,12 @@ def write_manifest(directory: str | Path, manifest: dict[str, Any]) -> None:
 
 
 def part_metadata(path: str | Path) -> dict[str, Any]:
-    metadata = pq.read_schema(path).metadata or {}
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException) as e:
+        raise PrimekdError(f"{path} is not a readable Parquet part (truncated or corrupt: "
+                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                           "delete it and rerun the teach command to redo its batch") from None
     if _META_KEY not in metadata:
         raise PrimekdError(f"{path} is not a primekd teacher-store part (no batch metadata)")
     return json.loads(metadata[_META_KEY])
