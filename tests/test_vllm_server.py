@@ -234,6 +234,7 @@ def test_a_dead_server_is_restarted_once_and_only_the_unfinished_rerun(tmp_path,
     from primekd.engines import SamplingParams
     from primekd.engines.vllm_server import shutdown
 
+    before = set(Path(tempfile.gettempdir()).glob("primekd-vllm-*"))  # others' servers
     engine, state = _fake_engine(tmp_path, "1:3")  # the first server dies on request 3
     try:
         got = [i for i, _ in engine.generate([[i] for i in range(6)], SamplingParams(3))]
@@ -244,7 +245,7 @@ def test_a_dead_server_is_restarted_once_and_only_the_unfinished_rerun(tmp_path,
     assert _answered(state) == [(1, 0), (1, 1), (2, 2), (2, 3), (2, 4), (2, 5)]
     warning = capfd.readouterr().err
     assert "Restarting it once" in warning and "RuntimeError: the engine fell over" in warning
-    kept = list(Path(tempfile.gettempdir()).glob("primekd-vllm-*"))
+    kept = sorted(set(Path(tempfile.gettempdir()).glob("primekd-vllm-*")) - before)
     assert len(kept) == 1 and str(kept[0] / "server.log") in warning  # the dead one's log
     shutil.rmtree(kept[0])
 
@@ -252,6 +253,7 @@ def test_a_dead_server_is_restarted_once_and_only_the_unfinished_rerun(tmp_path,
 def test_a_server_that_dies_again_gives_one_line_naming_its_log(tmp_path) -> None:
     from primekd.engines import SamplingParams
 
+    before = set(Path(tempfile.gettempdir()).glob("primekd-vllm-*"))  # others' servers
     engine, state = _fake_engine(tmp_path, "1:2,2:2")
     got = []
     try:
@@ -266,5 +268,5 @@ def test_a_server_that_dies_again_gives_one_line_naming_its_log(tmp_path) -> Non
     assert "it says: RuntimeError: the engine fell over" in message and "rerun" in message
     log = Path(re.search(r"kept at (\S+server\.log)", message).group(1))
     assert log.exists() and engine.server.process is None  # stopped, all of it
-    for kept in Path(tempfile.gettempdir()).glob("primekd-vllm-*"):
+    for kept in set(Path(tempfile.gettempdir()).glob("primekd-vllm-*")) - before:
         shutil.rmtree(kept)
