@@ -175,8 +175,9 @@ def teach(config: TeachConfig, progress: bool = True) -> dict[str, Any]:
 
 
 # Store bytes per answer token: 7 per top-k entry (int32 id + float32 log-prob, zstd) and 15
-# for the token and its share of the row (docs/teach.md: 155 at top-20, bench/teacher_store.py)
-BYTES_PER_TOPK, BYTES_PER_TOKEN, BYTES_PER_ROW = 7, 15, 1024
+# for the token and its share of the row (docs/teach.md: 155 at top-20, bench/teacher_store.py),
+# plus 8 for the cross-tokenizer columns (its characters of answer_text, its int32 char end)
+BYTES_PER_TOPK, BYTES_PER_TOKEN, BYTES_PER_ROW = 7, 23, 1024
 
 
 def store_need(config: TeachConfig, units: Sequence[Unit], out: Path, tokenizer: Any
