@@ -227,6 +227,10 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
 # ---- chunked loss ------------------------------------------------------------------------------
 
 
+# A per-token KD term over one chunk: (logits, topk_ids, topk_logprobs, lse) -> (n,) values.
+PerTokenKD = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def _chunk_sums(
     head: Callable[[torch.Tensor], torch.Tensor] | None,
     x: torch.Tensor,
@@ -234,9 +238,7 @@ def _chunk_sums(
     kd_mask: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_logprobs: torch.Tensor,
-    kind: str,
-    temperature: float,
-    beta: float | None,
+    per_token: PerTokenKD,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     logits = _upcast(head(x) if head is not None else x)
     # CE from the same logsumexp the buckets use: no (n, V) log-softmax of its own.
@@ -248,8 +250,40 @@ def _chunk_sums(
         return ce, logits.new_zeros(())
     # All rows at once (rows without a teacher hold finite placeholders), then masked:
     # indexing the rows out first would copy the (n, V) logits.
-    kd = _sparse_kd(logits, topk_ids, topk_logprobs, kind, temperature, beta, lse)
+    kd = per_token(logits, topk_ids, topk_logprobs, lse)
     return ce, torch.where(kd_mask, kd, 0.0).sum()
+
+
+def chunked_sums(
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor] | None,
+    kd_mask: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    per_token: PerTokenKD,
+    chunk_size: int,
+    use_checkpoint: bool | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CE and KD sums over n tokens, chunk by chunk: no (n, V) tensor at once. With more than
+    one chunk and gradients needed, each chunk is recomputed in backward (checkpointing)."""
+    n = labels.shape[0]
+    if use_checkpoint is None:  # one chunk: recomputing it in backward would save nothing
+        use_checkpoint = torch.is_grad_enabled() and inputs.requires_grad and n > chunk_size
+    ce_sum = inputs.new_zeros((), dtype=torch.float32 if inputs.dtype != torch.float64
+                              else torch.float64)
+    kd_sum = ce_sum.clone()
+    for start in range(0, n, chunk_size):
+        sl = slice(start, start + chunk_size)
+        args = (head, inputs[sl], labels[sl], kd_mask[sl], topk_ids[sl], topk_logprobs[sl],
+                per_token)
+        if use_checkpoint:
+            ce, kd = checkpoint(_chunk_sums, *args, use_reentrant=False)
+        else:
+            ce, kd = _chunk_sums(*args)
+        ce_sum = ce_sum + ce
+        kd_sum = kd_sum + kd
+    return ce_sum, kd_sum
 
 
 def kd_loss_parts(
@@ -288,20 +322,12 @@ def kd_loss_parts(
         kd_mask = torch.zeros(n, dtype=torch.bool, device=labels.device)
         topk_ids = torch.zeros((n, 1), dtype=torch.long, device=labels.device)
         topk_logprobs = torch.zeros((n, 1), dtype=inputs.dtype, device=labels.device)
-    if use_checkpoint is None:  # one chunk: recomputing it in backward would save nothing
-        use_checkpoint = torch.is_grad_enabled() and inputs.requires_grad and n > chunk_size
-    ce_sum = inputs.new_zeros((), dtype=torch.float32 if inputs.dtype != torch.float64
-                              else torch.float64)
-    kd_sum = ce_sum.clone()
-    for start in range(0, n, chunk_size):
-        sl = slice(start, start + chunk_size)
-        args = (head, inputs[sl], labels[sl], kd_mask[sl], topk_ids[sl], topk_logprobs[sl],
-                kind, temperature, beta)
-        if use_checkpoint:
-            ce, kd = checkpoint(_chunk_sums, *args, use_reentrant=False)
-        else:
-            ce, kd = _chunk_sums(*args)
-        ce_sum = ce_sum + ce
-        kd_sum = kd_sum + kd
+
+    def per_token(logits: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor,
+                  lse: torch.Tensor) -> torch.Tensor:
+        return _sparse_kd(logits, ids, logprobs, kind, temperature, beta, lse)
+
+    ce_sum, kd_sum = chunked_sums(inputs, labels, head, kd_mask, topk_ids, topk_logprobs,
+                                  per_token, chunk_size, use_checkpoint)
     loss = alpha * ce_sum + (1.0 - alpha) * temperature**2 * kd_sum if use_kd else ce_sum
     return LossParts(loss, ce_sum, kd_sum, int((labels != -100).sum()), int(kd_mask.sum()))

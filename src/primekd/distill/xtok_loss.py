@@ -26,12 +26,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from primekd.distill.kd_loss import (
     LOG_FLOOR,
     LossParts,
-    _upcast,
+    chunked_sums,
     divergence,
     resolve_beta,
     teacher_buckets,
@@ -107,32 +106,6 @@ def _unmapped_uld(logits: torch.Tensor, lse: torch.Tensor, valid: torch.Tensor,
     return torch.where(slots, (teacher - student).abs(), 0.0).sum(-1)
 
 
-def _chunk_sums(
-    head: Callable[[torch.Tensor], torch.Tensor] | None,
-    x: torch.Tensor,
-    labels: torch.Tensor,
-    kd_mask: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_logprobs: torch.Tensor,
-    loss: str,
-    kind: str,
-    temperature: float,
-    beta: float | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = _upcast(head(x) if head is not None else x)
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    valid = labels != -100
-    target = logits.gather(-1, labels.clamp_min(0).unsqueeze(-1))
-    ce = torch.where(valid, (lse - target).squeeze(-1), 0.0).sum()
-    if not bool(kd_mask.any()):
-        return ce, logits.new_zeros(())
-    if loss == "uld":
-        kd = uld_per_token(logits, topk_logprobs, temperature, lse)
-    else:
-        kd = mapped_per_token(logits, topk_ids, topk_logprobs, kind, temperature, beta, lse)
-    return ce, torch.where(kd_mask, kd, 0.0).sum()
-
-
 def xtok_loss_parts(
     inputs: torch.Tensor,
     labels: torch.Tensor,
@@ -157,20 +130,16 @@ def xtok_loss_parts(
         raise ValueError(f"unknown cross-tokenizer loss {loss!r}; choose from "
                          f"{', '.join(XTOK_LOSSES)}")
     resolve_beta(kind, beta)
-    n = labels.shape[0]
+
+    def per_token(logits: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor,
+                  lse: torch.Tensor) -> torch.Tensor:
+        if loss == "uld":
+            return uld_per_token(logits, logprobs, temperature, lse)
+        return mapped_per_token(logits, ids, logprobs, kind, temperature, beta, lse)
+
     kd_mask = kd_mask.bool()
-    if use_checkpoint is None:
-        use_checkpoint = torch.is_grad_enabled() and inputs.requires_grad and n > chunk_size
-    ce_sum = inputs.new_zeros((), dtype=torch.float64 if inputs.dtype == torch.float64
-                              else torch.float32)
-    kd_sum = ce_sum.clone()
-    for start in range(0, n, chunk_size):
-        sl = slice(start, start + chunk_size)
-        args = (head, inputs[sl], labels[sl], kd_mask[sl], topk_ids[sl], topk_logprobs[sl],
-                loss, kind, temperature, beta)
-        ce, kd = checkpoint(_chunk_sums, *args, use_reentrant=False) if use_checkpoint \
-            else _chunk_sums(*args)
-        ce_sum, kd_sum = ce_sum + ce, kd_sum + kd
+    ce_sum, kd_sum = chunked_sums(inputs, labels, head, kd_mask, topk_ids, topk_logprobs,
+                                  per_token, chunk_size, use_checkpoint)
     total = alpha * ce_sum + (1.0 - alpha) * temperature**2 * kd_sum
     return LossParts(total, ce_sum, kd_sum, int((labels != -100).sum()), int(kd_mask.sum()))
 
