@@ -6,6 +6,13 @@
 #   bench/run_preset.sh --here          # run in this checkout (must be clean), then publish
 #   PRESET=small-onpolicy bench/run_preset.sh               # another preset
 #   RUN_SMALL_SET="eval.batch_size=32" bench/run_preset.sh  # extra --set overrides (recorded)
+#   WORK=/work/runs/pair-clone PRESET=pair bench/run_preset.sh  # a fixed clone: rerun the same
+#                                       # line after an interruption and it resumes there
+#
+# A run that spans interruptions (the pair preset: about 9 hours) records the stages' summed
+# wall time (each stage's record adds up its attempts) as run_seconds, and the wall time of
+# this last invocation beside it. Presets whose models are fetched (`make models`) fetch them
+# first; a verified file is not fetched again.
 #
 # The run directory is kept (runs/<preset> in the clone; its path is printed): a rerun of this
 # script with --here on the same checkout is served from the stage cache. Nothing is
@@ -25,16 +32,25 @@ fi
 commit=$(git rev-parse HEAD)
 if $here; then
     work=$repo
+elif [[ -n "${WORK:-}" && -d "$WORK/.git" ]]; then
+    if [[ "$(git -C "$WORK" rev-parse HEAD)" != "$commit" ]]; then
+        echo "run_preset: $WORK holds commit $(git -C "$WORK" rev-parse --short HEAD), not" \
+             "$(git rev-parse --short HEAD); remove it or name another WORK" >&2
+        exit 2
+    fi
+    work=$WORK  # resume: the stage cache in $WORK/runs/$preset skips what finished
 else
-    work=$(mktemp -d "/tmp/primekd-$preset.XXXXXX")
-    git clone --quiet --no-hardlinks "$repo" "$work/primekd"
-    work=$work/primekd
+    work=${WORK:-$(mktemp -d "/tmp/primekd-$preset.XXXXXX")/primekd}
+    git clone --quiet --no-hardlinks "$repo" "$work"
     git -C "$work" checkout --quiet "$commit"
 fi
 cd "$work"
 started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 setup_s=$SECONDS
 make setup
+if .venv/bin/primekd run --preset "$preset" --print-config | grep -q "qwen2.5-coder"; then
+    make models
+fi
 setup_s=$((SECONDS - setup_s))
 sets=()
 for item in ${RUN_SMALL_SET:-}; do sets+=(--set "$item"); done
@@ -62,7 +78,8 @@ cp "runs/$preset-summary.json" "$dest/run-summary.json"
     echo "commit: $commit"
     echo "started_utc: $started"
     echo "setup_seconds: $setup_s"
-    echo "run_seconds: $run_s"
+    echo "run_seconds: $(.venv/bin/python -c 'import json, pathlib, sys; print(round(sum(json.loads(p.read_text())["wall_time_s"] for p in pathlib.Path(sys.argv[1]).glob("*.json"))))' "runs/$preset/.stages")"
+    echo "last_invocation_seconds: $run_s"
     echo "cached_rerun_seconds: $rerun_s"
     echo "overrides: ${RUN_SMALL_SET:-none}"
     echo "clean_clone: $([[ $here == true ]] && echo no || echo yes)"
