@@ -1,11 +1,12 @@
 """Whether a teacher can score the student's tokens on-policy.
 
-On-policy distillation hands the student's answer token ids to the teacher and trains on the
-teacher's top-k ids at every position, so both must read ids alike (one vocabulary) and
-every id the teacher can name must be a row of the student's output layer (an id past it is
-a device-side assert on CUDA, mid-run). `check_teacher_compat` refuses a pair that breaks
-either, in one line, before any rollout. Cross-tokenizer distillation plugs in here: a
-teacher with another vocabulary is then mapped instead of refused.
+On-policy distillation with a teacher of the student's tokenizer hands the student's answer
+token ids to the teacher and trains on the teacher's top-k ids at every position, so every id
+the teacher can name must be a row of the student's output layer (an id past it is a
+device-side assert on CUDA, mid-run): `check_teacher_compat` refuses a pair that breaks this,
+in one line, before any rollout. A teacher of another tokenizer reads the rollouts' text in
+its own tokens instead, and its scores are aligned back by characters (cross-tokenizer KD,
+`distill.xtok_data`), so its vocabulary size does not matter.
 """
 
 from __future__ import annotations
@@ -25,15 +26,14 @@ def vocabulary_rows(source: Any) -> int:
     return int(text.vocab_size)
 
 
-def check_teacher_compat(student: str, teacher: str, student_tokenizer: Any,
-                         teacher_tokenizer: Any, student_rows: int, teacher_rows: int) -> None:
-    """Refuse a teacher whose vocabulary differs from the student's, or whose output layer
-    has rows (ids its top-k may name) the student lacks."""
-    if tokenizer_fingerprint(teacher_tokenizer) != tokenizer_fingerprint(student_tokenizer):
-        raise PrimekdError(
-            f"--teacher {teacher} has another tokenizer than the student {student}: it would "
-            "score the student's token ids as its own tokens; on-policy distillation needs "
-            "one vocabulary (a teacher of the student's model family)")
+def same_tokenizer(student_tokenizer: Any, teacher_tokenizer: Any) -> bool:
+    return tokenizer_fingerprint(teacher_tokenizer) == tokenizer_fingerprint(student_tokenizer)
+
+
+def check_teacher_compat(student: str, teacher: str, student_rows: int, teacher_rows: int
+                         ) -> None:
+    """Refuse a teacher of the student's tokenizer whose output layer has rows (ids its
+    top-k may name) the student lacks."""
     if teacher_rows > student_rows:
         raise PrimekdError(
             f"--teacher {teacher} has {teacher_rows} vocabulary rows, the student {student} "

@@ -28,7 +28,7 @@ import os
 import time
 import zlib
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -51,7 +51,7 @@ from primekd.core.io import (
 )
 from primekd.core.memory import release_memory
 from primekd.core.models import default_device, load_tokenizer, resolve, tokenizer_fingerprint
-from primekd.distill.compat import check_teacher_compat, vocabulary_rows
+from primekd.distill.compat import check_teacher_compat, same_tokenizer, vocabulary_rows
 from primekd.distill.config import DistillConfig, check_config, teacher_options
 from primekd.distill.data import Item, build_datasets, student_prompts
 from primekd.distill.trainer import (
@@ -74,6 +74,7 @@ from primekd.engines.hf import SORT_WINDOW_BATCHES, HFEngine
 from primekd.evaluate.answer_stop import sampling_options
 from primekd.teach import store
 from primekd.teach.priming import Strategy, get_strategy
+from primekd.teach.spans import decode_text, encode_with_ends
 from primekd.teach.teacher import answer_text
 
 ROUNDS_DIR, ROUNDS_FILE, ROLLOUT_FILE = "rounds", "rounds.json", "rollout.jsonl"
@@ -136,12 +137,12 @@ def _distill_on_policy(config: DistillConfig, out: Path, progress: bool) -> Dist
     source = resolve(config.student)
     tokenizer = load_tokenizer(source, padding_side="right")
     examples = _examples(config)
-    pool = _off_policy_pool(config, tokenizer)
+    teacher = _Teacher(config, tokenizer, device)  # refuses an unfit teacher first
+    pool = _off_policy_pool(config, tokenizer, teacher.cross)
     plan = round_plan(config, len(examples), len(pool))
     args = training_arguments(replace(config, max_steps=plan["max_steps"], epochs=None,
                                       save_steps=10 ** 9), out, device, progress, False)
     args.ignore_data_skip = True  # each round trains on its own data, from its start
-    teacher = _Teacher(config, tokenizer, device)  # refuses an unfit teacher first
     # placed now: round 0 rolls out before the Trainer would place it
     model = build_student(config, device).to(args.device)
     teacher.model = model
@@ -167,7 +168,7 @@ def _distill_on_policy(config: DistillConfig, out: Path, progress: bool) -> Dist
             model.to(args.device)
             tick = time.perf_counter()
             trainer = _train_round(config, model, args, tokenizer, items, out, previous,
-                                   progress, plan["steps_per_round"] * (r + 1))
+                                   progress, plan["steps_per_round"] * (r + 1), teacher.cross)
             record.update(train_s=round(time.perf_counter() - tick, 3),
                           on_sequences=len(on_items), off_sequences=len(items) - len(on_items),
                           step=trainer.state.global_step,
@@ -241,7 +242,7 @@ def _examples(config: DistillConfig) -> list[Example]:
     return examples
 
 
-def _off_policy_pool(config: DistillConfig, tokenizer: Any) -> list[Item]:
+def _off_policy_pool(config: DistillConfig, tokenizer: Any, cross: bool) -> list[Item]:
     if not config.teacher_store or config.lmbda >= 1.0:
         return []
     k = store.read_manifest(store.store_directories(config.teacher_store)[0]).get("top_k")
@@ -249,10 +250,12 @@ def _off_policy_pool(config: DistillConfig, tokenizer: Any) -> list[Item]:
         raise PrimekdError(f"--teacher-store holds the teacher's top-{k}: score the student's "
                            f"rollouts with the same k (--top-k {k})")
     pool = build_datasets(replace(config, data=None, val_size=0), tokenizer)
-    if "cross_tokenizer" in pool.info:
-        raise PrimekdError(f"--on-policy mixes in --teacher-store rows scored in the student's "
-                           f"tokens; {config.teacher_store} has another tokenizer's: use it "
-                           "off-policy (drop --on-policy), or --lmbda 1")
+    if ("cross_tokenizer" in pool.info) != cross:  # one loss trains both kinds of rows
+        mine, its = ("another", "the student's") if cross else ("the student's", "another")
+        raise PrimekdError(f"--on-policy's teacher has {mine} tokenizer, and --teacher-store "
+                           f"{config.teacher_store} was written with {its}: off-policy rows "
+                           "must come from a teacher of the on-policy teacher's tokenizer; "
+                           "use the store off-policy (drop --on-policy), or --lmbda 1")
     return pool.train
 
 
@@ -282,14 +285,17 @@ def _on_policy_round(config: DistillConfig, model: Any, tokenizer: Any, teacher:
         tick = time.perf_counter()
         _score(config, tokenizer, teacher, strategy, units, rollouts, round_dir, date)
         record["score_s"] = round(time.perf_counter() - tick, 3)
-        manifest = _manifest(config, round_dir, strategy, tokenizer, len(units), r)
+        manifest = _manifest(config, round_dir, strategy, teacher.tokenizer, len(units), r)
         manifest["chat_date"] = date
         store.write_manifest(round_dir, manifest)
     record.update(rollout_tokens=sum(len(g["token_ids"]) for g in rollouts.values()),
                   student_accuracy=manifest["teacher_accuracy"])
     round_config = replace(config, teacher_store=str(round_dir), data=None, limit=None,
                            val_size=0)
-    return build_datasets(round_config, tokenizer).train
+    data = build_datasets(round_config, tokenizer)
+    if "cross_tokenizer" in data.info:
+        record["cross_tokenizer"] = data.info["cross_tokenizer"]
+    return data.train
 
 
 def _rollouts(config: DistillConfig, model: Any, tokenizer: Any, teacher: _Teacher,
@@ -361,14 +367,15 @@ def _score(config: DistillConfig, tokenizer: Any, teacher: _Teacher, strategy: S
     chats = [strategy.render(e.question, e.answer, answer_text(e)) for e, _ in todo]
     texts = [render(teacher.tokenizer, chat, date) for chat in chats]
     prompts = encode_prompts(teacher.tokenizer, texts)
-    answers = [rollouts[(e.id, s)]["token_ids"] for e, s in todo]
+    answers = [teacher.answer(tokenizer, rollouts[(e.id, s)]) for e, s in todo]
     engine = teacher.teacher_engine()
     for start in range(0, len(todo), config.batch_size * 4):
         end = min(start + config.batch_size * 4, len(todo))
-        topks = collect(teacher.score(engine, prompts[start:end], answers[start:end],
-                                      config.top_k), end - start)
-        rows = [_store_row(tokenizer, todo[i], texts[i], rollouts[(todo[i][0].id,
-                                                                    todo[i][1])], topks[i - start])
+        topks = collect(teacher.score(engine, prompts[start:end],
+                                      [a.ids for a in answers[start:end]], config.top_k),
+                        end - start)
+        rows = [_store_row(todo[i], texts[i], rollouts[(todo[i][0].id, todo[i][1])],
+                           answers[i], topks[i - start])
                 for i in range(start, end)]
         stats = {"rows": len(rows), "kept": len(rows),
                  "correct": sum(r["correct"] for r in rows),
@@ -376,17 +383,29 @@ def _score(config: DistillConfig, tokenizer: Any, teacher: _Teacher, strategy: S
         store.write_part(round_dir, rows, [(e.id, s) for e, s in todo[start:end]], stats)
 
 
-def _store_row(tokenizer: Any, unit: tuple[Example, int], teacher_prompt: str,
-               rollout: dict[str, Any], topk: TopK) -> dict[str, Any]:
+@dataclass
+class TeacherAnswer:
+    """A rollout as the teacher reads it: its token ids (the student's own, or the rollout's
+    text in the teacher's tokens) and, for another tokenizer, that text and every token's end
+    in it, which the student's tokens are aligned to (`distill.xtok_data`)."""
+
+    ids: list[int]
+    text: str | None = None
+    char_ends: list[int] | None = None
+
+
+def _store_row(unit: tuple[Example, int], teacher_prompt: str, rollout: dict[str, Any],
+               answer: TeacherAnswer, topk: TopK) -> dict[str, Any]:
     example, sample = unit
     graded = grade(rollout["text"], example.answer)
     return {"id": example.id, "sample": sample, "question": example.question,
             "reference": example.answer, "gold": example.gold,
             "teacher_prompt": teacher_prompt, "response": rollout["text"],
-            "token_ids": rollout["token_ids"], "topk_ids": topk.ids.tolist(),
+            "token_ids": answer.ids, "topk_ids": topk.ids.tolist(),
             "topk_logprobs": topk.logprobs.tolist(),
             "finish_reason": rollout["finish_reason"], "extracted": graded.extracted,
-            "correct": graded.correct}
+            "correct": graded.correct, "answer_text": answer.text,
+            "token_char_ends": answer.char_ends}
 
 
 def _manifest(config: DistillConfig, round_dir: Path, strategy: Strategy, tokenizer: Any,
@@ -395,7 +414,7 @@ def _manifest(config: DistillConfig, round_dir: Path, strategy: Strategy, tokeni
     rows = int(totals.get("kept", 0))
     now = datetime.now(UTC).isoformat(timespec="seconds")
     params = {"teacher": config.teacher or config.student, "student": config.student,
-              "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+              "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),  # the store's tokens
               "strategy": strategy.to_dict(), "target": TARGET, "round": r,
               "generation": {"samples_per_question": config.samples_per_question,
                              "temperature": config.rollout_temperature,
@@ -437,8 +456,9 @@ class _Teacher:
         self.student_tokenizer = tokenizer
         self.tokenizer = tokenizer if self.self_teacher else \
             load_tokenizer(resolve(config.teacher))
-        if not self.self_teacher:
-            check_teacher_compat(config.student, config.teacher, tokenizer, self.tokenizer,
+        self.cross = not same_tokenizer(tokenizer, self.tokenizer)
+        if not self.self_teacher and not self.cross:
+            check_teacher_compat(config.student, config.teacher,
                                  vocabulary_rows(resolve(config.student)),
                                  vocabulary_rows(resolve(config.teacher)))
         self._hf_teacher: Any = None
@@ -490,6 +510,19 @@ class _Teacher:
                                              batch_size=self.config.batch_size * 4,
                                              **self.teacher_spec.options)
         return self._hf_teacher
+
+    def answer(self, student_tokenizer: Any, rollout: dict[str, Any]) -> TeacherAnswer:
+        """The rollout in the teacher's tokens: the student's ids for one tokenizer; for
+        another, the rollout's text encoded by the teacher (its EOS after a finished answer,
+        as the student's text gets the student's EOS), with the spans that align it back."""
+        if not self.cross:
+            return TeacherAnswer(list(rollout["token_ids"]))
+        text = decode_text(self.student_tokenizer, rollout["token_ids"])
+        ids, ends = encode_with_ends(self.tokenizer, text)
+        eos = self.tokenizer.eos_token_id
+        if rollout["finish_reason"] != "length" and eos is not None:
+            ids, ends = [*ids, eos], [*ends, len(text)]
+        return TeacherAnswer(ids, text, ends)
 
     def score(self, engine: Any, prompts: list[list[int]], answers: list[list[int]], k: int
               ) -> Any:
@@ -546,9 +579,10 @@ class _RoundEnd(TrainerCallback):
 
 def _train_round(config: DistillConfig, model: Any, args: Any, tokenizer: Any,
                  items: list[Item], out: Path, previous: str | None, progress: bool,
-                 last_step: int) -> KDTrainer:
+                 last_step: int, cross_tokenizer: bool) -> KDTrainer:
     trainer = kd_trainer(config, model, args, tokenizer, out, items,
-                         callbacks=[_RoundEnd(last_step)], progress=progress)
+                         callbacks=[_RoundEnd(last_step)], progress=progress,
+                         cross_tokenizer=cross_tokenizer)
     trainer.train(resume_from_checkpoint=previous)
     return trainer
 
