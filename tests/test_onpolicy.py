@@ -245,11 +245,14 @@ main()
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model_dir, tmp_path_factory):
     whole = tmp_path_factory.mktemp("whole")
-    done = subprocess.run([sys.executable, "-c", "from primekd.cli import main; main()",
-                           *_cli_args(tiny_model_dir, whole)],
+    args = [a for a in _cli_args(tiny_model_dir, whole) if a != "--quiet"]  # progress on
+    done = subprocess.run([sys.executable, "-c", "from primekd.cli import main; main()", *args],
                           env={**os.environ, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    # --json's stdout is the summary alone; the per-round lines are progress, on stderr
+    assert json.loads(done.stdout)["on_policy"]["rounds"][2]["round"] == 2
+    assert "round 2:" in done.stderr
     return whole
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 import zlib
 from contextlib import contextmanager
@@ -207,7 +208,7 @@ def _print_round(record: dict[str, Any]) -> None:
           f"{record['off_sequences']} off-policy sequences; rollout {record['rollout_s']:.1f} s, "
           f"scoring {record['score_s']:.1f} s, training {record['train_s']:.1f} s"
           + (f"; student accuracy on its rollouts {accuracy:.3f}" if accuracy is not None
-             else ""), flush=True)
+             else ""), file=sys.stderr, flush=True)  # progress: stdout is --json's
 
 
 def _finish(config: DistillConfig, trainer: KDTrainer, state: dict[str, Any],
