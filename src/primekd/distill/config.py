@@ -42,9 +42,9 @@ class DistillConfig:
     out: str = option("", "Output directory: adapter, distill_config.yaml, "
                       "train_log.jsonl/.csv, summary.json, checkpoints/.",
                       flags=("--out", "-o"), set_by="experiment", run_only=True)
-    student: str = option(BUNDLED_ALIAS, "Student model: the bundled alias, a HF directory, "
-                          "a .gguf file or a hub id", flags=("--student", "-m"),
-                          set_by="experiment")
+    student: str = option(BUNDLED_ALIAS, "Student model: a model alias (`primekd models` lists "
+                          "them), a HF directory, a .gguf file or a hub id",
+                          flags=("--student", "-m"), set_by="experiment")
     teacher_store: str | list[str] | None = option(
         None, "Teacher store directory written by `primekd teach`; repeat it for the shards "
         "of a `teach --shard i/n` run, or give a glob (quoted: 'teacher/shard-*'): the shards "

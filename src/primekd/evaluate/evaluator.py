@@ -81,9 +81,10 @@ RESULTS, SUMMARY, CONFIG = "results.jsonl", "summary.json", "eval_config.json"
 class EvalConfig:
     """Every option of `primekd eval`."""
 
-    model: str = option(help=f"Model: the bundled alias {BUNDLED_ALIAS!r}, a local Hugging "
-                        "Face directory, a .gguf file, or a hub id (needs the hub to be "
-                        "reachable).", flags=("--model", "-m"), set_by="experiment")
+    model: str = option(help=f"Model: a model alias (the bundled {BUNDLED_ALIAS!r}; "
+                        "`primekd models` lists the others), a local Hugging Face directory, a "
+                        ".gguf file, or a hub id (needs the hub to be reachable).",
+                        flags=("--model", "-m"), set_by="experiment")
     out: str | Path = option(help="Output directory for results.jsonl, summary.json and "
                              "eval_config.json. Rerunning into it resumes; other "
                              "model/prompt/generation settings are refused.",

@@ -65,8 +65,9 @@ class TuneConfig:
 
     teacher_store: str = option(help="Teacher store directory written by `primekd teach`.",
                                 cli_type=Path, parse=str)
-    student: str = option(help="Student model: the bundled alias smollm2-135m-instruct, a "
-                          "local HF directory, a .gguf file or a hub id.")
+    student: str = option(help="Student model: a model alias (the bundled "
+                          "smollm2-135m-instruct; `primekd models` lists the others), a local "
+                          "HF directory, a .gguf file or a hub id.")
     out: str = option(help="Output directory: trials/<number>/, best_params.yaml (for distill "
                       "--config), best_run.yaml (for primekd run), trials.csv, summary.json, "
                       "history.png, importance.png (and study.db with the default storage).",

@@ -71,7 +71,8 @@ KEEP = ("all", "correct")
 class TeachConfig:
     """Every option of `primekd teach`."""
 
-    teacher: str = option(help="Teacher model: the bundled alias smollm2-135m-instruct, a HF "
+    teacher: str = option(help="Teacher model: a model alias (the bundled "
+                          "smollm2-135m-instruct; `primekd models` lists the others), a HF "
                           "directory, a .gguf file or a hub id.", flags=("--teacher", "-m"),
                           set_by="experiment")
     out: str | Path = option(help="Store directory to create, or to resume when it holds a "

@@ -28,8 +28,8 @@ def parse_named(values: list[str], option: str) -> dict[str, str]:
 class AttentionConfig:
     """What to analyse. `adapters` and `results` map a model name to a directory/file."""
 
-    model: str = option(help="Base model: the bundled alias, a HF directory, a .gguf file, "
-                        "or a hub id.", set_by="experiment")
+    model: str = option(help="Base model: a model alias (`primekd models` lists them), a "
+                        "HF directory, a .gguf file, or a hub id.", set_by="experiment")
     out: str | Path = option(help="Output directory (created if missing).", cli_type=Path,
                              set_by="experiment")
     adapters: dict[str, str] = option(
