@@ -24,7 +24,8 @@ cd "$repo"
 here=false
 preset=${PRESET:-small}
 [[ "${1:-}" == "--here" ]] && here=true
-if [[ -n "$(git status --porcelain --untracked-files=no)" ]]; then
+if [[ -z "${WORK:-}" || ! -d "${WORK:-}/.git" ]] && \
+        [[ -n "$(git status --porcelain --untracked-files=no)" ]]; then
     echo "run_preset: the checkout has uncommitted changes; commit them first (the report" \
          "names the commit it came from)" >&2
     exit 2
@@ -33,19 +34,24 @@ commit=$(git rev-parse HEAD)
 if $here; then
     work=$repo
 elif [[ -n "${WORK:-}" && -d "$WORK/.git" ]]; then
+    # resume: the run stays on the commit it started from (its stage cache in
+    # $WORK/runs/$preset skips what finished), whatever this checkout has moved on to
     if [[ "$(git -C "$WORK" rev-parse HEAD)" != "$commit" ]]; then
-        echo "run_preset: $WORK holds commit $(git -C "$WORK" rev-parse --short HEAD), not" \
-             "$(git rev-parse --short HEAD); remove it or name another WORK" >&2
-        exit 2
+        commit=$(git -C "$WORK" rev-parse HEAD)
+        echo "run_preset: resuming the run of commit ${commit:0:7} in $WORK (this checkout" \
+             "is at $(git rev-parse --short HEAD)); remove $WORK to start over" >&2
     fi
-    work=$WORK  # resume: the stage cache in $WORK/runs/$preset skips what finished
+    work=$WORK
 else
     work=${WORK:-$(mktemp -d "/tmp/primekd-$preset.XXXXXX")/primekd}
     git clone --quiet --no-hardlinks "$repo" "$work"
     git -C "$work" checkout --quiet "$commit"
 fi
 cd "$work"
-started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+# the first start of this run (a resumed run keeps it), in the clone's ignored runs/
+mkdir -p runs  # a fresh clone has none (runs/ is ignored)
+[[ -f runs/.started_utc ]] || date -u +%Y-%m-%dT%H:%M:%SZ > runs/.started_utc
+started=$(cat runs/.started_utc)
 setup_s=$SECONDS
 make setup
 if .venv/bin/primekd run --preset "$preset" --print-config | grep -q "qwen2.5-coder"; then
@@ -54,7 +60,6 @@ fi
 setup_s=$((SECONDS - setup_s))
 sets=()
 for item in ${RUN_SMALL_SET:-}; do sets+=(--set "$item"); done
-mkdir -p runs  # a fresh clone has none (runs/ is ignored)
 run_s=$SECONDS
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} .venv/bin/primekd run --preset "$preset" --out "runs/$preset" \
     "${sets[@]}" --json > "runs/$preset-summary.json"

@@ -6,7 +6,9 @@ time, so the rates are the stages' rates, prompt handling included:
 1. the student (0.5B) answering GSM8K train questions with the eval prompt, once per server
    variant: vLLM's default (its CPU build reserves one of the cores for the front end, so the
    model runs on the other: VLLM_CPU_NUM_OF_RESERVED_CPU unset, VLLM_CPU_OMP_THREADS_BIND
-   auto), no core reserved (VLLM_CPU_NUM_OF_RESERVED_CPU=0), and prefix caching on;
+   auto), no core reserved (VLLM_CPU_NUM_OF_RESERVED_CPU=0: the worker's OpenMP threads on
+   both cores), the same with OpenMP threads that spin (OMP_WAIT_POLICY=ACTIVE; primekd
+   otherwise runs its servers with PASSIVE, as this bench does), and prefix caching on;
 2. the teacher (1.5B) under `ground_truth` priming (generation with top-20 log-probs), then
    `--target reference` (one teacher-forced pass over each reference) on the same server.
 
@@ -38,6 +40,8 @@ from primekd.core.io import iter_jsonl  # noqa: E402
 VARIANTS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
     "default (1 core reserved)": ({}, {}),
     "VLLM_CPU_NUM_OF_RESERVED_CPU=0": ({"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}, {}),
+    "RESERVED_CPU=0, OMP_WAIT_POLICY=ACTIVE": (
+        {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "OMP_WAIT_POLICY": "ACTIVE"}, {}),
     "prefix caching": ({}, {"extra_args": "--enable-prefix-caching"}),
 }
 BUDGETS = (256, 320, 384, 448, 512)
@@ -198,6 +202,8 @@ def main() -> None:
                    help="student server variants to run (default: all)")
     p.add_argument("--json", dest="json_out")
     args = p.parse_args()
+    # as the `primekd` CLI sets it for itself and the servers it starts (a variant may override)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="vllm-levers-") as tmp:
         work = Path(tmp)
