@@ -61,11 +61,13 @@ browser:
 # With CI=true (as CI services set it) the vLLM tests fail, not skip, without .venv-vllm, and
 # the student's tests fail without its file. The teacher is not needed: `make models` for it.
 # The GPU-image mirror catches an import the lent GPU image lacks (~7 minutes here); it runs
-# before pytest so that pytest's summary stays the last line.
+# before pytest so that pytest's summary stays the last line. pytest runs in two worker
+# processes (pytest-xdist), one test file per worker at a time: torch runs each test on one
+# thread (tests/conftest.py), so one process leaves a core idle.
 test: $(STAMP) $(VLLM_STAMP) browser models-student
 	$(BIN)/ruff check src tests bench
 	$(MAKE) gpu-check-mirror
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # bench/gpu_check.sh --device cpu in .venv-gpumirror, an environment that mirrors the lent GPU
 # image (its versions where PyPI has them for this Python, nothing it lacks), with the wheels

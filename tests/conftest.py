@@ -18,6 +18,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
+_HEAVY = ("slow", "vllm", "integration")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The files with the most slow tests first, the rest in their order: `make test` hands
+    whole files to two workers (pytest-xdist, --dist loadfile) in this order, so a long file
+    started last would leave one worker idle at the end."""
+    weight: dict[str, int] = {}
+    for item in items:
+        heavy = any(item.get_closest_marker(m) for m in _HEAVY)
+        weight[item.fspath.strpath] = weight.get(item.fspath.strpath, 0) + heavy
+    items.sort(key=lambda item: -weight[item.fspath.strpath])  # stable: within a file as is
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Tiny models gain nothing from threads, and on a CPU shared with other jobs OpenMP
@@ -71,21 +85,28 @@ def vllm_scratch(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
-def vllm_url(vllm_scratch: Path) -> str:
-    """ONE real vLLM server on loopback for the session, serving the bundled model in float32
-    (as the hf engine runs it on CPU, so the two engines must agree closely). Without
-    .venv-vllm (`make vllm`) the vLLM tests skip, except under CI=true, where they fail."""
+def vllm_env() -> str:
+    """The Python of the vLLM environment (.venv-vllm, `make vllm`). Without it the tests that
+    need it skip, except under CI=true, where they fail."""
     from primekd.core.errors import PrimekdError
-    from primekd.core.models import BUNDLED_ALIAS, resolve
-    from primekd.engines.vllm import VLLMServer, vllm_python
-    from primekd.engines.vllm_server import group_members
+    from primekd.engines.vllm import vllm_python
 
     try:
-        vllm_python()
+        return str(vllm_python())
     except PrimekdError as e:
         if _ci():
             pytest.fail(f"CI=true and no vLLM environment: {e}")
         pytest.skip(f"no vLLM environment ({e})")
+
+
+@pytest.fixture(scope="session")
+def vllm_url(vllm_env: str, vllm_scratch: Path) -> str:
+    """ONE real vLLM server on loopback for the session, serving the bundled model in float32
+    (as the hf engine runs it on CPU, so the two engines must agree closely)."""
+    from primekd.core.models import BUNDLED_ALIAS, resolve
+    from primekd.engines.vllm import VLLMServer
+    from primekd.engines.vllm_server import group_members
+
     server = VLLMServer(resolve(BUNDLED_ALIAS).path, {"dtype": "float32"}).start()
     group = server.process.pid
     try:

@@ -290,17 +290,9 @@ def test_the_student_answers_two_questions_with_hf(student_gguf, tmp_path) -> No
 @pytest.mark.vllm
 @pytest.mark.integration
 @pytest.mark.slow
-def test_the_student_answers_two_questions_with_vllm(student_gguf, tmp_path) -> None:
+def test_the_student_answers_two_questions_with_vllm(vllm_env, student_gguf, tmp_path) -> None:
     """primekd starts a vLLM server on the converted safetensors directory (float32: this
     CPU has no native bf16)."""
-    from primekd.engines.vllm import vllm_python
-
-    try:
-        vllm_python()
-    except PrimekdError as e:
-        if os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}:
-            pytest.fail(f"CI=true and no vLLM environment: {e}")
-        pytest.skip(f"no vLLM environment ({e})")
     summary = _eval(tmp_path, "vllm", "--engine-option", "dtype=float32")
     assert summary["n"] == 2
     assert summary["model"] == STUDENT_ALIAS

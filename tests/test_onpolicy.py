@@ -264,6 +264,7 @@ KILL_POINTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", list(KILL_POINTS))
 def test_kill_and_resume_loses_and_repeats_nothing(tiny_model_dir, uninterrupted, tmp_path,
                                                    point):

@@ -91,16 +91,7 @@ def _rows(directory: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from primekd.core.errors import PrimekdError
-    from primekd.engines.vllm import vllm_python
-
-    try:
-        vllm_python()
-    except PrimekdError as e:
-        if os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}:
-            pytest.fail(f"CI=true and no vLLM environment: {e}")
-        pytest.skip(f"no vLLM environment ({e})")
+def run(vllm_env: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("onpolicy-vllm") / "run"
     killed: set[int] = set()
     process = subprocess.Popen(_args(out), env=ENV, stdout=subprocess.DEVNULL,

@@ -140,7 +140,7 @@ def test_base_url_of_another_model_is_refused(vllm_url, tiny_model_dir, tmp_path
     assert not (tmp_path / "o" / "results.jsonl").exists()
 
 
-def test_a_server_that_fails_to_start_says_why(tmp_path) -> None:
+def test_a_server_that_fails_to_start_says_why(vllm_env, tmp_path) -> None:
     result = subprocess.run(
         [*CLI, "eval", "--model", BUNDLED_ALIAS, "--engine", "vllm", "--engine-option",
          "dtype=float7", "--limit", "2", "--out", str(tmp_path / "o")], env=ENV,
@@ -179,7 +179,7 @@ def _save_adapter(directory: Path, seed: int = 0, scale: float = 0.05) -> Path:
     return directory
 
 
-def test_one_lora_server_serves_successive_adapters(tmp_path, bundled) -> None:
+def test_one_lora_server_serves_successive_adapters(vllm_env, tmp_path, bundled) -> None:
     """With `lora: true` two adapters are loaded into one server at run time (the same
     process answers both), and each adapter's answers are its own: the log-probs of the hf
     engine with that adapter, not the other's."""
@@ -237,7 +237,8 @@ def _engine_cores(primekd_pid: int) -> list[int]:
     return cores
 
 
-def test_a_killed_engine_is_restarted_and_the_eval_completes(tmp_path, bundled) -> None:
+def test_a_killed_engine_is_restarted_and_the_eval_completes(vllm_env, tmp_path,
+                                                             bundled) -> None:
     """primekd starts its own server on the merged adapter; its EngineCore is SIGKILLed
     mid-eval: the finished answers stay, the server is restarted once (a warning names the
     dead server's kept log), and the eval completes with every question answered exactly

@@ -229,12 +229,13 @@ def _answered(state: Path) -> list[tuple[int, int]]:
     return [tuple(map(int, line.split())) for line in lines if line]
 
 
-def test_a_dead_server_is_restarted_once_and_only_the_unfinished_rerun(tmp_path,
+def test_a_dead_server_is_restarted_once_and_only_the_unfinished_rerun(vllm_scratch, tmp_path,
                                                                        capfd) -> None:
     from primekd.engines import SamplingParams
     from primekd.engines.vllm_server import shutdown
 
-    before = set(Path(tempfile.gettempdir()).glob("primekd-vllm-*"))  # others' servers
+    # the session's private temp folder (vllm_scratch): no other job's servers in it
+    before = set(Path(tempfile.gettempdir()).glob("primekd-vllm-*"))
     engine, state = _fake_engine(tmp_path, "1:3")  # the first server dies on request 3
     try:
         got = [i for i, _ in engine.generate([[i] for i in range(6)], SamplingParams(3))]
@@ -250,10 +251,11 @@ def test_a_dead_server_is_restarted_once_and_only_the_unfinished_rerun(tmp_path,
     shutil.rmtree(kept[0])
 
 
-def test_a_server_that_dies_again_gives_one_line_naming_its_log(tmp_path) -> None:
+def test_a_server_that_dies_again_gives_one_line_naming_its_log(vllm_scratch, tmp_path) -> None:
     from primekd.engines import SamplingParams
 
-    before = set(Path(tempfile.gettempdir()).glob("primekd-vllm-*"))  # others' servers
+    # the session's private temp folder (vllm_scratch): no other job's servers in it
+    before = set(Path(tempfile.gettempdir()).glob("primekd-vllm-*"))
     engine, state = _fake_engine(tmp_path, "1:2,2:2")
     got = []
     try:

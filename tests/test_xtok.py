@@ -325,6 +325,8 @@ def _qwen_teacher() -> str:
         pytest.skip(f"no Qwen2.5 teacher here ({e})")
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_qwen_teacher_store_trains_the_bundled_student(tmp_path, monkeypatch, capsys):
     """`teach` with a Qwen teacher -> `distill` of the bundled SmolLM2 (another tokenizer)
     with the mapped loss -> `eval --adapter`."""
