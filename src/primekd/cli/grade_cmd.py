@@ -80,7 +80,8 @@ def cross_check_table(result: dict[str, Any]) -> Table:
     table = Table(title="extractor agreement (rows graded differently)", title_justify="left")
     for header in ("extractors", "disagree", "only first correct", "only second correct",
                    "examples (row: gold, first, second)"):
-        table.add_column(header, justify="left" if header.startswith("ex") else "right")
+        table.add_column(header, justify="left" if header.startswith("ex") else "right",
+                         no_wrap=header == "extractors")  # the pair's name stays on one line
     for pair in result["pairs"]:
         a, b = pair["a"], pair["b"]
         shown = [f"{e['row']}: {_n(e['gold'])}, {_n(e[a])}, {_n(e[b])}"
