@@ -172,16 +172,20 @@ def test_root_cause_is_the_error_not_its_wrapper() -> None:
 
 
 # A stand-in OpenAI server: answers /v1/models, /health and /v1/completions (three token ids,
-# after 50 ms), and writes each answered prompt to a file. Start number N (counted in a file)
-# dies on its K-th completion request when argv gives N:K, writing an error line to its log.
+# after 50 ms, or after argv[3] seconds), and writes each answered prompt to a file. Start
+# number N (counted in a file) dies on its K-th completion request when argv[2] gives N:K,
+# writing an error line to its log; with N:hK it hangs there instead (alive, that request and
+# every later one never answered, /health 503, as a wedged engine).
 FAKE_SERVER = """
 import json, os, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 state, deaths = sys.argv[1], dict(a.split(":") for a in sys.argv[2].split(",") if a)
+delay = float(sys.argv[3]) if not sys.argv[3].startswith("--") else 0.05
 port = int(sys.argv[sys.argv.index("--port") + 1])
 starts = int(open(state + ".starts").read()) + 1 if os.path.exists(state + ".starts") else 1
 open(state + ".starts", "w").write(str(starts))
-die_at, seen = int(deaths.get(str(starts), 0)), [0]
+fault = deaths.get(str(starts), "0")
+hang, die_at, seen = fault.startswith("h"), int(fault.lstrip("h")), [0]
 
 class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
@@ -195,15 +199,22 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self):
+        if self.path == "/health" and hang and seen[0] >= die_at:
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         self.reply({"data": [{"id": "m"}]} if self.path == "/v1/models" else {})
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         seen[0] += 1
+        if seen[0] >= die_at > 0 and hang:
+            time.sleep(3600)
         if seen[0] == die_at:
             print("RuntimeError: the engine fell over", flush=True)
             os._exit(1)
-        time.sleep(0.05)
+        time.sleep(delay)
         with open(state + ".answered", "a") as f:
             f.write(f"{starts} {body['prompt'][0]}\\n")
         self.reply({"choices": [{"token_ids": [5, 6, 7], "finish_reason": "length"}]})
@@ -212,15 +223,16 @@ ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
 """
 
 
-def _fake_engine(tmp_path: Path, deaths: str):
+def _fake_engine(tmp_path: Path, deaths: str, delay: float = 0.05, **options):
     from primekd.core.testing import tiny_tokenizer
     from primekd.engines.vllm import VLLMEngine
     from primekd.engines.vllm_server import running_server
 
     state = tmp_path / "state"
-    command = [sys.executable, "-c", FAKE_SERVER, str(state), deaths]
+    command = [sys.executable, "-c", FAKE_SERVER, str(state), deaths, str(delay)]
     server = running_server("m", {"command": command, "startup_timeout": 60}, None)
-    engine = VLLMEngine(server.url, "m", tiny_tokenizer(), [], {"concurrency": 1}, server)
+    engine = VLLMEngine(server.url, "m", tiny_tokenizer(), [],
+                        {"concurrency": 1, **options}, server)
     return engine, state
 
 
@@ -271,4 +283,44 @@ def test_a_server_that_dies_again_gives_one_line_naming_its_log(vllm_scratch, tm
     log = Path(re.search(r"kept at (\S+server\.log)", message).group(1))
     assert log.exists() and engine.server.process is None  # stopped, all of it
     for kept in set(Path(tempfile.gettempdir()).glob("primekd-vllm-*")) - before:
+        shutil.rmtree(kept)
+
+
+def test_a_request_slower_than_any_fixed_timeout_is_waited_for(vllm_scratch, tmp_path, capfd
+                                                                ) -> None:
+    """A busy server answers late, not never: each request takes 2 s, /health is checked every
+    0.2 s meanwhile and answers, so no request is called lost and nothing is redone (a
+    read timeout did call a 1.5B teacher's 30-minute queue dead, and redid all of it)."""
+    from primekd.engines import SamplingParams
+    from primekd.engines.vllm_server import shutdown
+
+    engine, state = _fake_engine(tmp_path, "", delay=2.0, health_interval=0.2)
+    try:
+        got = [i for i, _ in engine.generate([[i] for i in range(3)], SamplingParams(3))]
+        assert engine._client.timeout.read is None  # no limit unless request_timeout is set
+    finally:
+        engine.close()
+        shutdown()
+    assert sorted(got) == [0, 1, 2] and _answered(state) == [(1, 0), (1, 1), (1, 2)]
+    assert "stopped answering" not in capfd.readouterr().err
+
+
+def test_a_wedged_server_is_found_by_its_health_and_restarted(vllm_scratch, tmp_path, capfd
+                                                               ) -> None:
+    """The first server hangs on its 3rd request (alive, /health 503): after 3 failed checks
+    it is restarted and only the unanswered requests are sent to the new one."""
+    from primekd.engines import SamplingParams
+    from primekd.engines.vllm_server import shutdown
+
+    engine, state = _fake_engine(tmp_path, "1:h3", health_interval=0.2)
+    try:
+        got = [i for i, _ in engine.generate([[i] for i in range(5)], SamplingParams(3))]
+    finally:
+        engine.close()
+        shutdown()
+    assert sorted(got) == list(range(5)) and got[:2] == [0, 1]
+    assert _answered(state) == [(1, 0), (1, 1), (2, 2), (2, 3), (2, 4)]
+    warning = capfd.readouterr().err
+    assert "Restarting it once" in warning and "/health failed 3 time(s) in a row" in warning
+    for kept in Path(tempfile.gettempdir()).glob("primekd-vllm-*"):  # the wedged one's log
         shutil.rmtree(kept)

@@ -59,14 +59,19 @@ CLIENT_OPTIONS = {
     "extra_args": "more server arguments (a list or a string)",
     "kv_cache_space": "CPU only: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE, default 2)",
     "startup_timeout": "seconds to wait for the server to answer (default 900)",
-    "request_timeout": "seconds one request may take (default 1800; on CPU also vLLM's "
-                       "execute timeout of one model step)",
+    "request_timeout": "seconds one request may take (default: no limit, the server's "
+                       "/health is watched instead; on CPU vLLM's execute timeout of one "
+                       "model step is this or 1800)",
+    "health_interval": "seconds between checks of the server's /health while requests are "
+                       "in flight (default 30); 3 failed checks in a row: the server is lost",
     "concurrency": "generation requests in flight (default: --batch-size, else 64)",
     "score_tokens": "tokens of scoring requests in flight (default 8192)",
     "lora": "serve adapters with vLLM's LoRA support instead of a merged model "
             "(pays on GPU; on CPU it was 8x slower)",
     "served_model": "with --base-url: the model name to request (default: the first served)",
 }
+_CLIENT_ONLY = ("concurrency", "score_tokens", "health_interval")
+HEALTH_MISSES = 3  # failed /health checks in a row that make a server lost
 PROBE = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many "
          "clips in May. How many clips did Natalia sell altogether?  12 + 3.5 = 15.5\n"
          "Ünïcödé «quotes» — 数学 😀 <|im_start|>assistant\n<|im_end|>\tTHE ANSWER IS 72.")
@@ -78,7 +83,8 @@ def check_options(options: dict[str, Any]) -> None:
         if key not in known:
             raise PrimekdError(f"unknown vllm engine option {key!r}; known: "
                                f"{', '.join(sorted(known))}")
-    for key in ("concurrency", "score_tokens", "startup_timeout", "request_timeout"):
+    for key in ("concurrency", "score_tokens", "startup_timeout", "request_timeout",
+                "health_interval"):
         value = options.get(key)
         if value is not None and (not isinstance(value, int | float) or value <= 0):
             raise PrimekdError(f"vllm engine option {key} must be a positive number")
@@ -155,7 +161,7 @@ class VLLMEngine:
         lora = bool(adapter and options.get("lora"))
         path = merged_model(source, adapter) if adapter and not lora else source.path
         server = running_server(path, {k: v for k, v in options.items()
-                                       if k not in ("concurrency", "score_tokens")}, lora)
+                                       if k not in _CLIENT_ONLY}, lora)
         served = server.load_adapter(str(adapter)) if lora else served_model(server.url)
         engine = cls(server.url, served, tokenizer, stop_ids, options, server, batch_size)
         engine.adapter = str(adapter) if lora else None
@@ -235,7 +241,11 @@ class VLLMEngine:
 
     async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
         if self._client is None:
-            timeout = float(self.options.get("request_timeout", 1800))
+            # No read limit by default: a request waits behind everything in flight (on 2
+            # CPU cores, 64 answers of 384 tokens from a 1.5B model took over 30 minutes),
+            # so a timeout would call a busy server dead; `_watch` checks that it lives.
+            limit = self.options.get("request_timeout")
+            timeout = httpx.Timeout(float(limit) if limit else None, connect=60.0)
             self._client = httpx.AsyncClient(base_url=self.url, timeout=timeout)
         try:
             response = await self._client.post("/v1/completions", json=body)
@@ -252,10 +262,27 @@ class VLLMEngine:
         """Whether the server still works (vLLM's /health says 503 once its engine died)."""
         if self.server is not None and not self.server.alive():
             return False
+        if self._client is None:
+            return True  # no request sent yet
         try:
             return (await self._client.get("/health", timeout=10)).status_code == 200
         except httpx.HTTPError:
             return False
+
+    async def _watch(self) -> None:
+        """Raise ServerLost once the server process exits or its /health fails
+        HEALTH_MISSES times in a row; runs beside the requests of `_stream`."""
+        interval, misses = float(self.options.get("health_interval") or 30), 0
+        while True:
+            await asyncio.sleep(interval)
+            if await self._answers():
+                misses = 0
+                continue
+            misses += 1
+            if misses >= HEALTH_MISSES or (self.server is not None and
+                                           not self.server.alive()):
+                raise ServerLost(f"/health failed {misses} time(s) in a row, "
+                                 f"{interval:.0f} s apart")
 
     def _resilient(self, job: Callable[[int], Callable[[], Awaitable[Any]]], n: int
                    ) -> Iterator[tuple[int, Any]]:
@@ -319,13 +346,19 @@ class VLLMEngine:
 
         tasks = {loop.create_task(indexed(i, job)) for i, job in jobs.items()}
         pending = set(tasks)
+        watch = loop.create_task(self._watch())
         try:
             while pending:
                 done, pending = loop.run_until_complete(
-                    asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED))
-                for task in done:
+                    asyncio.wait(pending | {watch}, return_when=asyncio.FIRST_COMPLETED))
+                pending.discard(watch)
+                for task in done - {watch}:
                     yield task.result()
+                if watch in done:
+                    watch.result()  # raises ServerLost, after the answers that came with it
         finally:
+            watch.cancel()
+            loop.run_until_complete(asyncio.gather(watch, return_exceptions=True))
             for task in pending:
                 task.cancel()
             if pending:
