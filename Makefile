@@ -60,14 +60,18 @@ browser:
 
 # With CI=true (as CI services set it) the vLLM tests fail, not skip, without .venv-vllm, and
 # the student's tests fail without its file. The teacher is not needed: `make models` for it.
-# The GPU-image mirror catches an import the lent GPU image lacks (~7 minutes here); it runs
-# before pytest so that pytest's summary stays the last line. pytest runs in two worker
-# processes (pytest-xdist), one test file per worker at a time: torch runs each test on one
-# thread (tests/conftest.py), so one process leaves a core idle.
+# The GPU-image mirror catches an import the lent GPU image lacks (~7 minutes from nothing,
+# mostly pip downloading and unpacking); it runs beside pytest, its output in
+# .gpumirror.log (shown whole if it fails). pytest runs in two worker processes
+# (pytest-xdist), one test file per worker at a time: torch runs each test on one thread
+# (tests/conftest.py), so one process left a core idle.
 test: $(STAMP) $(VLLM_STAMP) browser models-student
 	$(BIN)/ruff check src tests bench
-	$(MAKE) gpu-check-mirror
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	@PYTHON=$(PYTHON) bench/gpu_mirror.sh > .gpumirror.log 2>&1 & mirror=$$!; \
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile; status=$$?; \
+	if wait $$mirror; then tail -n 1 .gpumirror.log; \
+	else cat .gpumirror.log; echo "gpu-check-mirror: FAILED (its output above)"; status=1; fi; \
+	exit $$status
 
 # bench/gpu_check.sh --device cpu in .venv-gpumirror, an environment that mirrors the lent GPU
 # image (its versions where PyPI has them for this Python, nothing it lacks), with the wheels

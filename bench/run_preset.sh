@@ -96,7 +96,7 @@ cp "runs/$preset-summary.json" "$dest/run-summary.json"
     echo "  kernel: $(uname -sr)"
     echo "  python: $(.venv/bin/python -V 2>&1)"
     echo "  omp_num_threads: ${OMP_NUM_THREADS:-2}"
-    echo "  vllm_cpu_num_of_reserved_cpu: ${VLLM_CPU_NUM_OF_RESERVED_CPU:-unset: the vLLM default}"
+    echo "  vllm_cpu_num_of_reserved_cpu: ${VLLM_CPU_NUM_OF_RESERVED_CPU:-unset: primekd sets 0 on at most 4 cores}"
 } > "$dest/RUN.txt"
 echo "run_preset: published to $dest (run ${run_s}s, cached rerun ${rerun_s}s); the run" \
      "directory is $work/runs/$preset"

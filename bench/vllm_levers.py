@@ -59,7 +59,7 @@ def truncation(rows: list[dict[str, Any]], length_key: str) -> dict[int, float]:
 def server_cpu_s() -> float:
     """CPU seconds used so far by the running server's process group (front end, engine
     core, worker): divided into the tokens, a rate that the neighbours do not change."""
-    from primekd.engines import vllm
+    from primekd.engines import vllm_server as vllm
 
     server = vllm._RUNNING["server"]
     if server is None or server.process is None:
@@ -93,7 +93,7 @@ def restore(old: dict[str, str | None]) -> None:
 
 def student_run(label: str, env: dict[str, str], options: dict[str, Any],
                 args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from primekd.engines import vllm
+    from primekd.engines import vllm_server as vllm
     from primekd.evaluate.evaluator import EvalConfig, evaluate
 
     peak, peak_cpu = matmul_peak(), matmul_peak(clock=time.process_time)  # per core-second
@@ -127,7 +127,7 @@ def student_run(label: str, env: dict[str, str], options: dict[str, Any],
 
 
 def teacher_runs(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
-    from primekd.engines import vllm
+    from primekd.engines import vllm_server as vllm
     from primekd.teach.store import load_store
     from primekd.teach.teacher import TeachConfig, teach
 

@@ -55,6 +55,22 @@ def test_cpu_server_lets_a_slow_first_step_finish(monkeypatch) -> None:
     assert VLLMServer("m", {}).environment()["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"] == "99"
 
 
+@pytest.mark.skipif(_cuda(), reason="CPU defaults")
+def test_few_cores_are_not_split_between_front_end_and_model(monkeypatch) -> None:
+    """On 2 cores vLLM would keep one for its front end; primekd asks for none there (1.48x,
+    bench/vllm_levers.py), not on a larger machine, and a user's setting wins."""
+    from primekd.engines import vllm_server
+
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    monkeypatch.setattr(vllm_server, "usable_cores", lambda: 2)
+    assert VLLMServer("m", {}).environment()["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    monkeypatch.setattr(vllm_server, "usable_cores", lambda: 32)
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in VLLMServer("m", {}).environment()
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+    monkeypatch.setattr(vllm_server, "usable_cores", lambda: 2)
+    assert VLLMServer("m", {}).environment()["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
+
+
 # the parent exits at once on SIGTERM; its child (same process group, as vLLM's EngineCore)
 # needs a while to clean up, then writes a marker
 SLOW_CHILD = """
