@@ -46,14 +46,9 @@ def _args(out: Path) -> list[str]:
 
 def _procs() -> list[tuple[int, int, int, str]]:
     """(pid, ppid, process group, state) of every process."""
-    rows = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        rows.append((int(stat.parent.name), int(fields[1]), int(fields[2]), fields[0]))
-    return rows
+    from primekd.engines.vllm_server import process_stats
+
+    return [(pid, int(f[1]), int(f[2]), f[0]) for pid, f in process_stats()]
 
 
 def _server_groups(pid: int) -> set[int]:

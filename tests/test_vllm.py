@@ -214,15 +214,9 @@ def test_one_lora_server_serves_successive_adapters(vllm_env, tmp_path, bundled)
 
 
 def _children(pid: int) -> list[int]:
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            children.append(int(stat.parent.name))
-    return children
+    from primekd.engines.vllm_server import process_stats
+
+    return [child for child, fields in process_stats() if int(fields[1]) == pid]
 
 
 def _engine_cores(primekd_pid: int) -> list[int]:

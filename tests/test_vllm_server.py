@@ -4,8 +4,10 @@ processes started through the `command` engine option (primekd appends its flags
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -340,3 +342,29 @@ def test_a_wedged_server_is_found_by_its_health_and_restarted(vllm_scratch, tmp_
     assert "Restarting it once" in warning and "/health failed 3 time(s) in a row" in warning
     for kept in Path(tempfile.gettempdir()).glob("primekd-vllm-*"):  # the wedged one's log
         shutil.rmtree(kept)
+
+
+def test_process_table_reads_survive_processes_that_exit_meanwhile() -> None:
+    """`stop()` reads /proc while vLLM's processes exit. Listing /proc and then reading a
+    process that had just gone raised ProcessLookupError from inside pathlib's glob (it
+    broke the on-policy vLLM tests beside a busy job); now such a process is skipped."""
+    import threading
+
+    from primekd.engines.vllm_server import group_members, process_stats
+
+    stop = threading.Event()
+
+    def churn() -> None:  # short-lived processes, all the time
+        while not stop.is_set():
+            subprocess.run(["true"], check=False)
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    try:
+        for _ in range(300):
+            mine = dict(process_stats())
+            assert int(mine[os.getpid()][1]) == os.getppid()
+            assert os.getpid() in group_members(os.getpgrp())
+    finally:
+        stop.set()
+        worker.join()

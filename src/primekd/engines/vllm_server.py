@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -246,18 +247,27 @@ class VLLMServer:
 # ---------------------------------------------------------------------- process groups
 
 
+def process_stats() -> Iterator[tuple[int, list[str]]]:
+    """(pid, the fields of /proc/<pid>/stat after the command name) of every process.
+    A process that exits while /proc is read is skipped (globbing /proc raised
+    ProcessLookupError when one vanished between the listing and its stat)."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            text = Path("/proc", name, "stat").read_text()
+        except OSError:
+            continue
+        fields = text.rsplit(")", 1)[-1].split()
+        if len(fields) > 2:
+            yield int(name), fields
+
+
 def group_members(pgid: int) -> list[int]:
     """The live processes of process group `pgid` (zombies count as gone: their memory is
     free), read from /proc."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            members.append(int(stat.parent.name))
-    return members
+    return [pid for pid, fields in process_stats()
+            if int(fields[2]) == pgid and fields[0] not in ("Z", "X")]
 
 
 def stop_group(pgid: int, grace: float = STOP_GRACE_S, kill_wait: float = 30.0) -> list[int]:
