@@ -254,6 +254,19 @@ def _fake_engine(tmp_path: Path, deaths: str, delay: float = 0.05, **options):
     return engine, state
 
 
+def _answer_all(engine, n: int) -> list[int]:
+    """Send prompts 0..n-1 through the fake engine; the indices in the order they came back.
+    The engine and any server left running are stopped afterwards."""
+    from primekd.engines import SamplingParams
+    from primekd.engines.vllm_server import shutdown
+
+    try:
+        return [i for i, _ in engine.generate([[i] for i in range(n)], SamplingParams(3))]
+    finally:
+        engine.close()
+        shutdown()
+
+
 def _answered(state: Path) -> list[tuple[int, int]]:
     lines = Path(f"{state}.answered").read_text().split("\n")
     return [tuple(map(int, line.split())) for line in lines if line]
@@ -261,17 +274,10 @@ def _answered(state: Path) -> list[tuple[int, int]]:
 
 def test_a_dead_server_is_restarted_once_and_only_the_unfinished_rerun(vllm_scratch, tmp_path,
                                                                        capfd) -> None:
-    from primekd.engines import SamplingParams
-    from primekd.engines.vllm_server import shutdown
-
     # the session's private temp folder (vllm_scratch): no other job's servers in it
     before = set(Path(tempfile.gettempdir()).glob("primekd-vllm-*"))
     engine, state = _fake_engine(tmp_path, "1:3")  # the first server dies on request 3
-    try:
-        got = [i for i, _ in engine.generate([[i] for i in range(6)], SamplingParams(3))]
-    finally:
-        engine.close()
-        shutdown()
+    got = _answer_all(engine, 6)
     assert sorted(got) == list(range(6)) and got[:2] == [0, 1]
     assert _answered(state) == [(1, 0), (1, 1), (2, 2), (2, 3), (2, 4), (2, 5)]
     warning = capfd.readouterr().err
@@ -327,15 +333,8 @@ def test_a_wedged_server_is_found_by_its_health_and_restarted(vllm_scratch, tmp_
                                                                ) -> None:
     """The first server hangs on its 3rd request (alive, /health 503): after 3 failed checks
     it is restarted and only the unanswered requests are sent to the new one."""
-    from primekd.engines import SamplingParams
-    from primekd.engines.vllm_server import shutdown
-
     engine, state = _fake_engine(tmp_path, "1:h3", health_interval=0.2)
-    try:
-        got = [i for i, _ in engine.generate([[i] for i in range(5)], SamplingParams(3))]
-    finally:
-        engine.close()
-        shutdown()
+    got = _answer_all(engine, 5)
     assert sorted(got) == list(range(5)) and got[:2] == [0, 1]
     assert _answered(state) == [(1, 0), (1, 1), (2, 2), (2, 3), (2, 4)]
     warning = capfd.readouterr().err

@@ -75,7 +75,7 @@ from primekd.engines.hf import SORT_WINDOW_BATCHES, HFEngine
 from primekd.evaluate.answer_stop import sampling_options
 from primekd.teach import store
 from primekd.teach.priming import Strategy, get_strategy
-from primekd.teach.spans import decode_text, encode_with_ends
+from primekd.teach.spans import decode_text, encode_answer
 from primekd.teach.teacher import answer_text
 
 ROUNDS_DIR, ROUNDS_FILE, ROLLOUT_FILE = "rounds", "rounds.json", "rollout.jsonl"
@@ -368,7 +368,7 @@ def _score(config: DistillConfig, tokenizer: Any, teacher: _Teacher, strategy: S
     chats = [strategy.render(e.question, e.answer, answer_text(e)) for e, _ in todo]
     texts = [render(teacher.tokenizer, chat, date) for chat in chats]
     prompts = encode_prompts(teacher.tokenizer, texts)
-    answers = [teacher.answer(tokenizer, rollouts[(e.id, s)]) for e, s in todo]
+    answers = [teacher.answer(rollouts[(e.id, s)]) for e, s in todo]
     engine = teacher.teacher_engine()
     for start in range(0, len(todo), config.batch_size * 4):
         end = min(start + config.batch_size * 4, len(todo))
@@ -512,17 +512,14 @@ class _Teacher:
                                              **self.teacher_spec.options)
         return self._hf_teacher
 
-    def answer(self, student_tokenizer: Any, rollout: dict[str, Any]) -> TeacherAnswer:
+    def answer(self, rollout: dict[str, Any]) -> TeacherAnswer:
         """The rollout in the teacher's tokens: the student's ids for one tokenizer; for
         another, the rollout's text encoded by the teacher (its EOS after a finished answer,
         as the student's text gets the student's EOS), with the spans that align it back."""
         if not self.cross:
             return TeacherAnswer(list(rollout["token_ids"]))
         text = decode_text(self.student_tokenizer, rollout["token_ids"])
-        ids, ends = encode_with_ends(self.tokenizer, text)
-        eos = self.tokenizer.eos_token_id
-        if rollout["finish_reason"] != "length" and eos is not None:
-            ids, ends = [*ids, eos], [*ends, len(text)]
+        ids, ends = encode_answer(self.tokenizer, text, rollout["finish_reason"] != "length")
         return TeacherAnswer(ids, text, ends)
 
     def score(self, engine: Any, prompts: list[list[int]], answers: list[list[int]], k: int

@@ -16,7 +16,7 @@ import numpy as np
 from primekd.core.errors import PrimekdError
 from primekd.core.models import load_tokenizer, tokenizer_fingerprint
 from primekd.distill.align import align, map_topk, vocabulary_map
-from primekd.teach.spans import encode_with_ends
+from primekd.teach.spans import encode_answer
 
 _COLUMNS = ("id", "question", "finish_reason", "answer_text", "token_char_ends")
 
@@ -33,13 +33,10 @@ def cross_tokenizer_rows(table: Any, kept: list[int], tokenizer: Any, manifest: 
             "--out (a --target reference store only re-scores the references, minutes), or "
             "train on its text with --objective sft")
     mapping = _mapping(manifest, tokenizer, source) if loss == "mapped" else None
-    eos = tokenizer.eos_token_id
     rows, counts = [], np.zeros(5)  # chars: total, 1:1, merged; mass: mapped, top-k
     for i in kept:
         text, t_ends = columns["answer_text"][i], columns["token_char_ends"][i]
-        ids, s_ends = encode_with_ends(tokenizer, text)
-        if columns["finish_reason"][i] != "length" and eos is not None:
-            ids, s_ends = [*ids, eos], [*s_ends, len(text)]
+        ids, s_ends = encode_answer(tokenizer, text, columns["finish_reason"][i] != "length")
         groups = align(t_ends, s_ends, len(text))
         starts = np.array([g.s_start for g in groups], dtype=np.int64)
         sources = np.array([g.t_start for g in groups], dtype=np.int64)

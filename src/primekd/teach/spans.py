@@ -67,4 +67,14 @@ def encode_with_ends(tokenizer: Any, text: str) -> tuple[list[int], list[int]]:
     return ids, ends
 
 
-__all__ = ["char_ends", "decode_text", "encode_with_ends", "ends_from_offsets"]
+def encode_answer(tokenizer: Any, text: str, finished: bool) -> tuple[list[int], list[int]]:
+    """An answer's text as `tokenizer` reads it, its EOS after a finished answer (an empty span
+    at the text's end), with every token's end offset."""
+    ids, ends = encode_with_ends(tokenizer, text)
+    eos = tokenizer.eos_token_id
+    if finished and eos is not None:
+        ids, ends = [*ids, eos], [*ends, len(text)]
+    return ids, ends
+
+
+__all__ = ["char_ends", "decode_text", "encode_answer", "encode_with_ends", "ends_from_offsets"]
