@@ -108,6 +108,32 @@ def test_dataset_aligns_teacher_topk_with_answer_tokens(tiny_model_dir, tiny_sto
     assert batch["kd_mask"].sum() == sum(len(i.topk_ids) for i in data.train[:2])
 
 
+def test_data_order_does_not_depend_on_the_order_parts_were_written(tiny_model_dir,
+                                                                   tiny_store, tmp_path):
+    """A vLLM teacher writes its answers as they finish, so two stores of the same questions
+    hold them in different orders; every student (and sft, on the references) still sees the
+    questions in one order."""
+    from primekd.core.models import load_tokenizer
+    from primekd.teach import store
+
+    rows = store.load_store(tiny_store).to_pylist()[::-1]
+    shuffled = tmp_path / "shuffled"
+    shuffled.mkdir()
+    for part in (rows[:2], rows[2:]):
+        store.write_part(shuffled, part, [(r["id"], 0) for r in part], {"rows": len(part)})
+    store.write_manifest(shuffled, store.read_manifest(tiny_store))
+    tok = load_tokenizer(str(tiny_model_dir), padding_side="right")
+
+    def order(source: Path | None, **kw) -> list[str]:
+        data = build_datasets(_config(tiny_model_dir, source, tmp_path / "o", val_size=2,
+                                      **kw), tok)
+        return [item.id for item in data.train + data.val]
+
+    assert store.load_store(shuffled)["id"].to_pylist() != \
+        store.load_store(tiny_store)["id"].to_pylist()
+    assert order(shuffled) == order(tiny_store) == order(None, objective="sft", limit=6)
+
+
 def test_keep_correct_trains_only_on_correct_answers(tiny_model_dir, tmp_path):
     """`--keep correct` (rejection sampling): the rows graded wrong are left out of both
     splits, the validation split is drawn among the kept questions, and the summary says

@@ -142,6 +142,28 @@ def test_samples_shards_and_datasets(tmp_path, tiny_model_dir) -> None:
     assert len(dataset) == 10 and len(dataset[0]["topk_ids"][0]) == 20
 
 
+def test_a_part_is_written_when_the_interval_passes(tmp_path, tiny_model_dir,
+                                                    monkeypatch) -> None:
+    """Answers that finish after PART_INTERVAL_S are saved then, not when batch_size of
+    them have finished: a killed vLLM teacher with many answers in flight loses at most that
+    much. The rows are the same as one part's."""
+    from primekd.teach import teacher
+
+    whole = _teach(tiny_model_dir, tmp_path / "whole", limit=4, batch_size=8)
+    monkeypatch.setattr(teacher, "PART_INTERVAL_S", 0.0)
+    timed = _teach(tiny_model_dir, tmp_path / "timed", limit=4, batch_size=8)
+    assert len(store.part_files(tmp_path / "whole")) == 1
+    assert len(store.part_files(tmp_path / "timed")) == 4
+    assert timed["complete"] and timed["counts"] == whole["counts"]
+    columns = ["id", "token_ids", "topk_ids"]
+
+    def rows(name: str) -> list[dict]:  # parts hold answers in the order they finished
+        table = store.load_store(tmp_path / name, columns=columns).to_pylist()
+        return sorted(table, key=lambda row: row["id"])
+
+    assert rows("timed") == rows("whole")
+
+
 def test_changed_parameters_are_refused(tmp_path, tiny_model_dir) -> None:
     _teach(tiny_model_dir, tmp_path / "s", limit=2)
     with pytest.raises(PrimekdError, match=r"different parameters \(top_k: 20 -> 5\)"):

@@ -58,6 +58,7 @@ def build_datasets(config: DistillConfig, tokenizer: Any) -> Datasets:
         rows, info = _store_rows(config, tokenizer)
     else:
         rows, info = _reference_rows(config, tokenizer)
+        rows.sort(key=lambda r: r["id"])  # as a store's: every student sees the same order
     ids = sorted({r["id"] for r in rows})
     if config.limit is not None:
         keep = set(ids[: config.limit])
@@ -111,7 +112,7 @@ def _store_rows(config: DistillConfig, tokenizer: Any) -> tuple[list[dict[str, A
     if same_vocab:
         _check_tokens_match_text(table, tokenizer, dirs[0])
     white_box = config.objective == "kd" and config.alpha < 1.0
-    kept = _kept_rows(table, config.keep, config.teacher_store)
+    kept = _in_unit_order(table, _kept_rows(table, config.keep, config.teacher_store))
     if white_box and not same_vocab:
         return _cross_tokenizer_rows(config, tokenizer, manifest, table, kept, dirs, found)
     use_teacher_tokens = config.objective == "kd" and same_vocab
@@ -166,6 +167,13 @@ def _cross_tokenizer_rows(config: DistillConfig, tokenizer: Any, manifest: dict[
     info = _store_info(config, manifest, dirs, table, kept, True, False, found)
     info.update(xtok, max_token_id=None)
     return rows, info
+
+
+def _in_unit_order(table: Any, rows: list[int]) -> list[int]:
+    """Store rows by (id, sample): the order a teacher's parts were written in follows the
+    order its answers finished, and training's data order must not."""
+    ids, samples = table.column("id").to_pylist(), table.column("sample").to_pylist()
+    return sorted(rows, key=lambda i: (str(ids[i]), samples[i]))
 
 
 def _kept_rows(table: Any, keep: str, source: Any) -> list[int]:

@@ -3,7 +3,8 @@
 Every (question, sample) unit's primed prompt goes to the engine (`primekd.engines`), which
 returns the answer tokens with the top-k of the T=1 log-softmax at each of them (generated
 answers: `generate` with log-probs; `target="reference"`: `score` on the reference solution).
-Units are graded as they finish and written `batch_size` at a time as one part.
+Units are graded as they finish and written `batch_size` at a time as one part, or sooner
+when `PART_INTERVAL_S` passes first, so a killed teacher loses at most that much work.
 The store keeps the bare question; the priming lives only in `teacher_prompt` and the
 manifest. With a prefill, the prefill is part of the prompt and `response`/`token_ids` hold
 what the teacher wrote after it (the student, seeing the bare question, learns that).
@@ -103,7 +104,8 @@ class TeachConfig:
                                "to split the set across n processes, each with its own --out.",
                                set_by="experiment")
     batch_size: int = option(8, "Answers per part: every batch_size finished answers are "
-                             "saved as one part (and the hf engine's batch).",
+                             "saved as one part, and whatever has finished at least every "
+                             "10 minutes (and the hf engine's batch).",
                              flags=("--batch-size", "-b"), ge=1)
     device: str | None = device_field()
     extractor: str = extractor_field()
@@ -225,13 +227,20 @@ def _check_fits(config: TeachConfig, strategy: Strategy, examples: Sequence[Exam
 # ---------------------------------------------------------------- the units
 
 
+PART_INTERVAL_S = 600.0  # the longest a finished answer waits to be saved
+
+
 def run_units(
     engine: Any, config: TeachConfig, strategy: Strategy, units: Sequence[Unit],
-    date_string: str | None = None,
+    date_string: str | None = None, part_interval_s: float | None = None,
 ) -> Iterator[tuple[list[Unit], list[dict[str, Any]], dict[str, Any]]]:
     """Answer and grade `units` through the engine; yield (units, rows, counts) for every
-    `batch_size` units finished (rows in unit order within a part), then the remainder.
-    `date_string`: the store's pinned date for templates that insert today's."""
+    `batch_size` units finished, or for what has finished once `part_interval_s` has passed
+    since the last part (rows in unit order within a part), then the remainder. The
+    interval matters where many answers are in flight (vLLM): they finish in bursts, long
+    after they started (default `PART_INTERVAL_S`). `date_string`: the store's pinned date
+    for templates that insert today's."""
+    interval = PART_INTERVAL_S if part_interval_s is None else part_interval_s
     tokenizer = engine.tokenizer
     chats = [strategy.render(u.example.question, u.example.answer, answer_text(u.example))
              for u in units]
@@ -255,7 +264,8 @@ def run_units(
     for i, token_ids, reason, topk in answers:
         finished.append((i, _row(tokenizer, units[i], chats[i], texts[i], token_ids, reason,
                                  topk, config)))
-        if len(finished) == config.batch_size or len(finished) == len(units):
+        if (len(finished) == config.batch_size
+                or time.perf_counter() - started >= interval):
             yield _part(finished, units, config, started, tokenizer)
             finished, started = [], time.perf_counter()
     if finished:
