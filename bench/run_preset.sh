@@ -9,9 +9,9 @@
 #   WORK=/work/runs/pair-clone PRESET=pair bench/run_preset.sh  # a fixed clone: rerun the same
 #                                       # line after an interruption and it resumes there
 #
-# A run that spans interruptions (the pair preset: about 9 hours) records the stages' summed
-# wall time (each stage's record adds up its attempts) as run_seconds, and the wall time of
-# this last invocation beside it. Presets whose models are fetched (`make models`) fetch them
+# A run that spans interruptions (the pair preset: about 5 hours) records the stages' summed
+# wall time (each stage's record adds up its attempts, a killed one up to its last minute)
+# as run_seconds, and the wall time of this last invocation beside it. Presets whose models are fetched (`make models`) fetch them
 # first; a verified file is not fetched again.
 #
 # The run directory is kept (runs/<preset> in the clone; its path is printed): a rerun of this

@@ -286,6 +286,48 @@ def test_stage_cached_changed_and_resumed(tmp_path: Path) -> None:
     assert (changed.directory / "part-2.txt").exists()  # the resumed call kept earlier work
 
 
+def test_a_killed_stage_keeps_the_time_it_spent(tmp_path: Path, monkeypatch) -> None:
+    """A running stage's record carries its time so far, so an attempt killed mid-way (it
+    never reaches "complete") still counts in the stage's wall time once it resumes."""
+    import time
+
+    from primekd.experiment import runner
+
+    monkeypatch.setattr(runner, "RECORD_EVERY_S", 0.05)
+    stage = _stage(tmp_path, 1)
+    seen: list[dict] = []
+
+    def killed(stage: Stage, progress: bool) -> None:
+        time.sleep(0.4)
+        seen.append(json.loads(stage.record_path.read_text()))
+        raise KeyboardInterrupt  # nothing after this line of the stage runs
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(stage, killed)
+    assert seen[0]["status"] == "running" and seen[0]["wall_time_s"] >= 0.25
+    left = json.loads(stage.record_path.read_text())
+    time.sleep(0.2)
+    assert json.loads(stage.record_path.read_text()) == left  # no beat after the stage
+    run_stage(stage, _Writer())
+    record = json.loads(stage.record_path.read_text())
+    assert record["status"] == "complete" and record["wall_time_s"] >= left["wall_time_s"]
+
+
+def test_a_failing_beat_does_not_stop_the_block() -> None:
+    import threading
+
+    from primekd.experiment.heartbeat import every
+
+    beats = threading.Semaphore(0)
+
+    def beat() -> None:
+        beats.release()
+        raise OSError("disk full")
+
+    with every(0.01, beat):
+        assert beats.acquire(timeout=5) and beats.acquire(timeout=5)  # kept on beating
+
+
 def test_deleted_stage_dir_reruns(tmp_path: Path) -> None:
     fn = _Writer()
     stage = _stage(tmp_path, 1)

@@ -26,6 +26,7 @@ from primekd.core.data import load_examples
 from primekd.core.errors import PrimekdError
 from primekd.core.io import atomic_write_text, write_json
 from primekd.core.memory import release_memory
+from primekd.experiment import heartbeat
 from primekd.experiment.config import ExperimentConfig, plain
 from primekd.experiment.report import record_path
 from primekd.experiment.stages import (
@@ -151,13 +152,21 @@ def run_stage(
     previous = stage.record() or {}
     spent = (previous.get("wall_time_s", 0.0), previous.get("cpu_time_s", 0.0))
     started, cpu_started = time.perf_counter(), time.process_time()
+
+    def spent_so_far() -> tuple[float, float]:
+        return (spent[0] + time.perf_counter() - started,
+                spent[1] + time.process_time() - cpu_started)
+
     try:
         with diskspace.guard(stage.directory, STAGE_NEEDS.get(stage.kind), RERUN):
             _write_record(stage, "running", spent, None)
-            result = function(stage, progress)
+            # a killed attempt keeps its time up to the last beat
+            with heartbeat.every(RECORD_EVERY_S,
+                                 lambda: _write_record(stage, "running", spent_so_far(), None)):
+                result = function(stage, progress)
             wall = time.perf_counter() - started
             cpu = time.process_time() - cpu_started
-            # times accumulate over resumed attempts (that finished): the stage's compute
+            # times accumulate over attempts, killed ones included: the stage's compute
             _write_record(stage, "complete", (spent[0] + wall, spent[1] + cpu), result)
     except PrimekdError as e:
         message = str(e)
@@ -169,6 +178,7 @@ def run_stage(
 
 
 RERUN = "rerun the same `primekd run`: finished stages are kept and it resumes"
+RECORD_EVERY_S = 60.0  # a running stage's record is rewritten with its time so far
 # Rough size of the stage that does not estimate its own (teach, eval, distill and attention
 # do): never a reason to refuse, a figure for the full-disk message
 STAGE_NEEDS = {
