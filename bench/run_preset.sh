@@ -11,8 +11,8 @@
 #
 # A run that spans interruptions (the pair preset: about 5 hours) records the stages' summed
 # wall time (each stage's record adds up its attempts, a killed one up to its last minute)
-# as run_seconds, and the wall time of this last invocation beside it. Presets whose models are fetched (`make models`) fetch them
-# first; a verified file is not fetched again.
+# as run_seconds, and the wall time of this last invocation beside it. Presets whose models
+# are fetched (`make models`) fetch them first; a verified file is not fetched again.
 #
 # The run directory is kept (runs/<preset> in the clone; its path is printed): a rerun of this
 # script with --here on the same checkout is served from the stage cache. Nothing is
