@@ -54,7 +54,11 @@ def _primekd(*args: str) -> dict:
 
     result = CliRunner().invoke(app, ["run", *args, "--json"])
     assert result.exit_code == 0, f"{result.output[-3000:]}\n{result.exception!r}"
-    return json.loads(result.stdout)
+    summary = json.loads(result.stdout)  # the JSON alone: the stage lines go to stderr
+    for stage in summary["stages"]:  # a long run's log says where it is
+        assert f"] {stage['name']}" in result.stderr, result.stderr
+    assert ("done in" in result.stderr) == any(s["ran"] for s in summary["stages"])
+    return summary
 
 
 

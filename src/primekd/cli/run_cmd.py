@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
-from primekd.cli.app import app, console
+from primekd.cli.app import app, console, err_console
 from primekd.core.io import dumps
 from primekd.experiment import estimate
 from primekd.experiment.config import ExperimentConfig, load_config, preset_text
@@ -70,7 +73,7 @@ def run_command(
     ),
     json_output: bool = typer.Option(
         False, "--json", help="Print one JSON object (stages, wall times, report paths) "
-        "instead of progress and tables.",
+        "instead of progress and tables; each stage's start and end go to stderr.",
     ),
     only: list[str] = typer.Option(
         [], "--only", metavar="STAGE",
@@ -95,9 +98,12 @@ def run_command(
     if dry_run:
         _print_plan(resolved, plan(resolved, run_dir), json_output)
         return
+    # with --json, stdout is the JSON alone; the stages' start and end lines go to stderr,
+    # so a long run's log says where it is
     summary = run_experiment(
         resolved, run_dir, progress=not json_output,
-        callback=None if json_output else _announce, force=force, only=only or None,
+        callback=partial(_announce, err_console if json_output else console), force=force,
+        only=only or None,
     )
     if json_output:
         typer.echo(dumps(summary.to_dict(), indent=2))
@@ -108,20 +114,22 @@ def run_command(
 _started: dict[str, float] = {}
 
 
-def _announce(event: str, stage: Stage, index: int, total: int, state: str) -> None:
+def _announce(out: Console, event: str, stage: Stage, index: int, total: int,
+              state: str) -> None:
     name = stage.name
     if event == "start":
         _started[name] = time.perf_counter()
         if state != "cached":
-            console.rule(f"[bold][{index}/{total}] {name}[/]", align="left", style="dim")
-            console.print(f"  {_STATE_TEXT[state]}", highlight=False)
+            out.rule(f"[bold][{index}/{total}] {name}[/]", align="left", style="dim")
+            out.print(f"  {_STATE_TEXT[state]} (at {datetime.now():%H:%M:%S})",
+                      highlight=False)
         return
     if state == "cached":
-        console.print(f"[dim][{index}/{total}][/] {name}: {_STATE_TEXT['cached']}",
-                      highlight=False)
+        out.print(f"[dim][{index}/{total}][/] {name}: {_STATE_TEXT['cached']}",
+                  highlight=False)
     else:
         seconds = time.perf_counter() - _started.pop(name, time.perf_counter())
-        console.print(f"  [green]done[/] in {seconds:.1f} s", highlight=False)
+        out.print(f"  [green]done[/] in {seconds:.1f} s", highlight=False)
 
 
 def _print_plan(config: ExperimentConfig, stages: list[Stage], json_output: bool) -> None:
