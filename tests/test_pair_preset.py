@@ -14,6 +14,7 @@ import primekd.cli  # noqa: F401  registers every command on the app
 from primekd.cli.app import app
 from primekd.core import power
 from primekd.core.data import load_examples
+from primekd.core.errors import PrimekdError
 from primekd.experiment import estimate
 from primekd.experiment.config import load_config
 from primekd.experiment.stages import plan
@@ -84,3 +85,30 @@ def test_dry_run_prints_a_complete_estimate_within_the_stage_limit(pair, tmp_pat
     assert data["estimate_total_s"] == pytest.approx(estimate.total(found))
     assert {s["stage"] for s in data["stages"]} >= {"teacher/ground_truth", "eval/base",
                                                     "students/kd-ground_truth", "report"}
+
+
+def test_unfetched_models_are_refused_before_any_stage(tmp_path: Path, monkeypatch) -> None:
+    """Without the teacher the run stops at once, not after the stages before its first use;
+    `--dry-run` says which models are missing; `--only` needs only its stages' models."""
+    monkeypatch.setenv("PRIMEKD_CACHE", str(tmp_path / "cache"))
+    runner = CliRunner()
+    out = tmp_path / "r"
+    result = runner.invoke(app, ["run", "--preset", "pair", "--out", str(out)])
+    assert isinstance(result.exception, PrimekdError)  # `primekd`: one line, exit 2
+    assert "models not fetched yet: qwen2.5-coder-0.5b-instruct, " \
+        "qwen2.5-coder-1.5b-instruct; run `make models`" in str(result.exception)
+    assert not out.exists()  # nothing written, no stage started
+    dry = runner.invoke(app, ["run", "--preset", "pair", "--dry-run", "--json", "--out",
+                              str(out)])
+    assert json.loads(dry.stdout)["models_not_fetched"] == [
+        "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"]
+    student = runner.invoke(app, ["run", "--preset", "pair", "--only", "eval/base", "--out",
+                                  str(out)])
+    assert "not fetched yet: qwen2.5-coder-0.5b-instruct;" in str(student.exception)
+
+
+def test_dry_run_refuses_what_the_run_would(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["run", "--preset", "pair", "--dry-run", "--set",
+                                      "eval.max_new_tokens=-3", "--out", str(tmp_path)])
+    assert isinstance(result.exception, PrimekdError)
+    assert "eval/base: --max-new-tokens must be at least 1, not -3" in str(result.exception)

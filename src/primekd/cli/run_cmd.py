@@ -15,7 +15,13 @@ from primekd.cli.app import app, console, err_console
 from primekd.core.io import dumps
 from primekd.experiment import estimate
 from primekd.experiment.config import ExperimentConfig, load_config, preset_text
-from primekd.experiment.runner import RunSummary, run_experiment
+from primekd.experiment.runner import (
+    RunSummary,
+    missing_models_message,
+    precheck,
+    run_experiment,
+    unfetched_models,
+)
 from primekd.experiment.stages import Stage, plan
 
 _STATE_TEXT = {
@@ -96,7 +102,10 @@ def run_command(
         return
     run_dir = out or Path("runs") / resolved.name
     if dry_run:
-        _print_plan(resolved, plan(resolved, run_dir), json_output)
+        stages = plan(resolved, run_dir)
+        for stage in stages:
+            precheck(stage)  # a setting the run would refuse is refused here too
+        _print_plan(resolved, stages, json_output)
         return
     # with --json, stdout is the JSON alone; the stages' start and end lines go to stderr,
     # so a long run's log says where it is
@@ -138,8 +147,10 @@ def _print_plan(config: ExperimentConfig, stages: list[Stage], json_output: bool
     rows = [{"stage": s.name, "state": s.state(), "hash": s.hash, "directory": str(s.directory),
              "upstream": list(s.upstream), "estimate_s": e.seconds, "estimate_basis": e.basis}
             for s, e in zip(stages, estimates, strict=True)]
+    missing = unfetched_models([s for s in stages if s.state() != "cached"])
     if json_output:
-        typer.echo(dumps({"stages": rows, "estimate_total_s": total}, indent=2))
+        typer.echo(dumps({"stages": rows, "estimate_total_s": total,
+                          "models_not_fetched": missing}, indent=2))
         return
     table = Table(title="stages (--dry-run: nothing runs)")
     for header in ("stage", "would", "hash", "needs", "estimate", "counting"):
@@ -154,6 +165,8 @@ def _print_plan(config: ExperimentConfig, stages: list[Stage], json_output: bool
                       else f"{len(needs)} stages above", _minutes(row["estimate_s"]),
                       row["estimate_basis"])
     console.print(table)
+    if missing:
+        console.print(f"[yellow]Note:[/] {missing_models_message(missing)}.", highlight=False)
     longest = max((e for e in estimates if e.seconds is not None), key=lambda e: e.seconds,
                   default=None)
     if total is None:

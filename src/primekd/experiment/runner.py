@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from primekd.core import diskspace, options, outdir, validate
+from primekd.core import diskspace, options, outdir, registry, validate
 from primekd.core.data import load_examples
 from primekd.core.errors import PrimekdError
 from primekd.core.io import atomic_write_text, write_json
@@ -89,6 +89,9 @@ def run_experiment(
     start = time.perf_counter()
     outcomes = []
     selected = select_stages(stages, only)
+    missing = unfetched_models([s for s in selected if s.state() != "cached"])
+    if missing:  # found now, not after hours of the stages before the one that needs it
+        raise PrimekdError(missing_models_message(missing))
     with run_lock(out, [s.name for s in selected] if only else None, force):
         write_config(config, out)
         write_data_files(config, out)
@@ -201,6 +204,23 @@ def precheck(stage: Stage) -> None:
             config.engine_spec().check()
     except PrimekdError as e:
         raise PrimekdError(f"{stage.name}: {e}") from None
+
+
+_MODEL_KEYS = ("teacher", "student", "model")
+
+
+def unfetched_models(stages: list[Stage]) -> list[str]:
+    """The fetched-model aliases (`primekd models`) these stages load that are not in the
+    cache yet: a file's hash is checked when it is loaded, its presence here."""
+    aliases = {s.params[key] for s in stages for key in _MODEL_KEYS
+               if isinstance(s.params.get(key), str) and s.params[key] in registry.FETCHED}
+    return sorted(a for a in aliases if not registry.FETCHED[a].path().is_file())
+
+
+def missing_models_message(aliases: list[str]) -> str:
+    names = " ".join(aliases)
+    return (f"model{'s' if len(aliases) > 1 else ''} not fetched yet: {', '.join(aliases)}; "
+            f"run `make models` or `primekd models fetch {names}` first")
 
 
 def clear_stage_dir(stage: Stage) -> None:
