@@ -145,8 +145,39 @@ def test_scratch_directory_goes_with_the_server_unless_it_failed(tmp_path) -> No
     assert str(failed.log_path) in str(error.value) and failed.log_path.exists()
     assert "exited with code 3" in str(error.value) and not failed.alive()
     assert "no such model" in failed.failure() and str(failed.log_path) in failed.failure()
+    # the log alone is kept (no caches, no owner: never swept as a killed run's)
+    assert [p.name for p in failed.log_path.parent.iterdir()] == ["server.log"]
     failed.stop()  # a kept log goes when the caller is done with it
     assert not failed.log_path.parent.exists()
+
+
+def test_a_killed_runs_scratch_goes_when_the_next_server_starts(vllm_scratch, tmp_path
+                                                                 ) -> None:
+    """A primekd process killed with its server up (a session's end) leaves ~150 MB of
+    caches in its scratch directory; the next server removes it, and nothing else."""
+    from primekd.engines import scratch
+
+    maker = ("from primekd.engines import scratch; import time; "
+             "print(scratch.make(), flush=True); time.sleep(600)")
+    killed = subprocess.Popen([sys.executable, "-c", maker], stdout=subprocess.PIPE, text=True)
+    orphan = Path(killed.stdout.readline().strip())
+    (orphan / "torchinductor_root").mkdir()
+    (orphan / "torchinductor_root" / "cache.bin").write_bytes(b"x" * 4096)
+    assert scratch.remove_orphans() == [] and orphan.exists()  # its owner is alive
+    killed.kill()
+    killed.wait()
+    killed.stdout.close()
+    reused = scratch.make()  # a pid alive again, but another process: not the owner
+    (reused / "owner").write_text("1 0")
+    foreign = vllm_scratch / "primekd-vllm-kept-log"  # a failed server's log: no owner
+    foreign.mkdir()
+    server = _server(SLOW_CHILD, tmp_path / "clean")
+    try:
+        assert not orphan.exists() and not reused.exists()
+        assert foreign.is_dir() and server.log_path.exists()
+    finally:
+        server.stop()
+        shutil.rmtree(foreign)
 
 
 # Shaped like the log of a vLLM 0.32 CPU server whose engine step ran past the execute
@@ -190,12 +221,13 @@ def test_root_cause_is_the_error_not_its_wrapper() -> None:
 
 
 # A stand-in OpenAI server: answers /v1/models, /health and /v1/completions (three token ids,
-# after 50 ms, or after argv[3] seconds), and writes each answered prompt to a file. Start
+# after 50 ms, or after argv[3] seconds), and writes each answered prompt to a file, and for
+# each /health the number of completion requests it held at that moment. Start
 # number N (counted in a file) dies on its K-th completion request when argv[2] gives N:K,
 # writing an error line to its log; with N:hK it hangs there instead (alive, that request and
 # every later one never answered, /health 503, as a wedged engine).
 FAKE_SERVER = """
-import json, os, sys, time
+import json, os, sys, threading, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 state, deaths = sys.argv[1], dict(a.split(":") for a in sys.argv[2].split(",") if a)
 delay = float(sys.argv[3]) if not sys.argv[3].startswith("--") else 0.05
@@ -203,7 +235,8 @@ port = int(sys.argv[sys.argv.index("--port") + 1])
 starts = int(open(state + ".starts").read()) + 1 if os.path.exists(state + ".starts") else 1
 open(state + ".starts", "w").write(str(starts))
 fault = deaths.get(str(starts), "0")
-hang, die_at, seen = fault.startswith("h"), int(fault.lstrip("h")), [0]
+hang, die_at, seen, held = fault.startswith("h"), int(fault.lstrip("h")), [0], [0]
+lock = threading.Lock()
 
 class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
@@ -217,6 +250,9 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self):
+        if self.path == "/health":
+            with open(state + ".health", "a") as f:
+                f.write(f"{held[0]}\\n")
         if self.path == "/health" and hang and seen[0] >= die_at:
             self.send_response(503)
             self.send_header("Content-Length", "0")
@@ -232,11 +268,16 @@ class Handler(BaseHTTPRequestHandler):
         if seen[0] == die_at:
             print("RuntimeError: the engine fell over", flush=True)
             os._exit(1)
+        with lock:
+            held[0] += 1
         time.sleep(delay)
+        with lock:
+            held[0] -= 1
         with open(state + ".answered", "a") as f:
             f.write(f"{starts} {body['prompt'][0]}\\n")
         self.reply({"choices": [{"token_ids": [5, 6, 7], "finish_reason": "length"}]})
 
+ThreadingHTTPServer.request_queue_size = 512  # every request of a test at once
 ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
 """
 
@@ -326,6 +367,29 @@ def test_a_request_slower_than_any_fixed_timeout_is_waited_for(vllm_scratch, tmp
         engine.close()
         shutdown()
     assert sorted(got) == [0, 1, 2] and _answered(state) == [(1, 0), (1, 1), (1, 2)]
+    assert "stopped answering" not in capfd.readouterr().err
+
+
+def test_more_requests_in_flight_than_an_http_pool_holds(vllm_scratch, tmp_path, capfd
+                                                         ) -> None:
+    """The pair preset's eval keeps 128 requests in flight. httpx's client pools 100
+    connections by default: the extra 28 waited, and the /health checks, sharing that pool,
+    waited behind them until they timed out, three times, and a working server was called
+    lost. Every request goes out at once, and /health is answered beside them."""
+    from primekd.engines import SamplingParams
+    from primekd.engines.vllm_server import shutdown
+
+    n = 130
+    engine, state = _fake_engine(tmp_path, "", delay=1.5, health_interval=0.1,
+                                 concurrency=n)
+    try:
+        got = [i for i, _ in engine.generate([[i] for i in range(n)], SamplingParams(3))]
+    finally:
+        engine.close()
+        shutdown()
+    assert sorted(got) == list(range(n))
+    held = [int(x) for x in Path(f"{state}.health").read_text().split()]
+    assert max(held) == n  # all of them at once, and a /health answered meanwhile
     assert "stopped answering" not in capfd.readouterr().err
 
 

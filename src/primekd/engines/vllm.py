@@ -246,7 +246,10 @@ class VLLMEngine:
             # so a timeout would call a busy server dead; `_watch` checks that it lives.
             limit = self.options.get("request_timeout")
             timeout = httpx.Timeout(float(limit) if limit else None, connect=60.0)
-            self._client = httpx.AsyncClient(base_url=self.url, timeout=timeout)
+            # no pool limit: `concurrency` (or the scoring budget) bounds what is in flight,
+            # and httpx's default of 100 connections silently held back the rest
+            self._client = httpx.AsyncClient(base_url=self.url, timeout=timeout,
+                                             limits=httpx.Limits(max_connections=None))
         try:
             response = await self._client.post("/v1/completions", json=body)
         except httpx.HTTPError as e:
@@ -264,8 +267,9 @@ class VLLMEngine:
             return False
         if self._client is None:
             return True  # no request sent yet
-        try:
-            return (await self._client.get("/health", timeout=10)).status_code == 200
+        try:  # its own connection: never queued behind the requests in flight
+            async with httpx.AsyncClient(base_url=self.url, timeout=10) as client:
+                return (await client.get("/health")).status_code == 200
         except httpx.HTTPError:
             return False
 

@@ -3,14 +3,16 @@
 The server runs `python -m vllm.entrypoints.openai.api_server` from a separate environment,
 on 127.0.0.1 and a free port, in its own process group (the API server, its EngineCore and
 any tensor-parallel workers), logging to `server.log` in a scratch directory
-`primekd-vllm-*` of the system temp folder. Readiness is polled with a timeout. One server
-is alive at a time (`running_server`), kept while the same model and options are asked for;
-with `lora` it serves successive adapters, each loaded at run time (`load_adapter`).
+`primekd-vllm-*` of the system temp folder (`engines.scratch`). Readiness is polled with a
+timeout. One server is alive at a time (`running_server`), kept while the same model and
+options are asked for; with `lora` it serves successive adapters, each loaded at run time
+(`load_adapter`).
 
 Stopping waits for the whole group to exit (SIGTERM, then SIGKILL after a grace period), so
 its memory is free when `stop` returns. The scratch directory goes with the server, unless
-the server failed: then its log is kept and the error names it (`root_cause` quotes the
-line that says why).
+the server failed: then its log alone is kept and the error names it (`root_cause` quotes
+the line that says why). Directories of killed primekd processes go when the next server
+starts.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import httpx
 
 from primekd.core.errors import PrimekdError
 from primekd.core.models import adapter_hash
+from primekd.engines import scratch as scratch_dirs
 from primekd.engines.cpu_features import cpu_dtype
 
 # Options passed to the server as flags (`max_model_len` -> `--max-model-len`).
@@ -46,7 +49,7 @@ SERVER_FLAGS = ("max_model_len", "gpu_memory_utilization", "dtype", "tensor_para
                 "enforce_eager", "quantization", "max_logprobs", "max_lora_rank", "seed")
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 LORA_PREFIX = "primekd-lora-"  # + the adapter's hash: a retrained adapter is a new name
-SCRATCH_PREFIX = "primekd-vllm-"
+SCRATCH_PREFIX = scratch_dirs.PREFIX
 STOP_GRACE_S = 30.0  # SIGTERM -> SIGKILL: time for a clean shutdown of the whole group
 
 
@@ -131,8 +134,8 @@ class VLLMServer:
 
     def start(self) -> VLLMServer:
         command = self.command()
-        self.scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX))
-        self.log_path = self.scratch / "server.log"
+        self.scratch = scratch_dirs.make()
+        self.log_path = self.scratch / scratch_dirs.LOG
         with self.log_path.open("wb") as log:
             try:
                 self.process = subprocess.Popen(command, stdout=log,
@@ -237,6 +240,8 @@ class VLLMServer:
             self.process = None
         if not keep_log:
             self._remove_scratch()
+        elif self.scratch is not None:
+            scratch_dirs.keep_log_only(self.scratch)
 
     def _remove_scratch(self) -> None:
         if self.scratch is not None:
