@@ -8,6 +8,10 @@
 #   RUN_SMALL_SET="eval.batch_size=32" bench/run_preset.sh  # extra --set overrides (recorded)
 #   WORK=/work/runs/pair-clone PRESET=pair bench/run_preset.sh  # a fixed clone: rerun the same
 #                                       # line after an interruption and it resumes there
+#   UPGRADE=1 WORK=... PRESET=pair bench/run_preset.sh  # move that clone to this checkout's
+#                                       # HEAD first (a fix found mid-run): finished stages
+#                                       # whose settings are unchanged stay cached; RUN.txt
+#                                       # lists every commit the run ran at, and since when
 #
 # A run that spans interruptions (the pair preset: about 5 hours) records the stages' summed
 # wall time (each stage's record adds up its attempts, a killed one up to its last minute)
@@ -36,7 +40,11 @@ if $here; then
 elif [[ -n "${WORK:-}" && -d "$WORK/.git" ]]; then
     # resume: the run stays on the commit it started from (its stage cache in
     # $WORK/runs/$preset skips what finished), whatever this checkout has moved on to
-    if [[ "$(git -C "$WORK" rev-parse HEAD)" != "$commit" ]]; then
+    if [[ -n "${UPGRADE:-}" && "$(git -C "$WORK" rev-parse HEAD)" != "$commit" ]]; then
+        git -C "$WORK" fetch --quiet "$repo" "$commit"
+        git -C "$WORK" checkout --quiet "$commit"
+        echo "run_preset: moved the run in $WORK to commit ${commit:0:7}" >&2
+    elif [[ "$(git -C "$WORK" rev-parse HEAD)" != "$commit" ]]; then
         commit=$(git -C "$WORK" rev-parse HEAD)
         echo "run_preset: resuming the run of commit ${commit:0:7} in $WORK (this checkout" \
              "is at $(git rev-parse --short HEAD)); remove $WORK to start over" >&2
@@ -52,6 +60,9 @@ cd "$work"
 mkdir -p runs  # a fresh clone has none (runs/ is ignored)
 [[ -f runs/.started_utc ]] || date -u +%Y-%m-%dT%H:%M:%SZ > runs/.started_utc
 started=$(cat runs/.started_utc)
+# every commit the run has run at, from when (a run moved with UPGRADE=1 has several)
+[[ "$(tail -n1 runs/.commits 2>/dev/null | cut -d' ' -f2)" == "$commit" ]] || \
+    echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) $commit" >> runs/.commits
 setup_s=$SECONDS
 make setup
 if .venv/bin/primekd run --preset "$preset" --print-config | grep -q "qwen2.5-coder"; then
@@ -81,6 +92,8 @@ cp "runs/$preset-summary.json" "$dest/run-summary.json"
 {
     echo "preset: $preset"
     echo "commit: $commit"
+    echo "commits_run_at: # since (UTC), commit; the stages finished before a move kept theirs"
+    sed 's/^/  - /' runs/.commits
     echo "started_utc: $started"
     echo "setup_seconds: $setup_s"
     echo "run_seconds: $(.venv/bin/python -c 'import json, pathlib, sys; print(round(sum(json.loads(p.read_text())["wall_time_s"] for p in pathlib.Path(sys.argv[1]).glob("*.json"))))' "runs/$preset/.stages")"
