@@ -17,12 +17,12 @@ from primekd.experiment import estimate
 from primekd.experiment.config import ExperimentConfig, load_config, preset_text
 from primekd.experiment.runner import (
     RunSummary,
+    checked_plan,
     missing_models_message,
-    precheck,
     run_experiment,
     unfetched_models,
 )
-from primekd.experiment.stages import Stage, plan
+from primekd.experiment.stages import Stage
 
 _STATE_TEXT = {
     "cached": "[green]cached[/]",
@@ -102,10 +102,8 @@ def run_command(
         return
     run_dir = out or Path("runs") / resolved.name
     if dry_run:
-        stages = plan(resolved, run_dir)
-        for stage in stages:
-            precheck(stage)  # a setting the run would refuse is refused here too
-        _print_plan(resolved, stages, json_output)
+        # a setting the run would refuse is refused here too
+        _print_plan(resolved, checked_plan(resolved, run_dir), json_output)
         return
     # with --json, stdout is the JSON alone; the stages' start and end lines go to stderr,
     # so a long run's log says where it is
@@ -147,7 +145,8 @@ def _print_plan(config: ExperimentConfig, stages: list[Stage], json_output: bool
     rows = [{"stage": s.name, "state": s.state(), "hash": s.hash, "directory": str(s.directory),
              "upstream": list(s.upstream), "estimate_s": e.seconds, "estimate_basis": e.basis}
             for s, e in zip(stages, estimates, strict=True)]
-    missing = unfetched_models([s for s in stages if s.state() != "cached"])
+    missing = unfetched_models([s for s, row in zip(stages, rows, strict=True)
+                                if row["state"] != "cached"])
     if json_output:
         typer.echo(dumps({"stages": rows, "estimate_total_s": total,
                           "models_not_fetched": missing}, indent=2))

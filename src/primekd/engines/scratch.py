@@ -54,11 +54,19 @@ def remove_orphans(folder: str | Path | None = None) -> list[Path]:
     return removed
 
 
-def _identity(pid: int) -> str:
-    """`pid start-time` for a live process (start time in clock ticks since boot, from
-    /proc), `pid` alone where /proc has no such process."""
+def stat_fields(pid: int | str) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first), or None where
+    the process is gone (or exits while it is read)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        text = Path("/proc", str(pid), "stat").read_text()
     except OSError:
-        return str(pid)
-    return f"{pid} {stat.rsplit(')', 1)[1].split()[19]}"
+        return None
+    fields = text.rsplit(")", 1)[-1].split()
+    return fields if len(fields) > 2 else None
+
+
+def _identity(pid: int) -> str:
+    """`pid start-time` for a live process (start time in clock ticks since boot),
+    `pid` alone where /proc has no such process."""
+    fields = stat_fields(pid)
+    return f"{pid} {fields[19]}" if fields else str(pid)

@@ -257,14 +257,7 @@ def process_stats() -> Iterator[tuple[int, list[str]]]:
     A process that exits while /proc is read is skipped (globbing /proc raised
     ProcessLookupError when one vanished between the listing and its stat)."""
     for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            text = Path("/proc", name, "stat").read_text()
-        except OSError:
-            continue
-        fields = text.rsplit(")", 1)[-1].split()
-        if len(fields) > 2:
+        if name.isdigit() and (fields := scratch_dirs.stat_fields(name)):
             yield int(name), fields
 
 

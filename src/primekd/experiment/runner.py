@@ -83,9 +83,7 @@ def run_experiment(
     say) can share a run directory."""
     out = Path(out or Path("runs") / config.name)
     functions = {**STAGE_FUNCTIONS, **(stage_functions or {})}
-    stages = plan(config, out)
-    for stage in stages:
-        precheck(stage)
+    stages = checked_plan(config, out)
     start = time.perf_counter()
     outcomes = []
     selected = select_stages(stages, only)
@@ -190,6 +188,15 @@ STAGE_NEEDS = {
 
 _COMMANDS = {"teacher": "teach", "distill": "distill", "eval": "eval",
              "attention": "attention", "report": "report"}
+
+
+def checked_plan(config: ExperimentConfig, out: Path) -> list[Stage]:
+    """`stages.plan`, every stage's options checked (what `run` and `run --dry-run` refuse
+    before anything runs)."""
+    stages = plan(config, out)
+    for stage in stages:
+        precheck(stage)
+    return stages
 
 
 def precheck(stage: Stage) -> None:

@@ -232,15 +232,14 @@ PART_INTERVAL_S = 600.0  # the longest a finished answer waits to be saved
 
 def run_units(
     engine: Any, config: TeachConfig, strategy: Strategy, units: Sequence[Unit],
-    date_string: str | None = None, part_interval_s: float | None = None,
+    date_string: str | None = None,
 ) -> Iterator[tuple[list[Unit], list[dict[str, Any]], dict[str, Any]]]:
     """Answer and grade `units` through the engine; yield (units, rows, counts) for every
-    `batch_size` units finished, or for what has finished once `part_interval_s` has passed
+    `batch_size` units finished, or for what has finished once `PART_INTERVAL_S` has passed
     since the last part (rows in unit order within a part), then the remainder. The
     interval matters where many answers are in flight (vLLM): they finish in bursts, long
-    after they started (default `PART_INTERVAL_S`). `date_string`: the store's pinned date
-    for templates that insert today's."""
-    interval = PART_INTERVAL_S if part_interval_s is None else part_interval_s
+    after they started. `date_string`: the store's pinned date for templates that insert
+    today's."""
     tokenizer = engine.tokenizer
     chats = [strategy.render(u.example.question, u.example.answer, answer_text(u.example))
              for u in units]
@@ -265,7 +264,7 @@ def run_units(
         finished.append((i, _row(tokenizer, units[i], chats[i], texts[i], token_ids, reason,
                                  topk, config)))
         if (len(finished) == config.batch_size
-                or time.perf_counter() - started >= interval):
+                or time.perf_counter() - started >= PART_INTERVAL_S):
             yield _part(finished, units, config, started, tokenizer)
             finished, started = [], time.perf_counter()
     if finished:
