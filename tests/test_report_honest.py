@@ -83,6 +83,17 @@ def test_a_significant_difference_is_named_with_its_interval(tmp_path: Path) -> 
     assert "Holm p <0.001" in first
     results = markdown.split("## Results", 1)[1]
     assert "**+75.0**" in results
+    # the pair is tested in both references' families; the headline says it once
+    assert "`base` is less accurate than `kd-none`" not in first
+    assert first.count("accurate than") == 1
+
+
+def test_compute_says_the_vllm_servers_cpu_is_not_counted(tmp_path: Path) -> None:
+    _results(tmp_path / "eval" / "base", [False] * 20)
+    (tmp_path / "config.yaml").write_text("engine:\n  name: vllm\n")
+    assert "not counted here" in _markdown(tmp_path).split("## Compute", 1)[1]
+    (tmp_path / "config.yaml").write_text("engine:\n  name: hf\n")
+    assert "not counted here" not in _markdown(tmp_path)
 
 
 def test_truncation_is_shown_and_warned_about_first(tmp_path: Path) -> None:

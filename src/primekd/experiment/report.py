@@ -28,10 +28,12 @@ from primekd.core import stats
 from primekd.core.errors import PrimekdError
 from primekd.core.grading import looping
 from primekd.core.io import atomic_write, atomic_write_text, read_json, read_jsonl
-from primekd.experiment import power_note
+from primekd.core.markdown import cell as _cell
+from primekd.core.markdown import table as _table
+from primekd.experiment import answer_style, power_note
 from primekd.teach import store
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the Answer style section
 ASSETS = "report_files"
 PACKAGES = ("primekd", "torch", "transformers", "peft", "accelerate", "datasets", "numpy",
             "pyarrow", "scipy", "statsmodels", "matplotlib")
@@ -215,20 +217,6 @@ def _paired(a: EvalRun, b: EvalRun) -> tuple[list[bool], list[bool]]:
 
 
 # --- Markdown sections --------------------------------------------------------------------------
-
-
-def _table(headers: list[str], rows: list[list[Any]], align: str | None = None) -> str:
-    align = align or "l" + "r" * (len(headers) - 1)
-    rule = ["---:" if a == "r" else "---" for a in align]
-    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(rule) + " |"]
-    for row in rows:
-        lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
-    return "\n".join(lines)
-
-
-def _cell(value: Any) -> str:
-    text = "–" if value is None else str(value)
-    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def _pct(x: float | None, digits: int = 1) -> str:
@@ -628,10 +616,20 @@ def section_compute(layout: Layout) -> str:
     return ("## Compute\n\nWall time and process CPU time (all threads) of each stage, summed "
             "over resumed attempts, and the tokens it processed: answer tokens the teacher "
             "generated or scored, tokens the student trained on, answer tokens generated in "
-            "evaluation. The report stage itself is not listed.\n\n"
+            "evaluation. The report stage itself is not listed." + _server_cpu_note(layout)
+            + "\n\n"
             + _table(["stage", "wall time (s)", "CPU time (s)", "tokens", "tokens/s",
                       "completed"], body)
             + "\n" + _on_policy_costs(layout))
+
+
+def _server_cpu_note(layout: Layout) -> str:
+    engine = _get(_read_yaml(layout.run_dir / "config.yaml") or {}, "engine.name")
+    if engine != "vllm":
+        return ""
+    return (" On the vLLM engine the CPU time of teacher and evaluation stages is primekd's "
+            "own process only: the generation runs in the vLLM server, a separate process "
+            "not counted here.")
 
 
 def _on_policy_costs(layout: Layout) -> str:
@@ -715,7 +713,7 @@ def _version(package: str) -> str:
 
 
 def section_overview(layout: Layout, runs: dict[str, EvalRun], table: Table, title: str,
-                     power_diff: float | None = None) -> str:
+                     power_diff: float | None = None, with_style: bool = False) -> str:
     config = _read_yaml(layout.run_dir / "config.yaml")
     models = config.get("models", {}) if isinstance(config, dict) else {}
     teacher, student = models.get("teacher", "?"), models.get("student", "?")
@@ -734,6 +732,7 @@ def section_overview(layout: Layout, runs: dict[str, EvalRun], table: Table, tit
              f"Priming strategies: {strategies}. Every model answered the same {n} test "
              f"questions.\n",
              "Sections: [Results](#results) · [Teachers](#teachers) · "
+             + ("[Answer style](#answer-style) · " if with_style else "") +
              "[Training curves](#training-curves) · [Worked examples](#worked-examples) · "
              "[Compute](#compute) · [Attention heads](#attention-heads) · "
              "[Reproduce](#reproduce)\n"]
@@ -750,7 +749,7 @@ def headline(table: Table) -> str:
             if ref == row.name or row.vs.get(ref, (None, None))[1] is None:
                 continue
             tested += 1
-            if row.significant(ref):
+            if row.significant(ref) and not _said_in_later_family(row.name, ref, references):
                 found.append(_claim(row, ref))
     n = max(r.n for r in rows)
     if not tested:
@@ -768,6 +767,12 @@ def headline(table: Table) -> str:
     return (f"Significant after Holm's correction (alpha {ALPHA}, {tested} comparisons on "
             f"{n} paired test questions): " + "; ".join(found) + ". Every other difference "
             "is not significant.")
+
+
+def _said_in_later_family(name: str, ref: str, references: list[str]) -> bool:
+    """Two references (kd-none, base) are tested against each other in both families: the
+    headline says it once, from the later family ("`kd-none` ... than `base`")."""
+    return name in references and references.index(name) > references.index(ref)
 
 
 def _claim(row: ResultRow, ref: str) -> str:
@@ -852,11 +857,15 @@ def build_markdown(layout: Layout, title: str | None = None, examples: int = 1,
     config = _read_yaml(layout.run_dir / "config.yaml")
     title = title or f"primekd experiment: {config.get('name', layout.run_dir.name)}"
     table = results_rows(runs)
+    style = answer_style.section(
+        {name: answer_style.teacher_rows(d) for name, d in layout.teachers.items()},
+        {name: run.rows.values() for name, run in runs.items()})
     sections = [
-        section_overview(layout, runs, table, title, power_diff),
+        section_overview(layout, runs, table, title, power_diff, bool(style)),
         section_paper_table(runs, table, layout),
         section_results(runs, table, assets),
         section_teachers(layout),
+        style,
         section_training(layout, assets),
         section_examples(runs, table, examples, max_response_chars),
         section_compute(layout),
