@@ -15,8 +15,8 @@ ROOT = Path(primekd.__file__).parent
 # Each stage package may import only those before it (README, Layout).
 ORDER = ("core", "engines", "evaluate", "teach", "distill", "analyze", "experiment", "cli")
 # Inside these packages too, a module imports only those listed before it.
-MODULE_ORDER = {"experiment": ("power_note", "report", "config", "stages", "estimate",
-                              "heartbeat", "runner", "search_space", "tune")}
+MODULE_ORDER = {"experiment": ("power_note", "answer_style", "report", "config", "stages",
+                              "estimate", "heartbeat", "runner", "search_space", "tune")}
 
 
 def _modules() -> dict[str, Path]:
