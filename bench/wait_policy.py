@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from stage_levers import cpu_name  # bench/ is the script's directory
 
 POLICIES = ("PASSIVE", "ACTIVE")
 PRIMEKD = Path(sys.executable).with_name("primekd")
@@ -47,13 +48,6 @@ def run_stages(policy: str, stages: list[str], preset: str) -> dict[str, float]:
     return {s["name"]: s["wall_time_s"] for s in summary["stages"] if s["name"] in stages}
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="quick")
@@ -70,7 +64,7 @@ def main() -> None:
             for stage, seconds in run_stages(policy, stages, args.preset).items():
                 times[policy][stage].append(seconds)
                 print(f"round {round_ + 1} {policy:7s} {stage:14s} {seconds:7.1f} s", flush=True)
-    print(f"\n{cpu_model()}, {os.cpu_count()} cores, OMP_NUM_THREADS "
+    print(f"\n{cpu_name()}, {os.cpu_count()} cores, OMP_NUM_THREADS "
           f"{os.environ.get('OMP_NUM_THREADS', os.cpu_count())}, load average at the end "
           f"{os.getloadavg()[0]:.2f}, {time.time() - started:.0f} s in all")
     for stage in stages:

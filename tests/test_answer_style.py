@@ -42,7 +42,7 @@ def _eval(path: Path, responses: list[str]) -> None:
     (path / "summary.json").write_text(json.dumps({"n": len(rows)}))
 
 
-def _teacher_store(path: Path, responses: list[str]) -> None:
+def _teacher_store(path: Path, responses: list[str], shard: list[int] | None = None) -> None:
     rows = [{"id": f"t{i}", "sample": 0, "question": "q", "reference": "r", "gold": 623.0,
              "teacher_prompt": "p", "response": text, "token_ids": [1], "topk_ids": [[1]],
              "topk_logprobs": [[-0.1]], "finish_reason": "stop", "extracted": 623.0,
@@ -50,9 +50,12 @@ def _teacher_store(path: Path, responses: list[str]) -> None:
              "truncated": False, "correct_strict": text == PROSE,
              "correct_flexible": text == PROSE, "answer_text": "623", "token_char_ends": [1]}
             for i, text in enumerate(responses)]
+    if shard:
+        rows = [{**row, "id": f"{row['id']}-{shard[0]}"} for row in rows]
     store.write_part(path, rows, [(r["id"], 0) for r in rows], {"rows": len(rows)})
     store.write_manifest(path, {"format": store.FORMAT, "format_version": store.FORMAT_VERSION,
-                                "params": {"teacher": "t", "strategy": {"name": "none"}},
+                                "params": {"teacher": "t", "strategy": {"name": "none"},
+                                           "shard": shard},
                                 "counts": {"rows": len(rows), "kept": len(rows)},
                                 "complete": True})
 
@@ -79,3 +82,10 @@ def test_report_leaves_the_section_out_when_no_answer_has_code(tmp_path: Path) -
     report.write_report(tmp_path)
     markdown = (tmp_path / "report.md").read_text()
     assert "Answer style" not in markdown
+
+
+def test_a_sharded_teachers_answers_are_all_counted(tmp_path: Path) -> None:
+    _teacher_store(tmp_path / "shard-0", [PROGRAM, PROSE], shard=[0, 2])
+    _teacher_store(tmp_path / "shard-1", [PROGRAM, PROGRAM], shard=[1, 2])
+    counts = answer_style.count(answer_style.teacher_rows(tmp_path))
+    assert (counts.answers, counts.programs) == (4, 3)

@@ -73,9 +73,9 @@ def count(rows: Iterable[Mapping[str, Any]]) -> StyleCounts:
 def teacher_rows(directory: Path) -> list[dict[str, Any]]:
     """A teacher stage's stored answers (its shards' for a sharded teacher); none when the
     store is missing or unreadable, so the report still renders."""
-    shards = sorted(p for p in directory.glob("shard-*") if p.is_dir())
     try:
-        return list(store.iter_store_rows(shards or directory, columns=["response", "correct"]))
+        return list(store.iter_store_rows(store.stage_stores(directory),
+                                          columns=["response", "correct"]))
     except (PrimekdError, OSError, ValueError):
         return []
 

@@ -470,11 +470,11 @@ def _restate_n(layout: Layout) -> str:
 def _teacher_manifest(directory: Path) -> dict[str, Any]:
     """A teacher stage's manifest; for a sharded teacher (`teacher_shards`), its shards'
     manifests merged."""
-    shards = sorted(p for p in directory.glob("shard-*") if (p / "manifest.json").exists())
-    if (directory / "manifest.json").exists() or not shards:
+    stores = store.stage_stores(directory)
+    if stores == [directory]:
         return _read_optional(directory / "manifest.json")
     try:
-        return store.merged_manifest(shards)
+        return store.merged_manifest(stores)
     except PrimekdError:
         return {}
 

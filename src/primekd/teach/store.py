@@ -184,6 +184,14 @@ def _short(value: Any) -> str:
 # ---------------------------------------------------------------- reading
 
 
+def stage_stores(directory: str | Path) -> list[Path]:
+    """The stores of a teacher stage's directory: itself, or, where it has no manifest of its
+    own, its shards (`shard-*` with a manifest, written by `teacher_shards`)."""
+    directory = Path(directory)
+    shards = sorted(p for p in directory.glob("shard-*") if (p / MANIFEST).exists())
+    return [directory] if (directory / MANIFEST).exists() or not shards else shards
+
+
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     """The store's manifest, checked for format and version."""
     directory = Path(directory)
