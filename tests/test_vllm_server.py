@@ -5,19 +5,30 @@ processes started through the `command` engine option (primekd appends its flags
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from primekd.core.errors import PrimekdError
 from primekd.engines.cpu_features import cpu_dtype, cpu_flags, native_bf16
-from primekd.engines.vllm_server import VLLMServer, _cuda, group_members, root_cause
+from primekd.engines.vllm_server import (
+    PRIVATE_PORTS_FROM,
+    VLLMServer,
+    _cuda,
+    _ephemeral_low,
+    _free_port,
+    group_members,
+    root_cause,
+)
 
 pytestmark = pytest.mark.usefixtures("vllm_scratch")
 
@@ -293,6 +304,40 @@ def _fake_engine(tmp_path: Path, deaths: str, delay: float = 0.05, **options):
     engine = VLLMEngine(server.url, "m", tiny_tokenizer(), [],
                         {"concurrency": 1, **options}, server)
     return engine, state
+
+
+def test_a_server_that_loses_its_port_starts_again_on_another(tmp_path) -> None:
+    """CI: a server's port, free when chosen, was taken before vLLM bound it (by another
+    server's own sockets, tests running side by side); it died "Address already in use"."""
+    state = tmp_path / "state"
+    command = [sys.executable, "-c", FAKE_SERVER, str(state), "", "0.05"]
+    server = VLLMServer("m", {"command": command, "startup_timeout": 60})
+    taken = server.port
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        server.start()
+        try:
+            server.wait_ready()
+            assert server.port != taken and server.url.endswith(f":{server.port}")
+            assert httpx.get(f"{server.url}/v1/models", timeout=5).status_code == 200
+            assert state.with_suffix(".starts").read_text() == "2"
+        finally:
+            server.stop()
+
+
+def test_server_ports_are_chosen_below_the_ephemeral_range() -> None:
+    """Ports the kernel hands out (vLLM's own sockets, outgoing connections) come from the
+    ephemeral range; a port chosen there is the next one another process is given."""
+    low = _ephemeral_low()
+    ports = {_free_port() for _ in range(20)}
+    assert all(PRIVATE_PORTS_FROM <= port < low for port in ports) and len(ports) > 1
+    # two processes seeded alike (transformers' set_seed seeds `random`) draw different ports
+    draws = []
+    for _ in range(2):
+        random.seed(0)
+        draws.append([_free_port() for _ in range(5)])
+    assert draws[0] != draws[1]
 
 
 def _answer_all(engine, n: int) -> list[int]:

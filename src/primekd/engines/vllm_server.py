@@ -1,12 +1,13 @@
 """The vLLM server primekd starts: its command, its process group, its log, its end.
 
 The server runs `python -m vllm.entrypoints.openai.api_server` from a separate environment,
-on 127.0.0.1 and a free port, in its own process group (the API server, its EngineCore and
-any tensor-parallel workers), logging to `server.log` in a scratch directory
-`primekd-vllm-*` of the system temp folder (`engines.scratch`). Readiness is polled with a
-timeout. One server is alive at a time (`running_server`), kept while the same model and
-options are asked for; with `lora` it serves successive adapters, each loaded at run time
-(`load_adapter`).
+on 127.0.0.1 and a free port (`_free_port`: below the kernel's ephemeral range; a server that
+still loses its port to a race is started again on another), in its own process group (the
+API server, its EngineCore and any tensor-parallel workers), logging to `server.log` in a
+scratch directory `primekd-vllm-*` of the system temp folder (`engines.scratch`). Readiness
+is polled with a timeout. One server is alive at a time (`running_server`), kept while the
+same model and options are asked for; with `lora` it serves successive adapters, each loaded
+at run time (`load_adapter`).
 
 Stopping waits for the whole group to exit (SIGTERM, then SIGKILL after a grace period), so
 its memory is free when `stop` returns. The scratch directory goes with the server, unless
@@ -24,6 +25,7 @@ import getpass
 import importlib.util
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -51,6 +53,9 @@ SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 LORA_PREFIX = "primekd-lora-"  # + the adapter's hash: a retrained adapter is a new name
 SCRATCH_PREFIX = scratch_dirs.PREFIX
 STOP_GRACE_S = 30.0  # SIGTERM -> SIGKILL: time for a clean shutdown of the whole group
+PRIVATE_PORTS_FROM = 20000  # _free_port's range starts here and ends at the ephemeral range
+PORT_TAKEN = "Address already in use"
+PORT_TRIES = 3  # starts on fresh ports when another process took the server's port first
 
 
 FEW_CORES = 4  # at most this many usable cores: vLLM reserves none for its front end
@@ -152,8 +157,13 @@ class VLLMServer:
     def wait_ready(self) -> None:
         timeout = float(self.options.get("startup_timeout", 900))
         deadline = time.monotonic() + timeout
+        restarts = PORT_TRIES - 1
         while time.monotonic() < deadline:
             code = self.process.poll() if self.process else None
+            if code is not None and restarts and self._lost_its_port():
+                restarts -= 1
+                self._restart_on_another_port()
+                continue
             if code is not None:
                 self.stop(keep_log=True)
                 raise PrimekdError(f"the vLLM server exited with code {code} before it was "
@@ -167,6 +177,20 @@ class VLLMServer:
         self.stop(keep_log=True)
         raise PrimekdError(f"the vLLM server did not answer within {timeout:.0f} s "
                            f"(engine option startup_timeout); {self.failure(tail=8)}")
+
+    def _lost_its_port(self) -> bool:
+        """The server died because its port was taken between `_free_port` and its bind (by
+        another server's own sockets, say, when tests run side by side)."""
+        try:
+            return PORT_TAKEN in self.log_path.read_text(errors="replace")
+        except OSError:
+            return False
+
+    def _restart_on_another_port(self) -> None:
+        self.stop()
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.start()
 
     def load_adapter(self, adapter: str) -> str:
         """Load the LoRA adapter at `adapter` into this server (once per content) and return
@@ -345,9 +369,25 @@ def root_cause(log: str) -> str | None:
 
 
 def _free_port() -> int:
+    """A port free now, below the kernel's ephemeral range where it can: a port the kernel
+    hands out (bind to port 0, an outgoing connection) is the next one another process is
+    given too, and a running vLLM server takes such ports for its own sockets. Drawn from
+    the system's randomness: processes seeded alike (`set_seed`) would draw the same ports."""
+    below_ephemeral = range(PRIVATE_PORTS_FROM, _ephemeral_low())
+    for port in random.SystemRandom().sample(below_ephemeral, min(50, len(below_ephemeral))):
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", port))
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_low(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> int:
+    try:
+        return int(Path(path).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def _cuda() -> bool:
