@@ -80,10 +80,13 @@ class VLLMServer:
         self.model, self.options, self.lora = model, options, bool(lora)
         self.adapters: set[str] = set()  # names of the LoRA adapters loaded into it
         self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.scratch: Path | None = None
         self.log_path = Path(tempfile.gettempdir()) / f"{SCRATCH_PREFIX}unstarted.log"
         self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
         base = self.options.get("command")
@@ -189,7 +192,6 @@ class VLLMServer:
     def _restart_on_another_port(self) -> None:
         self.stop()
         self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.start()
 
     def load_adapter(self, adapter: str) -> str:
