@@ -1,4 +1,5 @@
-"""Markdown tables for the reports: a header, a rule that right-aligns the numbers, rows."""
+"""Markdown for the reports: tables (a header, a rule that right-aligns the numbers, rows) and
+the percentages in their cells."""
 
 from __future__ import annotations
 
@@ -19,3 +20,8 @@ def table(headers: list[str], rows: list[list[Any]], align: str | None = None) -
 def cell(value: Any) -> str:
     text = "–" if value is None else str(value)
     return text.replace("|", "\\|").replace("\n", " ")
+
+
+def percent(x: float | None, digits: int = 1) -> str:
+    """A share as a percentage, "–" for none."""
+    return "–" if x is None else f"{100 * x:.{digits}f}%"

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from primekd.core.errors import PrimekdError
-from primekd.core.markdown import table
+from primekd.core.markdown import percent, table
 from primekd.teach import store
 
 _PYTHON_FENCE = re.compile(r"^[ \t]*```[ \t]*(?:python3?|py)\b", re.IGNORECASE | re.MULTILINE)
@@ -88,8 +88,8 @@ def section(teachers: Mapping[str, Iterable[Mapping[str, Any]]],
     if not any(c.programs for _, c in counted):
         return ""
     body = [[label, str(c.answers), _share(c.programs, c.answers),
-             _share(c.written_outputs, c.answers), _rate(c.accuracy_with_program),
-             _rate(c.accuracy_without_program)] for label, c in counted if c.answers]
+             _share(c.written_outputs, c.answers), percent(c.accuracy_with_program),
+             percent(c.accuracy_without_program)] for label, c in counted if c.answers]
     headers = ["answers of", "answers", "with a Python program", "with an output it wrote",
                "accuracy with a program", "accuracy without"]
     return ("## Answer style\n\nAnswers that contain a fenced Python program, and answers "
@@ -102,8 +102,3 @@ def section(teachers: Mapping[str, Iterable[Mapping[str, Any]]],
 
 def _share(part: int, whole: int) -> str:
     return f"{100 * part / whole:.0f}% ({part})" if whole else "–"
-
-
-def _rate(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.1f}%"
-

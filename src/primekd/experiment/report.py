@@ -29,6 +29,7 @@ from primekd.core.errors import PrimekdError
 from primekd.core.grading import looping
 from primekd.core.io import atomic_write, atomic_write_text, read_json, read_jsonl
 from primekd.core.markdown import cell as _cell
+from primekd.core.markdown import percent as _pct
 from primekd.core.markdown import table as _table
 from primekd.experiment import answer_style, power_note
 from primekd.teach import store
@@ -217,10 +218,6 @@ def _paired(a: EvalRun, b: EvalRun) -> tuple[list[bool], list[bool]]:
 
 
 # --- Markdown sections --------------------------------------------------------------------------
-
-
-def _pct(x: float | None, digits: int = 1) -> str:
-    return "–" if x is None else f"{100 * x:.{digits}f}%"
 
 
 def _pts(x: float | None) -> str:
